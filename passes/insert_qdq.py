@@ -1,0 +1,393 @@
+"""insert-qdq: quantize the graph as the target describes, as QuantizeLinear/DequantizeLinear pairs.
+
+Plan first, rewrite second:
+
+1. Walk the graph in order and decide which nodes run quantized: ops the target lists as
+   ``quantized`` (with constant weights), ``passthrough`` ops whose input is already quantized, and
+   activations (``fused_activations``) that the following quantizer makes redundant. Every other node
+   touching float data stays float and is reported with the reason.
+2. Group tensors that must share one scale (a passthrough op's input and output, a Concat's inputs
+   and output) and derive each group's scale and zero point from the calibrated ranges.
+3. Rewrite: each quantized activation gets Q -> DQ after its producer; weights are stored as
+   integers behind a DequantizeLinear (per channel when the target says so); biases become int32 with
+   scale = input scale x weight scale, as the integer kernels require.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+import onnxscript.version_converter
+
+from qcompiler.calibration import CALIBRATION_FACT, CalibrationRanges
+from qcompiler.errors import QCError
+from qcompiler.ir import SOURCE_KEY, NameAuthority, add_initializer, constant_array, is_float_tensor, opset_version
+from qcompiler.op_roles import input_roles
+from qcompiler.pass_manager import Pass, PassContext, PassResult
+from qcompiler.quant.observers import Observer
+from qcompiler.quant.uniform import affine_params, channel_ranges, quantize
+from qcompiler.registry import register_pass
+from qcompiler.targets.spec import INTEGER_DTYPES, TargetSpec, TensorRule
+
+_NP_DTYPES = {"int4": np.int8, "uint4": np.uint8, "int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16, "int32": np.int32}
+_IR_DTYPES = {"int4": ir.DataType.INT4, "uint4": ir.DataType.UINT4}
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: str, b: str) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+@dataclass
+class QuantPlan:
+    """What insert-qdq will do, decided before anything is rewritten."""
+
+    quantized_nodes: list[ir.Node] = field(default_factory=list)
+    #: Activation values (by name) that get a Q/DQ pair, in graph order.
+    values: dict[str, ir.Value] = field(default_factory=dict)
+    #: Activation node -> the node whose output it follows; removed, its range used for that output.
+    fused: dict[int, tuple[ir.Node, ir.Node]] = field(default_factory=dict)
+    groups: _UnionFind = field(default_factory=_UnionFind)
+    #: (node, reason) for every node that touches float data and stays float.
+    kept_float: list[tuple[ir.Node, str]] = field(default_factory=list)
+
+
+def _clip_bounds(node: ir.Node) -> tuple[float, float] | None:
+    """Constant (min, max) of a Relu or Clip; None when they are computed at run time."""
+    if node.op_type == "Relu":
+        return 0.0, float("inf")
+    lo, hi = -float("inf"), float("inf")
+    if "min" in node.attributes:  # opset < 11
+        lo = node.attributes["min"].as_float()
+    if "max" in node.attributes:
+        hi = node.attributes["max"].as_float()
+    for index, default in ((1, None), (2, None)):
+        if len(node.inputs) > index and node.inputs[index] is not None:
+            array = constant_array(node.inputs[index])
+            if array is None:
+                return None
+            if index == 1:
+                lo = float(array)
+            else:
+                hi = float(array)
+    return lo, hi
+
+
+def plan_quantization(model: ir.Model, target: TargetSpec, observers: dict[str, Observer]) -> QuantPlan:
+    """Decide which nodes run quantized and which tensors share scales (no rewriting)."""
+    plan = QuantPlan()
+    ops = target.ops
+    graph_outputs = {v.name for v in model.graph.outputs}
+
+    def is_activation(value: ir.Value | None) -> bool:
+        return is_float_tensor(value) and value.const_value is None
+
+    def add_output(node: ir.Node) -> None:
+        out = node.outputs[0]
+        consumers = out.consumers()
+        if len(consumers) == 1 and not out.is_graph_output():
+            act = consumers[0]
+            if act.op_type in ops.fused_activations and act.inputs[0] is out and _clip_bounds(act) is not None and act.outputs[0].name in observers:
+                plan.fused[id(act)] = (act, node)
+                out = act.outputs[0]
+        if out.name in graph_outputs and not ops.quantize_graph_outputs:
+            return
+        plan.values[out.name] = out
+
+    for node in model.graph:
+        op = node.op_type
+        float_inputs = [v for v in node.inputs if is_activation(v)]
+        float_outputs = [v for v in node.outputs if is_float_tensor(v)]
+        if id(node) in plan.fused:
+            continue
+        if not any(is_activation(v) for v in float_outputs):
+            continue  # shape arithmetic and other integer computations: nothing to quantize
+        if node.domain not in ("", "ai.onnx"):
+            if float_inputs or float_outputs:
+                plan.kept_float.append((node, f"custom-domain op '{node.domain}.{op}' is not quantized by target '{target.name}'"))
+            continue
+        if op in ops.quantized:
+            roles = input_roles(node)
+            reason = None
+            if roles.weight is not None:
+                w = node.inputs[roles.weight] if len(node.inputs) > roles.weight else None
+                if w is None or constant_array(w) is None or not is_float_tensor(w):
+                    reason = "weight is not a float constant"
+            acts = [node.inputs[i] for i in roles.activations if i < len(node.inputs) and is_activation(node.inputs[i])]
+            if reason is None and not acts:
+                reason = "no float activation input"
+            missing = [v.name for v in acts if v.name not in observers]
+            if reason is None and missing:
+                reason = f"no calibration range for '{missing[0]}'"
+            if reason is None and len(float_outputs) != 1:
+                reason = "has more than one float output"
+            if reason is None and node.outputs[0].name not in observers and node.outputs[0].name not in graph_outputs:
+                reason = f"no calibration range for '{node.outputs[0].name}'"
+            if reason is not None:
+                plan.kept_float.append((node, reason))
+                continue
+            plan.quantized_nodes.append(node)
+            for value in acts:
+                plan.values.setdefault(value.name, value)
+            add_output(node)
+            if op in ops.shared_scale:
+                for value in acts:
+                    plan.groups.union(value.name, plan.values.get(node.outputs[0].name, node.outputs[0]).name)
+        elif op in ops.passthrough:
+            data, out = node.inputs[0] if node.inputs else None, node.outputs[0]
+            if data is not None and data.name in plan.values and is_float_tensor(out) and out.name in observers:
+                plan.quantized_nodes.append(node)
+                if not (out.name in graph_outputs and not ops.quantize_graph_outputs):
+                    plan.values[out.name] = out
+                    plan.groups.union(out.name, data.name)
+            elif float_inputs:
+                plan.kept_float.append((node, "its input is not quantized"))
+        elif float_inputs or (float_outputs and any(is_activation(v) for v in float_outputs)):
+            plan.kept_float.append((node, f"op type {op} is not quantized by target '{target.name}'"))
+    return plan
+
+
+@dataclass
+class _Params:
+    scale: np.ndarray
+    zero_point: np.ndarray
+    scale_value: ir.Value | None = None
+    zp_value: ir.Value | None = None
+
+
+@register_pass
+class InsertQDQ(Pass):
+    """Quantize per the target: QuantizeLinear/DequantizeLinear on activations, integer weights and int32 biases."""
+
+    name = "insert-qdq"
+    requires = (CalibrationRanges,)
+
+    def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        target = ctx.target
+        if opset_version(model) < target.min_opset:
+            try:
+                onnxscript.version_converter.convert_version(model, target.min_opset)
+            except Exception as exc:
+                raise QCError(f"model opset {opset_version(model)} is below the target's minimum {target.min_opset} and could not be converted: {exc}", pass_name=self.name) from None
+        analysis = ctx.facts.get(CALIBRATION_FACT, CalibrationRanges())
+        observers = ctx.analyses.get(analysis, model, ctx)
+        plan = plan_quantization(model, target, observers)
+        rewriter = _Rewriter(model, target, observers, plan)
+        unfused = rewriter.compute_group_params()
+        for act in unfused:
+            ctx.note(self.name, "activation kept (its range does not start at the quantizer's zero)", node=act.name)
+        rewriter.apply()
+        for node, reason in plan.kept_float:
+            ctx.note(self.name, reason, node=node.name, level="float", op_type=node.op_type)
+        model.graph.sort()
+        return PassResult(
+            model,
+            bool(plan.quantized_nodes),
+            {"quantized_nodes": len(plan.quantized_nodes), "float_nodes": len(plan.kept_float), "fused_activations": len(plan.fused), "qdq_pairs": len(plan.values)},
+        )
+
+
+class _Rewriter:
+    def __init__(self, model: ir.Model, target: TargetSpec, observers: dict[str, Observer], plan: QuantPlan) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.target = target
+        self.observers = observers
+        self.plan = plan
+        self.names = NameAuthority(model.graph)
+        self.params: dict[str, _Params] = {}  # group root -> params
+        self.dq_of: dict[str, ir.Value] = {}  # activation name -> its DequantizeLinear output
+        self.weight_cache: dict[int, tuple[ir.Value, np.ndarray]] = {}
+
+    # -- planning the numbers -------------------------------------------------------------------
+    def compute_group_params(self) -> list[ir.Node]:
+        """Scales per shared-scale group; un-fuse activations the quantizer would not make redundant."""
+        rule = self.target.activations
+        qmin, qmax = rule.qrange
+        members: dict[str, list[str]] = {}
+        for name in self.plan.values:
+            members.setdefault(self.plan.groups.find(name), []).append(name)
+        for root, names in members.items():
+            ranges = [self.observers[n].range(levels=rule.levels, symmetric=rule.symmetric) for n in names]
+            lo = min(r[0] for r in ranges)
+            hi = max(r[1] for r in ranges)
+            scale, zp = affine_params(lo, hi, qmin, qmax, rule.symmetric)
+            self.params[root] = _Params(scale, zp)
+        unfused = []
+        for key, (act, producer) in list(self.plan.fused.items()):
+            p = self.params[self.plan.groups.find(act.outputs[0].name)]
+            lo_q = float((qmin - p.zero_point) * p.scale)
+            hi_q = float((qmax - p.zero_point) * p.scale)
+            clip_lo, clip_hi = _clip_bounds(act)
+            if not (clip_lo == 0.0 and lo_q == 0.0 and hi_q <= clip_hi):
+                # The activation stays: its input (the producer's output) needs its own quantizer.
+                del self.plan.fused[key]
+                unfused.append(act)
+                out = producer.outputs[0]
+                self.plan.values[out.name] = out
+                r = self.observers[out.name].range(levels=rule.levels, symmetric=rule.symmetric)
+                scale, zp = affine_params(r[0], r[1], qmin, qmax, rule.symmetric)
+                self.params[self.plan.groups.find(out.name)] = _Params(scale, zp)
+        return unfused
+
+    def _activation_params(self, name: str) -> _Params:
+        p = self.params[self.plan.groups.find(name)]
+        if p.scale_value is None:
+            dtype = self.target.activations.dtype
+            p.scale_value = self._initializer(f"{name}_scale", p.scale.astype(np.float32).reshape(()))
+            p.zp_value = self._initializer(f"{name}_zero_point", self._as_qtype(p.zero_point.reshape(()), dtype))
+        return p
+
+    # -- rewriting ------------------------------------------------------------------------------
+    def apply(self) -> None:
+        for act, producer in self.plan.fused.values():
+            out = act.outputs[0]
+            name = out.name
+            out.replace_all_uses_with(producer.outputs[0], replace_graph_outputs=True)
+            self.graph.remove(act, safe=True)
+            # The producer's output now carries the activation's range; give it the activation's
+            # name so it is matched with the float model's tensor of that name.
+            producer.outputs[0].name = name
+            self.plan.values[name] = producer.outputs[0]
+        for name, value in list(self.plan.values.items()):
+            self._quantize_activation(name, value)
+        for node in self.plan.quantized_nodes:
+            if node.op_type in self.target.ops.quantized:
+                self._quantize_constants(node)
+
+    def _quantize_activation(self, name: str, value: ir.Value) -> None:
+        p = self._activation_params(name)
+        q = ir.Node("", "QuantizeLinear", [value, p.scale_value, p.zp_value], name=self.names.fresh(f"{name}_QuantizeLinear"))
+        dq = ir.Node("", "DequantizeLinear", [q.outputs[0], p.scale_value, p.zp_value], name=self.names.fresh(f"{name}_DequantizeLinear"))
+        q.outputs[0].name = self.names.fresh(f"{name}_quantized")
+        q.outputs[0].dtype = ir.DataType(self._ir_dtype(self.target.activations.dtype))
+        q.outputs[0].shape = value.shape
+        deq = dq.outputs[0]
+        deq.name = self.names.fresh(f"{name}_dequantized")
+        deq.dtype, deq.shape = value.dtype, value.shape
+        deq.metadata_props[SOURCE_KEY] = name
+        for use in list(value.uses()):
+            if use.node is not q:
+                use.node.replace_input_with(use.idx, deq)
+        if value.is_graph_output():
+            value.replace_all_uses_with(deq, replace_graph_outputs=True)
+        producer = value.producer()
+        if producer is None:
+            self.graph.insert_before(self.graph[0], [q, dq])
+        else:
+            self.graph.insert_after(producer, [q, dq])
+        self.dq_of[name] = deq
+
+    def _quantize_constants(self, node: ir.Node) -> None:
+        roles = input_roles(node)
+        weight_scale = None
+        if roles.weight is not None:
+            weight_scale = self._quantize_weight(node, roles.weight, roles.weight_axis)
+        for i in roles.activations:
+            if i < len(node.inputs) and node.inputs[i] is not None and is_float_tensor(node.inputs[i]) and node.inputs[i].const_value is not None:
+                self._quantize_constant_operand(node, i)
+        if roles.bias is not None and self.target.bias.quantize and weight_scale is not None:
+            bias = node.inputs[roles.bias] if len(node.inputs) > roles.bias else None
+            x = node.inputs[roles.activations[0]]
+            if bias is not None and constant_array(bias) is not None and x is not None and x.producer() is not None and x.producer().op_type == "DequantizeLinear":
+                x_scale = constant_array(x.producer().inputs[1])
+                self._quantize_bias(node, roles.bias, float(x_scale) * weight_scale)
+
+    def _quantize_weight(self, node: ir.Node, index: int, axis: int | None) -> np.ndarray:
+        """Replace weight input ``index`` by int weights behind a DequantizeLinear; return its scale."""
+        w_value = node.inputs[index]
+        cached = self.weight_cache.get(id(w_value))
+        if cached is not None:  # a weight shared by several nodes is quantized once
+            node.replace_input_with(index, cached[0])
+            return cached[1]
+        rule: TensorRule = self.target.weights
+        w = constant_array(w_value).astype(np.float32)
+        per_channel = rule.granularity == "per-channel" and axis is not None and w.ndim > 1
+        if node.op_type == "ConvTranspose" and "group" in node.attributes and node.attributes["group"].as_int() != 1:
+            per_channel = False  # output channels are split across groups: no single axis holds them
+        ax = axis if per_channel else None
+        lo, hi = channel_ranges(w, ax)
+        qmin, qmax = rule.qrange
+        scale, zp = affine_params(lo, hi, qmin, qmax, rule.symmetric)
+        q = quantize(w, scale, zp, qmin, qmax, axis=ax)
+        q_value = self._initializer(f"{w_value.name}_quantized", self._as_qtype(q, rule.dtype))
+        s_value = self._initializer(f"{w_value.name}_scale", scale.astype(np.float32))
+        z_value = self._initializer(f"{w_value.name}_zero_point", self._as_qtype(zp, rule.dtype))
+        attrs = {"axis": ir.Attr("axis", ir.AttributeType.INT, ax)} if ax is not None else {}
+        dq = ir.Node("", "DequantizeLinear", [q_value, s_value, z_value], attributes=attrs, name=self.names.fresh(f"{w_value.name}_DequantizeLinear"))
+        dq.outputs[0].name = self.names.fresh(f"{w_value.name}_dequantized")
+        dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(list(w.shape))
+        dq.outputs[0].metadata_props[SOURCE_KEY] = w_value.name
+        self.graph.insert_before(self.graph[0], dq)
+        for use in list(w_value.uses()):
+            if use.node in self.plan.quantized_nodes and input_roles(use.node).weight == use.idx:
+                use.node.replace_input_with(use.idx, dq.outputs[0])
+        self.weight_cache[id(w_value)] = (dq.outputs[0], scale)
+        self._drop_if_unused(w_value)
+        return scale
+
+    def _quantize_bias(self, node: ir.Node, index: int, scale: np.ndarray) -> None:
+        b_value = node.inputs[index]
+        b = constant_array(b_value).astype(np.float64)
+        scale = np.broadcast_to(np.asarray(scale, dtype=np.float32), b.shape).astype(np.float32)
+        lo, hi = INTEGER_DTYPES["int32"][:2]
+        q = np.clip(np.rint(b / scale.astype(np.float64)), lo, hi).astype(np.int32)
+        q_value = self._initializer(f"{b_value.name}_quantized", q)
+        per_channel = q.ndim == 1 and q.size > 1 and not np.all(scale == scale.reshape(-1)[0])
+        attrs = {"axis": ir.Attr("axis", ir.AttributeType.INT, 0)} if per_channel else {}
+        s_value = self._initializer(f"{b_value.name}_scale", scale if per_channel else scale.reshape(-1)[:1].reshape(()))
+        z_value = self._initializer(f"{b_value.name}_zero_point", np.zeros(q.shape if per_channel else (), dtype=np.int32))
+        dq = ir.Node("", "DequantizeLinear", [q_value, s_value, z_value], attributes=attrs, name=self.names.fresh(f"{b_value.name}_DequantizeLinear"))
+        dq.outputs[0].name = self.names.fresh(f"{b_value.name}_dequantized")
+        dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(list(b.shape))
+        dq.outputs[0].metadata_props[SOURCE_KEY] = b_value.name
+        self.graph.insert_before(self.graph[0], dq)
+        node.replace_input_with(index, dq.outputs[0])
+        self._drop_if_unused(b_value)
+
+    def _quantize_constant_operand(self, node: ir.Node, index: int) -> None:
+        """A constant input of Add/Mul/Concat: quantized per tensor with the activation dtype."""
+        c_value = node.inputs[index]
+        c = constant_array(c_value).astype(np.float32)
+        rule = self.target.activations
+        qmin, qmax = rule.qrange
+        scale, zp = affine_params(c.min(), c.max(), qmin, qmax, rule.symmetric)
+        q = quantize(c, scale, zp, qmin, qmax)
+        q_value = self._initializer(f"{c_value.name}_quantized", self._as_qtype(q, rule.dtype))
+        s_value = self._initializer(f"{c_value.name}_scale", scale.reshape(()))
+        z_value = self._initializer(f"{c_value.name}_zero_point", self._as_qtype(zp.reshape(()), rule.dtype))
+        dq = ir.Node("", "DequantizeLinear", [q_value, s_value, z_value], name=self.names.fresh(f"{c_value.name}_DequantizeLinear"))
+        dq.outputs[0].name = self.names.fresh(f"{c_value.name}_dequantized")
+        dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(list(c.shape))
+        self.graph.insert_before(self.graph[0], dq)
+        node.replace_input_with(index, dq.outputs[0])
+        self._drop_if_unused(c_value)
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _initializer(self, base: str, array: np.ndarray | ir.TensorProtocol) -> ir.Value:
+        return add_initializer(self.graph, self.names, base, array)
+
+    @staticmethod
+    def _ir_dtype(dtype: str) -> ir.DataType:
+        return _IR_DTYPES.get(dtype) or ir.DataType.from_numpy(np.dtype(_NP_DTYPES[dtype]))
+
+    def _as_qtype(self, array: np.ndarray, dtype: str) -> ir.TensorProtocol:
+        if dtype in _IR_DTYPES:
+            return ir.tensor(np.asarray(array).astype(_NP_DTYPES[dtype]), dtype=_IR_DTYPES[dtype])
+        return ir.tensor(np.asarray(array).astype(_NP_DTYPES[dtype]))
+
+    def _drop_if_unused(self, value: ir.Value) -> None:
+        if not value.uses() and value.name in self.graph.initializers and not value.is_graph_input() and not value.is_graph_output():
+            self.graph.initializers.pop(value.name)

@@ -1,0 +1,66 @@
+"""`CalibrationRanges`: observed value ranges of every float activation, streamed through onnxruntime.
+
+The model runs batch by batch with every float activation exposed as an output; each tensor feeds a
+streaming observer (fixed-size histogram), so memory stays flat however many samples are used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.analysis import Analysis
+from qcompiler.errors import QCError
+from qcompiler.ir import is_float_tensor, to_proto
+from qcompiler.pass_manager import PassContext
+from qcompiler.quant.observers import Observer, make_observer
+from qcompiler.runtime import make_session, with_extra_outputs
+
+#: The facts key under which the `calibrate` pass records the analysis later passes should use.
+CALIBRATION_FACT = "calibration"
+
+
+def activation_values(model: ir.Model) -> list[ir.Value]:
+    """Float tensors computed at run time (graph inputs and node outputs, not constants)."""
+    values = [v for v in model.graph.inputs if is_float_tensor(v) and v.name not in model.graph.initializers]
+    for node in model.graph:
+        if node.op_type == "Constant":
+            continue
+        values.extend(v for v in node.outputs if is_float_tensor(v) and v.const_value is None and v.name)
+    return values
+
+
+@dataclass(frozen=True)
+class CalibrationRanges(Analysis[dict[str, Observer]]):
+    """Observers (by value name) that saw every float activation on the calibration data."""
+
+    name = "calibration-ranges"
+    method: str = "percentile"
+    percentile: float = 99.99
+    bins: int = 2048
+    batch_size: int = 32
+
+    def compute(self, model: ir.Model, ctx: PassContext) -> dict[str, Observer]:
+        if ctx.data is None:
+            raise QCError("calibration needs data: pass --calib FILE.npz (or calibration= in the Python API)", pass_name="calibrate")
+        values = activation_values(model)
+        names = [v.name for v in values]
+        graph_inputs = {v.name for v in model.graph.inputs}
+        observers = {n: make_observer(self.method, percentile=self.percentile, bins=self.bins) for n in names}
+        proto = with_extra_outputs(to_proto(model), [n for n in names if n not in graph_inputs])
+        # Basic optimizations only: fusions would not change exposed tensors but cost compile time.
+        session = make_session(proto, optimize=False, what="model being calibrated")
+        output_names = [o.name for o in session.get_outputs()]
+        wanted = [n for n in output_names if n in observers]
+        total = -(-ctx.data.num_samples // self.batch_size)
+        with ctx.progress("calibrating", total) as progress:
+            for batch in ctx.data.batches(self.batch_size):
+                results = session.run(wanted, batch)
+                for name, array in zip(wanted, results):
+                    observers[name].update(np.asarray(array))
+                for name in graph_inputs & observers.keys():
+                    observers[name].update(batch[name])
+                progress.advance()
+        return observers

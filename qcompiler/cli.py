@@ -1,0 +1,211 @@
+"""The ``qc`` command line: compile, verify, passes, targets.
+
+User mistakes surface as one line on stderr naming the file, node, pass or option at fault, with
+exit status 2; a traceback means a bug in qcompiler.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from qcompiler.errors import QCError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="qcompiler: quantize ONNX models for a target backend and verify them with onnxruntime.")
+targets_app = typer.Typer(help="List the built-in targets, or show one.", invoke_without_command=True)
+app.add_typer(targets_app, name="targets")
+
+out = Console()
+err = Console(stderr=True)
+
+PluginOpt = Annotated[Optional[list[Path]], typer.Option("--plugin", help="Python file that registers passes (repeatable).")]
+
+
+@contextmanager
+def _progress(description: str, total: int | None) -> Iterator[object]:
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=err, transient=True) as progress:
+        task = progress.add_task(description, total=total)
+
+        class _Bar:
+            def advance(self, n: int = 1) -> None:
+                progress.advance(task, n)
+
+        yield _Bar()
+
+
+def _load_plugins(plugins: list[Path] | None) -> None:
+    from qcompiler.registry import load_plugin_file
+
+    for path in plugins or []:
+        load_plugin_file(path)
+
+
+@app.command("compile")
+def compile_cmd(
+    model: Annotated[Path, typer.Argument(help="Float ONNX model.")],
+    target: Annotated[str, typer.Option("--target", "-t", help="Built-in target name or a .toml file.")] = "ort-cpu",
+    calib: Annotated[Optional[Path], typer.Option("--calib", help=".npz calibration data (arrays named after inputs).")] = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder for model.onnx and report.json.")] = Path("out"),
+    data: Annotated[Optional[Path], typer.Option("--data", help=".npz to verify on (default: the calibration data).")] = None,
+    calib_count: Annotated[Optional[int], typer.Option("--calib-count", help="Use only the first N calibration samples.")] = None,
+    pipeline: Annotated[Optional[str], typer.Option("--pipeline", help="Pass pipeline, e.g. 'fold-batchnorm,calibrate{method=mse},insert-qdq'.")] = None,
+    print_after: Annotated[Optional[list[str]], typer.Option("--print-after", help="Print the model after this pass ('all' for every pass).")] = None,
+    time_passes: Annotated[bool, typer.Option("--time-passes", help="Print the time each pass and analysis took.")] = False,
+    verify_each: Annotated[bool, typer.Option("--verify-each", help="ONNX checker + onnxruntime run (+ declared tolerance) after every pass.")] = False,
+    dump_dir: Annotated[Optional[Path], typer.Option("--dump-dir", help="Save the model after every pass into this folder.")] = None,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the onnxruntime comparison.")] = False,
+    latency_runs: Annotated[int, typer.Option("--latency-runs", help="Timed runs per model for the latency figure (0 to skip).")] = 50,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
+    seed: Annotated[int, typer.Option("--seed")] = 0,
+    plugin: PluginOpt = None,
+) -> None:
+    """Quantize MODEL for a target, write OUTPUT/model.onnx and OUTPUT/report.json, print the report."""
+    from qcompiler.compiler import compile as run_compile
+    from qcompiler.instruments import DumpDir, PrintAfter, VerifyEach
+
+    _load_plugins(plugin)
+    if calib is None and (pipeline is None or "calibrate" in pipeline or "insert-qdq" in pipeline):
+        raise QCError("calibration data is required: pass --calib FILE.npz", option="--calib")
+    instruments = []
+    if print_after:
+        from qcompiler.registry import all_passes
+
+        known = all_passes()
+        for name in print_after:
+            if name != "all" and name not in known:
+                raise QCError(f"unknown pass (known passes: {', '.join(known)})", option="--print-after", pass_name=name)
+        instruments.append(PrintAfter(print_after, out))
+    if verify_each:
+        instruments.append(VerifyEach())
+    if dump_dir is not None:
+        instruments.append(DumpDir(dump_dir))
+    result = run_compile(
+        model,
+        target=target,
+        calibration=calib,
+        pipeline=pipeline,
+        calib_count=calib_count,
+        verify_data=data,
+        verify=not no_verify,
+        output_dir=output,
+        force=force,
+        seed=seed,
+        instruments=instruments,
+        progress=_progress,
+        latency_runs=latency_runs,
+    )
+    result.report.render(out)
+    if time_passes:
+        _print_timings(result)
+    out.print(f"wrote {output / 'model.onnx'} and {output / 'report.json'}")
+
+
+def _print_timings(result) -> None:
+    table = Table(title="Pass timings")
+    table.add_column("pass")
+    table.add_column("seconds", justify="right")
+    total = 0.0
+    for p in result.report.passes:
+        table.add_row(p.name, f"{p.seconds:.3f}")
+        total += p.seconds
+    table.add_row("[bold]total[/bold]", f"[bold]{total:.3f}[/bold]")
+    out.print(table)
+
+
+@app.command("verify")
+def verify_cmd(
+    float_model: Annotated[Path, typer.Argument(help="The float ONNX model.")],
+    quant_model: Annotated[Path, typer.Argument(help="A quantized version of it (from any tool).")],
+    data: Annotated[Path, typer.Option("--data", help=".npz with arrays named after the inputs; optional 'labels'.")],
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON here.")] = None,
+    count: Annotated[Optional[int], typer.Option("--count", help="Use only the first N samples.")] = None,
+    latency_runs: Annotated[int, typer.Option("--latency-runs", help="Timed runs per model (0 to skip).")] = 50,
+) -> None:
+    """Compare FLOAT_MODEL and QUANT_MODEL in onnxruntime and print the report."""
+    from qcompiler.compiler import verify as run_verify
+
+    report = run_verify(float_model, quant_model, data, count=count, progress=_progress, latency_runs=latency_runs)
+    report.render(out)
+    if json_path is not None:
+        tmp = json_path.with_name(f".{json_path.name}.tmp")
+        tmp.write_text(report.to_json())
+        tmp.replace(json_path)
+
+
+@app.command("passes")
+def passes_cmd(plugin: PluginOpt = None) -> None:
+    """List every registered pass with its summary and options."""
+    from qcompiler.pass_manager import option_fields
+    from qcompiler.pipeline import describe_type, option_types
+    from qcompiler.registry import all_passes
+
+    _load_plugins(plugin)
+    table = Table(title="Registered passes")
+    for col in ("pass", "summary", "options"):
+        table.add_column(col)
+    for name, cls in all_passes().items():
+        types = option_types(cls)
+        opts = [f"{f.name.replace('_', '-')}: {describe_type(types[f.name])} = {str(f.default).lower() if isinstance(f.default, bool) else f.default}" for f in option_fields(cls)]
+        table.add_row(name, cls.summary(), "\n".join(opts) or "-")
+    out.print(table)
+
+
+@targets_app.callback()
+def targets_list(ctx: typer.Context) -> None:
+    """List the built-in targets."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from qcompiler.targets.spec import list_targets, load_target
+
+    table = Table(title="Targets")
+    for col in ("target", "description", "default pipeline"):
+        table.add_column(col)
+    for name in list_targets():
+        spec = load_target(name)
+        table.add_row(name, spec.description, spec.pipeline)
+    out.print(table)
+
+
+@targets_app.command("show")
+def targets_show(target: Annotated[str, typer.Argument(help="Built-in target name or a .toml file.")]) -> None:
+    """Print one target's effective description (after 'extends') as TOML."""
+    from qcompiler.targets.spec import load_target, target_to_toml
+
+    spec = load_target(target)
+    out.print(f"# {spec.path}", markup=False, highlight=False)
+    out.print(target_to_toml(spec), markup=False, highlight=False)
+
+
+def main() -> None:
+    """Entry point of ``qc``: one line for user errors, exit 2."""
+    try:
+        app(standalone_mode=False)
+    except QCError as exc:
+        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.exceptions.Exit):
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.ClickException):
+            err.print(f"error: {exc.format_message()}", markup=False, highlight=False, soft_wrap=True)
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":
+    main()

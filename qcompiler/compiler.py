@@ -1,0 +1,154 @@
+"""`compile()`: load, run the pipeline, save, verify. The CLI and the Python API both call this."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from qcompiler.calibration import CALIBRATION_FACT
+from qcompiler.data import DataSource, InputSpec
+from qcompiler.errors import QCError
+from qcompiler.ir import atomic_output_dir, load_model, save_model, to_proto
+from qcompiler.pass_manager import Instrument, Pass, PassContext, PassManager, ProgressFactory, null_progress
+from qcompiler.pipeline import format_pipeline, parse_pipeline
+from qcompiler.report import KeptFloat, PassTiming, Report
+from qcompiler.targets.spec import TargetSpec, load_target
+from qcompiler.verify import verify as verify_models
+
+
+@dataclass
+class CompileResult:
+    """The compiled model (in memory), its report, and where it was written (if it was)."""
+
+    model: ir.Model
+    report: Report
+    output_dir: Path | None = None
+
+
+def _as_data(data: str | os.PathLike | DataSource | None, model: ir.Model, count: int | None) -> DataSource | None:
+    if data is None or isinstance(data, DataSource):
+        return data.head(count) if isinstance(data, DataSource) and count else data
+    return DataSource.from_npz(data, InputSpec.of_model(model), count=count)
+
+
+def compile(  # noqa: A001 - the verb users expect: qcompiler.compile(...)
+    model: str | os.PathLike | ir.Model,
+    target: str | TargetSpec = "ort-cpu",
+    calibration: str | os.PathLike | DataSource | None = None,
+    pipeline: str | list[str | Pass] | None = None,
+    *,
+    calib_count: int | None = None,
+    verify_data: str | os.PathLike | DataSource | None = None,
+    verify: bool = True,
+    output_dir: str | os.PathLike | None = None,
+    force: bool = False,
+    seed: int = 0,
+    instruments: list[Instrument] | None = None,
+    progress: ProgressFactory = null_progress,
+    latency_runs: int = 50,
+) -> CompileResult:
+    """Quantize ``model`` for ``target`` and verify it with onnxruntime.
+
+    ``pipeline`` defaults to the target's own. ``verify_data`` (default: the calibration data)
+    is what the report's accuracy and SQNR are measured on. With ``output_dir`` the model and
+    ``report.json`` are written there atomically (all or nothing). The input file is never changed.
+    """
+    start = time.perf_counter()
+    spec = target if isinstance(target, TargetSpec) else load_target(target)
+    if isinstance(model, ir.Model):
+        ir_model, float_name = model, model.graph.name or "<in-memory model>"
+    else:
+        ir_model, float_name = load_model(model), str(model)
+    # Keep the float original for verification before any pass touches the IR.
+    float_proto = to_proto(ir_model)
+    calib = _as_data(calibration, ir_model, calib_count)
+    check = _as_data(verify_data, ir_model, None) if verify_data is not None else calib
+    manager = parse_pipeline(pipeline if pipeline is not None else spec.pipeline)
+    ctx = PassContext(target=spec, data=calib, seed=seed, progress=progress, instruments=list(instruments or []))
+
+    def write(folder: Path) -> CompileResult:
+        result = manager.run(ir_model, ctx)
+        compiled = result.model
+        quant_proto = to_proto(compiled)
+        try:
+            onnx.checker.check_model(quant_proto, full_check=True)
+        except Exception as exc:
+            raise QCError(f"compiled model fails the ONNX checker: {str(exc).splitlines()[0]}") from None
+        report = _report(float_name, manager, spec, ctx)
+        report.compile_seconds = time.perf_counter() - start
+        model_path = None
+        if folder is not None:
+            model_path = folder / "model.onnx"
+            save_model(compiled, model_path)
+            report.quantized_model = str(Path(output_dir) / "model.onnx")
+        if verify and check is not None:
+            report.verification = verify_models(float_proto, model_path if model_path else quant_proto, check, progress=progress, latency_runs=latency_runs)
+            report.verification.size.float_bytes = _float_size(model, float_proto)
+        if folder is not None:
+            (folder / "report.json").write_text(report.to_json())
+        return CompileResult(compiled, report, Path(output_dir) if output_dir is not None else None)
+
+    if output_dir is None:
+        return write(None)  # type: ignore[arg-type]
+    with atomic_output_dir(output_dir, force=force) as tmp:
+        return write(tmp)
+
+
+def _float_size(model: str | os.PathLike | ir.Model, proto: onnx.ModelProto) -> int:
+    if isinstance(model, ir.Model):
+        return proto.ByteSize()
+    from qcompiler.ir import model_bytes_on_disk
+
+    return model_bytes_on_disk(model)
+
+
+def _report(float_name: str, manager: PassManager, spec: TargetSpec, ctx: PassContext) -> Report:
+    calibration = None
+    analysis = ctx.facts.get(CALIBRATION_FACT)
+    if analysis is not None and ctx.data is not None:
+        calibration = {"method": analysis.method, "percentile": analysis.percentile, "samples": ctx.data.num_samples, "data": ctx.data.origin}
+    kept = []
+    diagnostics = []
+    for d in ctx.diagnostics:
+        if d.level == "float":
+            kept.append(KeptFloat(node=d.node or "", op_type=d.op_type or "", reason=d.message))
+        else:
+            diagnostics.append({"pass": d.pass_name, "node": d.node, "level": d.level, "message": d.message})
+    return Report(
+        float_model=float_name,
+        quantized_model="<in memory>",
+        target=spec.name,
+        pipeline=format_pipeline(manager.passes),
+        calibration=calibration,
+        passes=[PassTiming(name, seconds, modified, ctx.stats.get(name, {})) for name, seconds, modified in ctx.timings],
+        kept_float=kept,
+        diagnostics=diagnostics,
+    )
+
+
+def verify(
+    float_model: str | os.PathLike | onnx.ModelProto,
+    quant_model: str | os.PathLike | onnx.ModelProto,
+    data: str | os.PathLike | DataSource,
+    *,
+    count: int | None = None,
+    progress: ProgressFactory = null_progress,
+    latency_runs: int = 50,
+) -> Report:
+    """Compare any float model with any quantized version of it (ours or another tool's)."""
+    if not isinstance(data, DataSource):
+        float_ir = load_model(float_model) if not isinstance(float_model, onnx.ModelProto) else ir.serde.deserialize_model(float_model)
+        if not isinstance(quant_model, onnx.ModelProto):
+            load_model(quant_model)  # a bad quantized file gets the same one-line error
+        data = DataSource.from_npz(data, InputSpec.of_model(float_ir), count=count)
+    elif count:
+        data = data.head(count)
+    verification = verify_models(float_model, quant_model, data, progress=progress, latency_runs=latency_runs)
+    report = Report(float_model=str(float_model) if not isinstance(float_model, onnx.ModelProto) else "<in memory>", quantized_model=str(quant_model) if not isinstance(quant_model, onnx.ModelProto) else "<in memory>")
+    report.verification = verification
+    return report

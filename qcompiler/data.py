@@ -1,0 +1,139 @@
+"""`DataSource`: samples for calibration and verification, read from an ``.npz`` file.
+
+The file holds one array per model input, named after the input (a single array of any name is
+accepted for a single-input model), first axis = samples, plus optional ``labels``. Arrays stored
+uncompressed are memory-mapped, so a large calibration file is not read into memory at once.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.errors import QCError
+
+LABELS_KEY = "labels"
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model input accepts: name, numpy dtype and shape (None for a dynamic dimension)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int | None, ...] | None
+
+    @staticmethod
+    def of_model(model: ir.Model) -> list[InputSpec]:
+        specs = []
+        for value in model.graph.inputs:
+            if value.name in model.graph.initializers:
+                continue
+            dtype = np.dtype(value.dtype.numpy()) if value.dtype is not None else np.dtype(np.float32)
+            shape = None
+            if value.shape is not None:
+                shape = tuple(d if isinstance(d, int) else None for d in value.shape)
+            specs.append(InputSpec(value.name, dtype, shape))
+        return specs
+
+
+def _open_npz_member(path: Path, archive: zipfile.ZipFile, key: str) -> np.ndarray:
+    """Memory-map an uncompressed .npy inside an .npz; read compressed ones into memory."""
+    info = archive.getinfo(key + ".npy")
+    if info.compress_type == zipfile.ZIP_STORED:
+        with path.open("rb") as fh:
+            fh.seek(info.header_offset)
+            local_header = fh.read(30)
+            name_len = int.from_bytes(local_header[26:28], "little")
+            extra_len = int.from_bytes(local_header[28:30], "little")
+            fh.seek(info.header_offset + 30 + name_len + extra_len)
+            version = np.lib.format.read_magic(fh)
+            shape, fortran, dtype = np.lib.format._read_array_header(fh, version)  # noqa: SLF001
+            offset = fh.tell()
+        if dtype.hasobject:
+            raise QCError(f"array '{key}' holds Python objects; only numeric arrays are accepted", file=str(path))
+        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
+    with archive.open(info) as fh:
+        return np.lib.format.read_array(fh, allow_pickle=False)
+
+
+class DataSource:
+    """Named input arrays with a common first (sample) axis, and optional labels."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], labels: np.ndarray | None = None, *, origin: str = "<arrays>") -> None:
+        self.arrays = arrays
+        self.labels = labels
+        self.origin = origin
+        counts = {len(a) for a in arrays.values()}
+        if len(counts) != 1:
+            raise QCError(f"arrays have different numbers of samples: { {k: len(a) for k, a in arrays.items()} }", file=origin)
+        self.num_samples = counts.pop()
+        if labels is not None and len(labels) != self.num_samples:
+            raise QCError(f"'labels' has {len(labels)} entries but the inputs have {self.num_samples} samples", file=origin)
+
+    @classmethod
+    def from_npz(cls, path: str | Path, inputs: list[InputSpec], *, count: int | None = None) -> DataSource:
+        """Open ``path`` and check it against the model's inputs (names, dtypes, shapes)."""
+        path = Path(path)
+        if not path.is_file():
+            raise QCError("no such data file", file=str(path))
+        try:
+            archive = zipfile.ZipFile(path)
+            keys = [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
+            raw = {k: _open_npz_member(path, archive, k) for k in keys}
+        except QCError:
+            raise
+        except Exception as exc:
+            raise QCError(f"not a readable .npz file ({type(exc).__name__}: {exc})", file=str(path)) from None
+        labels = raw.pop(LABELS_KEY, None)
+        arrays: dict[str, np.ndarray] = {}
+        if len(inputs) == 1 and len(raw) == 1:
+            arrays[inputs[0].name] = next(iter(raw.values()))
+        else:
+            for spec in inputs:
+                if spec.name not in raw:
+                    raise QCError(f"no array for model input '{spec.name}' (arrays in file: {', '.join(sorted(raw)) or 'none'})", file=str(path))
+                arrays[spec.name] = raw[spec.name]
+        for spec in inputs:
+            _check_array(arrays[spec.name], spec, path)
+        if labels is not None and (labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer)):
+            raise QCError(f"'labels' must be a 1-D integer array, got {labels.dtype} {labels.shape}", file=str(path))
+        source = cls(arrays, labels, origin=str(path))
+        if count is not None:
+            if count <= 0:
+                raise QCError(f"sample count must be positive, got {count}", option="--calib-count")
+            source = source.head(count)
+        return source
+
+    def head(self, count: int) -> DataSource:
+        """The first ``count`` samples (all of them when there are fewer)."""
+        count = min(count, self.num_samples)
+        labels = None if self.labels is None else self.labels[:count]
+        return DataSource({k: a[:count] for k, a in self.arrays.items()}, labels, origin=self.origin)
+
+    def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+        """Consecutive batches as contiguous in-memory arrays, in sample order."""
+        for start in range(0, self.num_samples, batch_size):
+            yield {k: np.ascontiguousarray(a[start : start + batch_size]) for k, a in self.arrays.items()}
+
+    def first_batch(self, batch_size: int) -> dict[str, np.ndarray]:
+        return next(self.batches(batch_size))
+
+
+def _check_array(array: np.ndarray, spec: InputSpec, path: Path) -> None:
+    if array.dtype != spec.dtype:
+        raise QCError(f"array for input '{spec.name}' has dtype {array.dtype}, the model expects {spec.dtype}", file=str(path))
+    if array.ndim == 0 or len(array) == 0:
+        raise QCError(f"array for input '{spec.name}' has no samples (first axis = samples)", file=str(path))
+    if spec.shape is None:
+        return
+    sample_shape = tuple(array.shape[1:])
+    expected = spec.shape[1:]
+    if len(sample_shape) != len(expected) or any(e is not None and e != s for e, s in zip(expected, sample_shape)):
+        shown = tuple("?" if e is None else e for e in expected)
+        raise QCError(f"array for input '{spec.name}' has sample shape {sample_shape}, the model expects {shown} (first axis = samples)", file=str(path))

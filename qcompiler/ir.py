@@ -1,0 +1,204 @@
+"""IR glue on top of ``onnx_ir``: safe loading, atomic saving, fresh names and provenance."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.errors import QCError
+
+#: Metadata key on every node or value a pass created: the name of that pass.
+PROVENANCE_KEY = "qc.pass"
+#: Metadata key on a value that stands for a float tensor of the original model under another name
+#: (e.g. the DequantizeLinear output that replaced a fused Relu's output).
+SOURCE_KEY = "qc.source"
+
+# Above this many bytes of initializers a model is saved with external data (protobuf's 2 GB limit).
+EXTERNAL_DATA_THRESHOLD = 1_500_000_000
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Load an ONNX file into the IR, turning every way a file can be unreadable into a `QCError`.
+
+    External data is resolved against the model's folder and refused when it points outside it
+    (a model file must not make us read arbitrary files).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise QCError("no such file", file=str(path))
+    if path.is_dir():
+        raise QCError("is a directory, expected an .onnx file", file=str(path))
+    try:
+        model = ir.load(path)
+    except Exception as exc:  # protobuf raises several unrelated types for a bad file
+        raise QCError(f"not a readable ONNX model ({type(exc).__name__}: {_first_line(exc)})", file=str(path)) from None
+    if len(model.graph) == 0 and not model.graph.outputs:
+        raise QCError("not a readable ONNX model (empty graph: truncated or not ONNX?)", file=str(path))
+    base = path.resolve().parent
+    for init in model.graph.initializers.values():
+        tensor = init.const_value
+        if isinstance(tensor, ir.ExternalTensor):
+            target = (Path(tensor.base_dir) / tensor.location).resolve()
+            if base not in target.parents and target != base:
+                raise QCError(f"external data '{tensor.location}' of '{init.name}' lies outside the model's folder", file=str(path))
+            if not target.exists():
+                raise QCError(f"external data file '{tensor.location}' of '{init.name}' is missing", file=str(path))
+    try:
+        _check_structure(model)
+    except QCError:
+        raise
+    except Exception as exc:
+        raise QCError(f"not a valid ONNX model ({_first_line(exc)})", file=str(path)) from None
+    return model
+
+
+def _check_structure(model: ir.Model) -> None:
+    if not model.graph.outputs:
+        raise QCError("model has no outputs")
+    if "" not in model.opset_imports and "ai.onnx" not in model.opset_imports:
+        raise QCError("model imports no default ONNX opset")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
+
+
+def opset_version(model: ir.Model) -> int:
+    """The default-domain opset the model imports."""
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+
+
+def initializer_bytes(model: ir.Model) -> int:
+    """Bytes of all initializers (the model's weights) as stored."""
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def to_proto(model: ir.Model) -> onnx.ModelProto:
+    """Serialize the IR into a protobuf (in memory; for onnxruntime and the checker)."""
+    return ir.serde.serialize_model(model)
+
+
+def save_model(model: ir.Model, path: str | os.PathLike) -> None:
+    """Save ``model`` to ``path``; large models get their weights in ``<name>.data`` beside it.
+
+    The caller is expected to write into a temporary folder and rename it (see `atomic_output_dir`),
+    so a crash never leaves a half-written model where the user looks for it.
+    """
+    path = Path(path)
+    if initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+        ir.save(model, path, external_data=path.name + ".data")
+    else:
+        ir.save(model, path)
+
+
+def model_bytes_on_disk(path: str | os.PathLike) -> int:
+    """Size of an ONNX file plus the external data files it references."""
+    path = Path(path)
+    total = path.stat().st_size
+    proto = onnx.load(str(path), load_external_data=False)
+    seen: set[str] = set()
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value not in seen:
+                seen.add(entry.value)
+                extra = path.parent / entry.value
+                if extra.exists():
+                    total += extra.stat().st_size
+    return total
+
+
+class atomic_output_dir:
+    """Context manager: build an output folder under a temporary name, move it in place on success.
+
+    The destination must be absent or empty unless ``force`` is given; on any exception the
+    temporary folder is removed and the destination is left as it was.
+    """
+
+    def __init__(self, dest: str | os.PathLike, *, force: bool = False) -> None:
+        self.dest = Path(dest)
+        self.force = force
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        if self.dest.exists():
+            if not self.dest.is_dir():
+                raise QCError("output path exists and is not a folder", file=str(self.dest))
+            if any(self.dest.iterdir()) and not self.force:
+                raise QCError("output folder is not empty (pass --force to replace it)", file=str(self.dest))
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.tmp-", dir=self.dest.parent))
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        assert self.tmp is not None
+        if exc_type is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            return
+        if self.dest.exists():
+            old = self.dest.with_name(f".{self.dest.name}.old-{os.getpid()}")
+            os.replace(self.dest, old)
+            os.replace(self.tmp, self.dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(self.tmp, self.dest)
+
+
+class NameAuthority:
+    """Hands out node and value names not yet used anywhere in a graph."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self._used: set[str] = set()
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            if node.name:
+                self._used.add(node.name)
+            for value in node.outputs:
+                if value.name:
+                    self._used.add(value.name)
+        for value in [*graph.inputs, *graph.initializers.values()]:
+            if value.name:
+                self._used.add(value.name)
+
+    def fresh(self, base: str) -> str:
+        """A name starting with ``base`` that nothing in the graph uses yet."""
+        name, i = base, 1
+        while name in self._used:
+            name = f"{base}_{i}"
+            i += 1
+        self._used.add(name)
+        return name
+
+
+def iter_values(graph: ir.Graph) -> Iterator[ir.Value]:
+    """Every value of the top-level graph: inputs, initializers and node outputs."""
+    yield from graph.inputs
+    yield from graph.initializers.values()
+    for node in graph:
+        yield from node.outputs
+
+
+def is_float_tensor(value: ir.Value | None) -> bool:
+    """True for values with a floating-point element type."""
+    return value is not None and value.dtype is not None and value.dtype.is_floating_point()
+
+
+def constant_array(value: ir.Value | None):
+    """The numpy array of a constant value (initializer or folded Constant), else None."""
+    if value is None or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+def add_initializer(graph: ir.Graph, names: NameAuthority, base: str, array: np.ndarray | ir.TensorProtocol) -> ir.Value:
+    """Register a new initializer under a fresh name, with its dtype and shape set."""
+    tensor = array if isinstance(array, ir.TensorProtocol) else ir.tensor(array)
+    value = ir.Value(name=names.fresh(base), const_value=tensor, type=ir.TensorType(tensor.dtype), shape=ir.Shape(list(tensor.shape)))
+    graph.register_initializer(value)
+    return value

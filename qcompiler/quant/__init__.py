@@ -1,0 +1,1 @@
+"""Numerics shared by several passes: uniform quantizers, scales, calibration observers."""

@@ -1,0 +1,74 @@
+"""Uniform (affine) quantization: scales and zero points from ranges, quantize and dequantize.
+
+Rounding is half-to-even, as ONNX QuantizeLinear specifies, so what numpy computes here is exactly
+what onnxruntime computes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+# Below this a range is treated as empty: a scale of 0 would make QuantizeLinear divide by zero.
+_MIN_SCALE = np.float32(1e-12)
+
+
+def affine_params(lo: np.ndarray | float, hi: np.ndarray | float, qmin: int, qmax: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Scale (float32) and zero point (int64) that map [lo, hi] onto [qmin, qmax].
+
+    The float range is first widened to contain 0 so that 0 is represented exactly (padding and
+    ReLU outputs depend on it). Symmetric: zero point at the middle of the integer range
+    (0 for signed types) and scale from max(|lo|, |hi|).
+    """
+    lo = np.minimum(np.asarray(lo, dtype=np.float64), 0.0)
+    hi = np.maximum(np.asarray(hi, dtype=np.float64), 0.0)
+    if symmetric:
+        bound = np.maximum(-lo, hi)
+        half = (qmax - qmin) / 2.0
+        scale = np.maximum(bound / half, _MIN_SCALE).astype(np.float32)
+        zero_point = np.full(scale.shape, int(np.ceil((qmin + qmax) / 2.0)), dtype=np.int64)
+        return scale, zero_point
+    scale = np.maximum((hi - lo) / (qmax - qmin), _MIN_SCALE).astype(np.float32)
+    zero_point = np.clip(np.rint(qmin - lo / scale), qmin, qmax).astype(np.int64)
+    return scale, zero_point
+
+
+def _broadcast(p: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+    if axis is None or p.ndim == 0:
+        return p
+    shape = [1] * ndim
+    shape[axis] = -1
+    return p.reshape(shape)
+
+
+def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmin: int, qmax: int, axis: int | None = None) -> np.ndarray:
+    """QuantizeLinear: ``clip(round_half_even(x / scale) + zp, qmin, qmax)`` as int64."""
+    s = _broadcast(np.asarray(scale, dtype=np.float32), x.ndim, axis)
+    z = _broadcast(np.asarray(zero_point, dtype=np.int64), x.ndim, axis)
+    return np.clip(np.rint(x.astype(np.float32) / s).astype(np.int64) + z, qmin, qmax)
+
+
+def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """DequantizeLinear: ``(q - zp) * scale`` as float32."""
+    s = _broadcast(np.asarray(scale, dtype=np.float32), q.ndim, axis)
+    z = _broadcast(np.asarray(zero_point, dtype=np.int64), q.ndim, axis)
+    return ((q - z).astype(np.float32) * s).astype(np.float32)
+
+
+def channel_ranges(w: np.ndarray, axis: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Min and max of a weight per channel along ``axis`` (or over the whole tensor)."""
+    if axis is None:
+        return np.asarray(w.min()), np.asarray(w.max())
+    moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+    return moved.min(axis=1), moved.max(axis=1)
+
+
+def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in dB (inf when identical)."""
+    reference = reference.astype(np.float64)
+    noise = float(np.sum((reference - approx.astype(np.float64)) ** 2))
+    signal = float(np.sum(reference**2))
+    if noise == 0.0:
+        return float("inf")
+    if signal == 0.0:
+        return float("-inf")
+    return 10.0 * float(np.log10(signal / noise))

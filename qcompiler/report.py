@@ -1,0 +1,187 @@
+"""The compile/verify report: dataclasses, a versioned JSON form, and a terminal table.
+
+The JSON layout is documented in ``docs/report-schema.md``; bump `SCHEMA_VERSION` on any change.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class OutputMetrics:
+    name: str
+    sqnr_db: float
+    max_abs_error: float
+    top1_agreement: float | None
+    nonfinite: int = 0
+
+
+@dataclass
+class LayerMetrics:
+    tensor: str
+    node: str
+    op_type: str
+    sqnr_db: float
+    max_abs_error: float
+
+
+@dataclass
+class SizeMetrics:
+    float_bytes: int
+    quantized_bytes: int
+    float_weight_bytes: int
+    quantized_weight_bytes: int
+
+
+@dataclass
+class LatencyMetrics:
+    float_ms: float
+    quantized_ms: float
+    speedup: float
+    runs: int
+    batch: int
+
+
+@dataclass
+class VerificationReport:
+    samples: int
+    data: str
+    outputs: list[OutputMetrics]
+    accuracy_float: float | None
+    accuracy_quantized: float | None
+    layers: list[LayerMetrics]
+    size: SizeMetrics
+    latency: LatencyMetrics | None
+
+
+@dataclass
+class PassTiming:
+    name: str
+    seconds: float
+    modified: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class KeptFloat:
+    node: str
+    op_type: str
+    reason: str
+
+
+@dataclass
+class Report:
+    """Everything `qc compile` or `qc verify` found, as written to ``report.json``."""
+
+    float_model: str
+    quantized_model: str
+    target: str | None = None
+    pipeline: str | None = None
+    calibration: dict[str, Any] | None = None
+    passes: list[PassTiming] = field(default_factory=list)
+    kept_float: list[KeptFloat] = field(default_factory=list)
+    diagnostics: list[dict[str, Any]] = field(default_factory=list)
+    verification: VerificationReport | None = None
+    compile_seconds: float | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        return _finite(asdict(self))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def render(self, console: Console | None = None) -> None:
+        """Print the report as tables."""
+        render_report(self, console or Console())
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no inf/nan: write them as strings so the file stays valid JSON."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return "inf" if obj > 0 else "-inf" if obj < 0 else "nan"
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f} %"
+
+
+def _db(x: float) -> str:
+    return f"{x:.2f} dB" if math.isfinite(x) else ("exact" if x > 0 else "-inf")
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def render_report(report: Report, console: Console) -> None:
+    head = f"[bold]{report.quantized_model}[/bold] vs float [bold]{report.float_model}[/bold]"
+    if report.target:
+        head += f"  target [bold]{report.target}[/bold]"
+    console.print(head)
+    if report.pipeline:
+        console.print(f"pipeline: {report.pipeline}")
+    v = report.verification
+    if v is not None:
+        summary = Table(title=f"Verification on {v.samples} samples from {v.data}", show_header=True)
+        summary.add_column("metric")
+        summary.add_column("float", justify="right")
+        summary.add_column("quantized", justify="right")
+        summary.add_column("ratio / delta", justify="right")
+        if v.accuracy_float is not None:
+            delta = 100 * (v.accuracy_quantized - v.accuracy_float)
+            summary.add_row("top-1 accuracy", _pct(v.accuracy_float), _pct(v.accuracy_quantized), f"{delta:+.2f} pts")
+        for o in v.outputs:
+            agree = f", top-1 agree {_pct(o.top1_agreement)}" if o.top1_agreement is not None else ""
+            summary.add_row(f"output '{o.name}'", "", f"SQNR {_db(o.sqnr_db)}", f"max |err| {o.max_abs_error:.3g}{agree}")
+            if o.nonfinite:
+                summary.add_row(f"output '{o.name}'", "", f"[red]{o.nonfinite} non-finite values[/red]", "")
+        s = v.size
+        summary.add_row("file size", _bytes(s.float_bytes), _bytes(s.quantized_bytes), f"{s.float_bytes / max(s.quantized_bytes, 1):.2f}x smaller")
+        summary.add_row("weight bytes", _bytes(s.float_weight_bytes), _bytes(s.quantized_weight_bytes), f"{s.float_weight_bytes / max(s.quantized_weight_bytes, 1):.2f}x smaller")
+        if v.latency is not None:
+            lat = v.latency
+            summary.add_row(f"latency (median of {lat.runs}, batch {lat.batch})", f"{lat.float_ms:.3f} ms", f"{lat.quantized_ms:.3f} ms", f"{lat.speedup:.2f}x faster")
+        console.print(summary)
+        if v.layers:
+            worst = sorted(v.layers, key=lambda l: l.sqnr_db)
+            layers = Table(title=f"Per-layer SQNR ({len(v.layers)} tensors, worst first, 10 shown)")
+            for col in ("tensor", "node", "op", "SQNR", "max |err|"):
+                layers.add_column(col, justify="right" if col in ("SQNR", "max |err|") else "left")
+            for l in worst[:10]:
+                layers.add_row(l.tensor, l.node, l.op_type, _db(l.sqnr_db), f"{l.max_abs_error:.3g}")
+            console.print(layers)
+    if report.kept_float:
+        kept = Table(title=f"Kept in float ({len(report.kept_float)} nodes)")
+        for col in ("node", "op", "reason"):
+            kept.add_column(col)
+        for k in report.kept_float[:20]:
+            kept.add_row(k.node, k.op_type, k.reason)
+        if len(report.kept_float) > 20:
+            kept.add_row("...", "", f"{len(report.kept_float) - 20} more in report.json")
+        console.print(kept)
+    if report.passes:
+        passes = Table(title="Passes" + (f" (compile {report.compile_seconds:.2f} s)" if report.compile_seconds else ""))
+        for col in ("pass", "seconds", "changed", "stats"):
+            passes.add_column(col, justify="right" if col == "seconds" else "left")
+        for p in report.passes:
+            passes.add_row(p.name, f"{p.seconds:.3f}", "yes" if p.modified else "no", ", ".join(f"{k}={v}" for k, v in p.stats.items()))
+        console.print(passes)

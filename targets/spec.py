@@ -1,0 +1,306 @@
+"""Load a target description (TOML) into a frozen, validated `TargetSpec`.
+
+Passes ask the spec (``ctx.target.weights.granularity``), never the target's name. Every key of the
+file is checked: an unknown key or a bad value fails with ``file:key: message``. A user's file may
+``extends = "ort-cpu"`` (a built-in name or a path relative to the file) and override keys.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from qcompiler.errors import QCError
+
+BUILTIN_DIR = Path(__file__).parent
+
+INTEGER_DTYPES = {
+    # name: (qmin, qmax, bits, signed)
+    "int4": (-8, 7, 4, True),
+    "uint4": (0, 15, 4, False),
+    "int8": (-128, 127, 8, True),
+    "uint8": (0, 255, 8, False),
+    "int16": (-32768, 32767, 16, True),
+    "uint16": (0, 65535, 16, False),
+    "int32": (-(2**31), 2**31 - 1, 32, True),
+}
+GRANULARITIES = ("per-tensor", "per-channel")
+
+
+@dataclass(frozen=True)
+class TensorRule:
+    """How one class of tensors (activations or weights) is quantized."""
+
+    dtype: str
+    symmetric: bool
+    granularity: str
+    narrow_range: bool = False
+
+    @property
+    def qrange(self) -> tuple[int, int]:
+        """The integer range used: the dtype's range, minus its lowest value when narrow."""
+        qmin, qmax, _, _ = INTEGER_DTYPES[self.dtype]
+        return (qmin + 1 if self.narrow_range and INTEGER_DTYPES[self.dtype][3] else qmin), qmax
+
+    @property
+    def levels(self) -> int:
+        lo, hi = self.qrange
+        return hi - lo + 1
+
+    @property
+    def bits(self) -> int:
+        return INTEGER_DTYPES[self.dtype][2]
+
+
+@dataclass(frozen=True)
+class BiasRule:
+    """Bias of Conv/Gemm: quantized to ``dtype`` with scale = input scale x weight scale."""
+
+    quantize: bool = True
+    dtype: str = "int32"
+
+
+@dataclass(frozen=True)
+class OpRules:
+    """Which ops run quantized and how scales flow through the graph."""
+
+    quantized: tuple[str, ...]
+    passthrough: tuple[str, ...] = ()
+    fused_activations: tuple[str, ...] = ()
+    shared_scale: tuple[str, ...] = ()
+    quantize_graph_outputs: bool = False
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Relative latency per multiply-accumulate by dtype, with where the figures come from."""
+
+    source: str
+    mac: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """A backend as data: what it runs quantized, with which dtypes and rules, and what it costs."""
+
+    name: str
+    description: str
+    min_opset: int
+    pipeline: str
+    activations: TensorRule
+    weights: TensorRule
+    bias: BiasRule
+    ops: OpRules
+    cost: CostModel
+    path: str = ""
+
+    def quantizes(self, op_type: str) -> bool:
+        return op_type in self.ops.quantized
+
+
+# The schema: section -> key -> (type, required). Top-level keys live under "".
+_SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
+    "": {"name": (str, True), "description": (str, False), "extends": (str, False), "min_opset": (int, True), "pipeline": (str, True)},
+    "activations": {"dtype": (str, True), "symmetric": (bool, True), "granularity": (str, True), "narrow_range": (bool, False)},
+    "weights": {"dtype": (str, True), "symmetric": (bool, True), "granularity": (str, True), "narrow_range": (bool, False)},
+    "bias": {"quantize": (bool, False), "dtype": (str, False)},
+    "ops": {
+        "quantized": (list, True),
+        "passthrough": (list, False),
+        "fused_activations": (list, False),
+        "shared_scale": (list, False),
+        "quantize_graph_outputs": (bool, False),
+    },
+    "cost": {"source": (str, True), "mac": (dict, False)},
+}
+
+
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise QCError(f"not valid TOML: {exc}", file=str(path)) from None
+    except OSError as exc:
+        raise QCError(f"cannot read target file: {exc.strerror}", file=str(path)) from None
+
+
+def _resolve(name_or_path: str, relative_to: Path | None = None) -> Path:
+    candidate = Path(name_or_path)
+    if candidate.suffix == ".toml" or candidate.exists() or "/" in name_or_path:
+        if relative_to is not None and not candidate.is_absolute():
+            candidate = relative_to / candidate
+        if not candidate.is_file():
+            raise QCError("no such target file", file=str(candidate))
+        return candidate
+    builtin = BUILTIN_DIR / f"{name_or_path}.toml"
+    if not builtin.is_file():
+        raise QCError(f"unknown target '{name_or_path}' (built-in targets: {', '.join(list_targets())}; or give a path to a .toml file)", option="--target")
+    return builtin
+
+
+def _raw(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if path.resolve() in chain:
+        raise QCError("'extends' forms a cycle", file=f"{path}:extends")
+    data = _read_toml(path)
+    _check_keys(data, path)
+    parent = data.get("extends")
+    if parent is not None:
+        base = _raw(_resolve(parent, path.parent), (*chain, path.resolve()))
+        data = _merge(base, {k: v for k, v in data.items() if k != "extends"})
+    return data
+
+
+def _check_keys(data: dict[str, Any], path: Path) -> None:
+    for key, value in data.items():
+        if isinstance(value, dict) and key in _SCHEMA and key != "":
+            for sub, subvalue in value.items():
+                if sub not in _SCHEMA[key]:
+                    raise QCError(f"unknown key (accepted: {', '.join(_SCHEMA[key])})", file=f"{path}:{key}.{sub}")
+                _check_type(subvalue, _SCHEMA[key][sub][0], f"{path}:{key}.{sub}")
+        elif key in _SCHEMA[""]:
+            _check_type(value, _SCHEMA[""][key][0], f"{path}:{key}")
+        else:
+            accepted = [*_SCHEMA[""], *(s for s in _SCHEMA if s)]
+            raise QCError(f"unknown key (accepted: {', '.join(accepted)})", file=f"{path}:{key}")
+
+
+def _check_type(value: Any, expected: type | tuple[type, ...], where: str) -> None:
+    # bool is an int in Python; a target file saying min_opset = true is still wrong.
+    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+        name = expected.__name__ if isinstance(expected, type) else "/".join(t.__name__ for t in expected)
+        raise QCError(f"expected {name}, got {type(value).__name__} {value!r}", file=where)
+
+
+def _require(data: dict[str, Any], section: str, key: str, path: Path) -> Any:
+    table = data if section == "" else data.get(section, {})
+    if key not in table:
+        where = f"{section}.{key}" if section else key
+        raise QCError("missing required key", file=f"{path}:{where}")
+    return table[key]
+
+
+def _tensor_rule(data: dict[str, Any], section: str, path: Path) -> TensorRule:
+    dtype = _require(data, section, "dtype", path)
+    if dtype not in INTEGER_DTYPES or dtype == "int32":
+        raise QCError(f"'{dtype}' is not a supported dtype (accepted: {', '.join(d for d in INTEGER_DTYPES if d != 'int32')})", file=f"{path}:{section}.dtype")
+    granularity = _require(data, section, "granularity", path)
+    if granularity not in GRANULARITIES:
+        raise QCError(f"'{granularity}' is not one of: {', '.join(GRANULARITIES)}", file=f"{path}:{section}.granularity")
+    return TensorRule(
+        dtype=dtype,
+        symmetric=_require(data, section, "symmetric", path),
+        granularity=granularity,
+        narrow_range=data[section].get("narrow_range", False),
+    )
+
+
+def _str_list(data: dict[str, Any], key: str, path: Path, required: bool = False) -> tuple[str, ...]:
+    value = data.get("ops", {}).get(key)
+    if value is None:
+        if required:
+            raise QCError("missing required key", file=f"{path}:ops.{key}")
+        return ()
+    if not all(isinstance(v, str) and v for v in value):
+        raise QCError("expected a list of op type names", file=f"{path}:ops.{key}")
+    return tuple(value)
+
+
+def load_target(name_or_path: str) -> TargetSpec:
+    """Load a built-in target by name (``ort-cpu``) or a user's target file by path."""
+    path = _resolve(name_or_path)
+    data = _raw(path)
+    for section, keys in _SCHEMA.items():
+        for key, (_, required) in keys.items():
+            if required and key != "extends":
+                _require(data, section, key, path)
+    min_opset = data["min_opset"]
+    if not 7 <= min_opset <= 30:
+        raise QCError(f"{min_opset} is not a plausible opset (7..30)", file=f"{path}:min_opset")
+    activations = _tensor_rule(data, "activations", path)
+    weights = _tensor_rule(data, "weights", path)
+    if activations.granularity != "per-tensor":
+        raise QCError("activations can only be quantized per-tensor", file=f"{path}:activations.granularity")
+    bias_data = data.get("bias", {})
+    bias = BiasRule(quantize=bias_data.get("quantize", True), dtype=bias_data.get("dtype", "int32"))
+    if bias.dtype != "int32":
+        raise QCError(f"'{bias.dtype}' is not supported for bias (accepted: int32)", file=f"{path}:bias.dtype")
+    ops = OpRules(
+        quantized=_str_list(data, "quantized", path, required=True),
+        passthrough=_str_list(data, "passthrough", path),
+        fused_activations=_str_list(data, "fused_activations", path),
+        shared_scale=_str_list(data, "shared_scale", path),
+        quantize_graph_outputs=data["ops"].get("quantize_graph_outputs", False),
+    )
+    mac = data.get("cost", {}).get("mac", {})
+    for dtype, value in mac.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            raise QCError(f"expected a positive number, got {value!r}", file=f"{path}:cost.mac.{dtype}")
+    # The pipeline is parsed here so a bad default pipeline is reported against the target file.
+    from qcompiler.pipeline import split_pipeline
+
+    try:
+        split_pipeline(data["pipeline"])
+    except QCError as exc:
+        raise QCError(exc.message, file=f"{path}:pipeline") from None
+    return TargetSpec(
+        name=data["name"],
+        description=data.get("description", ""),
+        min_opset=min_opset,
+        pipeline=data["pipeline"],
+        activations=activations,
+        weights=weights,
+        bias=bias,
+        ops=ops,
+        cost=CostModel(source=data["cost"]["source"], mac={k: float(v) for k, v in mac.items()}),
+        path=str(path),
+    )
+
+
+def list_targets() -> list[str]:
+    """Names of the built-in targets."""
+    return sorted(p.stem for p in BUILTIN_DIR.glob("*.toml"))
+
+
+def target_to_toml(spec: TargetSpec) -> str:
+    """The effective description of a target (after ``extends``) as TOML text."""
+
+    def fmt(value: Any) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, str):
+            return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(value, (list, tuple)):
+            return "[" + ", ".join(fmt(v) for v in value) + "]"
+        return repr(value)
+
+    lines = [
+        f"name = {fmt(spec.name)}",
+        f"description = {fmt(spec.description)}",
+        f"min_opset = {spec.min_opset}",
+        f"pipeline = {fmt(spec.pipeline)}",
+        "",
+    ]
+    for section, rule in (("activations", spec.activations), ("weights", spec.weights)):
+        lines += [f"[{section}]", f"dtype = {fmt(rule.dtype)}", f"symmetric = {fmt(rule.symmetric)}", f"granularity = {fmt(rule.granularity)}", f"narrow_range = {fmt(rule.narrow_range)}", ""]
+    lines += ["[bias]", f"quantize = {fmt(spec.bias.quantize)}", f"dtype = {fmt(spec.bias.dtype)}", ""]
+    lines += ["[ops]"] + [f"{k} = {fmt(getattr(spec.ops, k))}" for k in ("quantized", "passthrough", "fused_activations", "shared_scale", "quantize_graph_outputs")] + [""]
+    lines += ["[cost]", f"source = {fmt(spec.cost.source)}", "", "[cost.mac]"] + [f"{k} = {v}" for k, v in spec.cost.mac.items()]
+    return "\n".join(lines) + "\n"
