@@ -1,0 +1,176 @@
+"""insert-qdq: the QDQ structure each target rule asks for, checked node by node."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import helper
+
+from qcompiler.data import DataSource
+from qcompiler.ir import load_model, to_proto
+from qcompiler.pass_manager import PassContext
+from qcompiler.pipeline import parse_pipeline
+from qcompiler.quant.uniform import sqnr_db
+from qcompiler.targets.spec import load_target
+from tests.helpers import make_model, run, tensor_info
+
+
+def _compile(model: ir.Model, data: DataSource, target: str = "ort-cpu", pipeline: str | None = None) -> tuple[ir.Model, PassContext]:
+    spec = load_target(target)
+    ctx = PassContext(target=spec, data=data)
+    result = parse_pipeline(pipeline or spec.pipeline).run(model, ctx)
+    onnx.checker.check_model(to_proto(result.model), full_check=True)
+    return result.model, ctx
+
+
+def _const(value: ir.Value) -> np.ndarray:
+    return value.const_value.numpy()
+
+
+@pytest.fixture(scope="module")
+def resnet20(bundled_model: Path, bundled_calib: Path) -> tuple[ir.Model, PassContext]:
+    model = load_model(bundled_model)
+    data = DataSource({"input": np.load(bundled_calib)["input"][:64]})
+    return _compile(model, data)
+
+
+def test_weights_are_int8_symmetric_per_channel_narrow(resnet20) -> None:
+    model, _ = resnet20
+    convs = [n for n in model.graph if n.op_type in ("Conv", "Gemm")]
+    assert len(convs) == 20
+    for node in convs:
+        dq = node.inputs[1].producer()
+        assert dq.op_type == "DequantizeLinear"
+        q, scale, zp = (_const(v) for v in dq.inputs)
+        assert q.dtype == np.int8 and q.min() >= -127  # narrow range
+        assert np.all(zp == 0)  # symmetric
+        out_channels = q.shape[0]
+        assert scale.shape == (out_channels,) and dq.attributes["axis"].as_int() == 0
+        # Each channel uses its full range: the largest |q| per channel is 127.
+        assert np.all(np.abs(q.reshape(out_channels, -1)).max(axis=1) == 127)
+
+
+def test_bias_is_int32_with_input_times_weight_scale(resnet20) -> None:
+    model, _ = resnet20
+    for node in (n for n in model.graph if n.op_type in ("Conv", "Gemm")):
+        x_scale = _const(node.inputs[0].producer().inputs[1])
+        w_scale = _const(node.inputs[1].producer().inputs[1])
+        bias_dq = node.inputs[2].producer()
+        q_bias, b_scale, b_zp = (_const(v) for v in bias_dq.inputs)
+        assert q_bias.dtype == np.int32 and np.all(b_zp == 0)
+        np.testing.assert_array_equal(b_scale, (x_scale * w_scale).astype(np.float32))
+
+
+def test_activations_uint8_asymmetric_per_tensor_and_relu_fused(resnet20) -> None:
+    model, ctx = resnet20
+    qs = [n for n in model.graph if n.op_type == "QuantizeLinear"]
+    assert qs
+    for q in qs:
+        scale, zp = _const(q.inputs[1]), _const(q.inputs[2])
+        assert scale.shape == () and zp.dtype == np.uint8
+    # ReLUs are absorbed by the uint8 quantizer (zero point 0 clips negatives exactly).
+    assert not [n for n in model.graph if n.op_type == "Relu"]
+    assert ctx.stats["insert-qdq"]["fused_activations"] == 19
+    # The logits stay float: no QuantizeLinear on the graph output.
+    assert model.graph.outputs[0].producer().op_type == "Gemm"
+    # Every Conv reads a DequantizeLinear and feeds a QuantizeLinear (what QLinearConv fusion needs).
+    for conv in (n for n in model.graph if n.op_type == "Conv"):
+        assert conv.inputs[0].producer().op_type == "DequantizeLinear"
+        assert {c.op_type for c in conv.outputs[0].consumers()} == {"QuantizeLinear"}
+
+
+def test_residual_add_and_passthrough_share_scales(resnet20) -> None:
+    model, _ = resnet20
+    for pad in (n for n in model.graph if n.op_type == "Pad"):
+        q_after = pad.outputs[0].consumers()[0]
+        dq_before = pad.inputs[0].producer()
+        assert q_after.op_type == "QuantizeLinear" and dq_before.op_type == "DequantizeLinear"
+        # Same quantization parameters on both sides: onnxruntime can move uint8 bytes through Pad.
+        assert q_after.inputs[1] is dq_before.inputs[1] and q_after.inputs[2] is dq_before.inputs[2]
+    adds = [n for n in model.graph if n.op_type == "Add"]
+    assert len(adds) == 9 and all(i.producer().op_type == "DequantizeLinear" for a in adds for i in a.inputs)
+
+
+def _concat_model() -> ir.Model:
+    rng = np.random.default_rng(100)
+    return make_model(
+        [
+            helper.make_node("Conv", ["x", "w1"], ["a"], name="conv_a"),
+            helper.make_node("Conv", ["x", "w2"], ["b"], name="conv_b"),
+            helper.make_node("Concat", ["a", "b"], ["cat"], name="cat", axis=1),
+            helper.make_node("Conv", ["cat", "w3"], ["c"], name="conv_c"),
+            helper.make_node("Tanh", ["c"], ["s"], name="tanh"),
+            helper.make_node("Conv", ["s", "w4"], ["y"], name="conv_d"),
+        ],
+        [tensor_info("x", [None, 3, 6, 6])],
+        [tensor_info("y", [None, 2, 6, 6])],
+        {
+            "w1": rng.normal(0, 1, (4, 3, 1, 1)).astype(np.float32),
+            "w2": rng.normal(0, 3, (4, 3, 1, 1)).astype(np.float32),
+            "w3": rng.normal(0, 1, (5, 8, 1, 1)).astype(np.float32),
+            "w4": rng.normal(0, 1, (2, 5, 1, 1)).astype(np.float32),
+        },
+    )
+
+
+def test_concat_inputs_share_one_scale_and_unsupported_op_stays_float() -> None:
+    rng = np.random.default_rng(0)
+    data = DataSource({"x": rng.normal(0, 1, (32, 3, 6, 6)).astype(np.float32)})
+    model, ctx = _compile(_concat_model(), data)
+    cat = next(n for n in model.graph if n.op_type == "Concat")
+    scales = {id(i.producer().inputs[1]) for i in cat.inputs}
+    out_q = cat.outputs[0].consumers()[0]
+    scales.add(id(out_q.inputs[1]))
+    assert len(scales) == 1  # both inputs and the output use the same scale initializer
+    kept = [d for d in ctx.diagnostics if d.level == "float"]
+    assert [(d.node, d.op_type) for d in kept] == [("tanh", "Tanh")]
+    assert "not quantized by target" in kept[0].message
+    tanh = next(n for n in model.graph if n.op_type == "Tanh")
+    assert tanh.inputs[0].producer().op_type == "DequantizeLinear"  # reads the quantized tensor, in float
+    feed = {"x": rng.normal(0, 1, (4, 3, 6, 6)).astype(np.float32)}
+    expected = run(_concat_model(), feed)[0]
+    assert sqnr_db(expected, run(model, feed)[0]) > 25
+
+
+def test_symmetric_activation_target_keeps_relu(tmp_path: Path) -> None:
+    target = tmp_path / "sym.toml"
+    target.write_text('extends = "ort-cpu"\nname = "sym"\n[activations]\ndtype = "int8"\nsymmetric = true\n')
+    rng = np.random.default_rng(1)
+    model = make_model(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node("Relu", ["c"], ["r"], name="relu"), helper.make_node("Conv", ["r", "w2"], ["y"], name="conv2")],
+        [tensor_info("x", [None, 3, 4, 4])],
+        [tensor_info("y", [None, 2, 4, 4])],
+        {"w": rng.normal(0, 1, (4, 3, 1, 1)).astype(np.float32), "w2": rng.normal(0, 1, (2, 4, 1, 1)).astype(np.float32)},
+    )
+    data = DataSource({"x": rng.normal(0, 1, (16, 3, 4, 4)).astype(np.float32)})
+    compiled, ctx = _compile(model, data, target=str(target))
+    # With int8 symmetric activations zero is mid-range: dropping the ReLU would keep negatives.
+    assert [n for n in compiled.graph if n.op_type == "Relu"]
+    for q in (n for n in compiled.graph if n.op_type == "QuantizeLinear"):
+        assert _const(q.inputs[2]).dtype == np.int8 and _const(q.inputs[2]) == 0
+
+
+def test_compiled_model_matches_a_numpy_simulation_of_one_conv() -> None:
+    """onnxruntime runs exactly what the quantizer meant: compare with numpy's Q/DQ arithmetic."""
+    from qcompiler.quant.uniform import dequantize, quantize
+
+    rng = np.random.default_rng(2)
+    w = rng.normal(0, 1, (3, 2, 1, 1)).astype(np.float32)
+    model = make_model([helper.make_node("Conv", ["x", "w"], ["y"], name="conv")], [tensor_info("x", [None, 2, 3, 3])], [tensor_info("y", [None, 3, 3, 3])], {"w": w})
+    x = rng.normal(0, 1, (8, 2, 3, 3)).astype(np.float32)
+    compiled, _ = _compile(model, DataSource({"x": x}), pipeline="calibrate{method=minmax},insert-qdq")
+    dq_x = next(n.inputs[0].producer() for n in compiled.graph if n.op_type == "Conv")
+    s_x, z_x = _const(dq_x.inputs[1]), _const(dq_x.inputs[2])
+    dq_w = next(n.inputs[1].producer() for n in compiled.graph if n.op_type == "Conv")
+    s_w = _const(dq_w.inputs[1])
+    xq = dequantize(quantize(x, s_x, z_x, 0, 255), s_x, z_x)
+    wq = dequantize(quantize(w, s_w, np.zeros(3, np.int64), -127, 127, axis=0), s_w, np.zeros(3, np.int64), axis=0)
+    expected = np.einsum("nchw,oc->nohw", xq.astype(np.float64), wq[:, :, 0, 0].astype(np.float64))
+    got = run(compiled, {"x": x})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    # Min/max calibration of the input: its exact extremes are representable.
+    assert np.isclose(float(s_x) * 255, float(x.max() - min(x.min(), 0)), rtol=1e-6)
