@@ -52,8 +52,9 @@ def _open_npz_member(path: Path, archive: zipfile.ZipFile, key: str) -> np.ndarr
             name_len = int.from_bytes(local_header[26:28], "little")
             extra_len = int.from_bytes(local_header[28:30], "little")
             fh.seek(info.header_offset + 30 + name_len + extra_len)
-            version = np.lib.format.read_magic(fh)
-            shape, fortran, dtype = np.lib.format._read_array_header(fh, version)  # noqa: SLF001
+            major, _ = np.lib.format.read_magic(fh)
+            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = read_header(fh)
             offset = fh.tell()
         if dtype.hasobject:
             raise QCError(f"array '{key}' holds Python objects; only numeric arrays are accepted", file=str(path))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -195,18 +194,6 @@ def test_entropy_with_negative_data_intersects_the_abs_threshold_with_min_max() 
     data = np.concatenate([rng.standard_normal(500_000), [-60.0, 60.0]])
     lo, hi = feed(EntropyObserver(), data).range(levels=256, symmetric=False)
     assert -30.0 < lo < -3.0 and 3.0 < hi < 30.0
-
-
-def test_entropy_range_is_fast_enough() -> None:
-    data = np.random.default_rng(9).laplace(size=200_000)
-    obs = feed(EntropyObserver(bins=2048), data)
-    best = math.inf
-    for _ in range(3):  # best of three: the bound is about the algorithm, not machine noise
-        start = time.perf_counter()
-        obs.range(levels=256, symmetric=True)
-        obs.range(levels=256, symmetric=False)
-        best = min(best, (time.perf_counter() - start) / 2)
-    assert best < 0.5
 
 
 # --- mse ----------------------------------------------------------------------------------
