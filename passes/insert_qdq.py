@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
-import onnxscript.version_converter
+import onnx
+import onnx.version_converter
 
 from qcompiler.calibration import CALIBRATION_FACT, CalibrationRanges
 from qcompiler.errors import QCError
-from qcompiler.ir import SOURCE_KEY, NameAuthority, add_initializer, constant_array, is_float_tensor, opset_version
+from qcompiler.ir import SOURCE_KEY, NameAuthority, add_initializer, constant_array, is_float_tensor, opset_version, to_proto
 from qcompiler.op_roles import input_roles
 from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.quant.observers import Observer
@@ -99,9 +100,12 @@ def plan_quantization(model: ir.Model, target: TargetSpec, observers: dict[str, 
         consumers = out.consumers()
         if len(consumers) == 1 and not out.is_graph_output():
             act = consumers[0]
-            if act.op_type in ops.fused_activations and act.inputs[0] is out and _clip_bounds(act) is not None and act.outputs[0].name in observers:
+            act_out = act.outputs[0]
+            # Fusing only pays when the activation's output gets the quantizer that replaces it.
+            quantized_after = act_out.name not in graph_outputs or ops.quantize_graph_outputs
+            if act.op_type in ops.fused_activations and act.inputs[0] is out and _clip_bounds(act) is not None and act_out.name in observers and quantized_after:
                 plan.fused[id(act)] = (act, node)
-                out = act.outputs[0]
+                out = act_out
         if out.name in graph_outputs and not ops.quantize_graph_outputs:
             return
         plan.values[out.name] = out
@@ -177,10 +181,14 @@ class InsertQDQ(Pass):
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         target = ctx.target
         if opset_version(model) < target.min_opset:
+            # Per-channel DequantizeLinear needs the target's opset: upgrade with the ONNX converter.
+            old = opset_version(model)
             try:
-                onnxscript.version_converter.convert_version(model, target.min_opset)
+                upgraded = onnx.version_converter.convert_version(to_proto(model), target.min_opset)
             except Exception as exc:
-                raise QCError(f"model opset {opset_version(model)} is below the target's minimum {target.min_opset} and could not be converted: {exc}", pass_name=self.name) from None
+                raise QCError(f"model opset {old} is below the target's minimum {target.min_opset} and could not be converted: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", pass_name=self.name) from None
+            model = ir.serde.deserialize_model(upgraded)
+            ctx.note(self.name, f"model upgraded from opset {old} to {target.min_opset}")
         analysis = ctx.facts.get(CALIBRATION_FACT, CalibrationRanges())
         observers = ctx.analyses.get(analysis, model, ctx)
         plan = plan_quantization(model, target, observers)

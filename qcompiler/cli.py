@@ -62,7 +62,7 @@ def compile_cmd(
     verify_each: Annotated[bool, typer.Option("--verify-each", help="ONNX checker + onnxruntime run (+ declared tolerance) after every pass.")] = False,
     dump_dir: Annotated[Optional[Path], typer.Option("--dump-dir", help="Save the model after every pass into this folder.")] = None,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip the onnxruntime comparison.")] = False,
-    latency_runs: Annotated[int, typer.Option("--latency-runs", help="Timed runs per model for the latency figure (0 to skip).")] = 50,
+    latency_runs: Annotated[int, typer.Option("--latency-runs", min=0, help="Timed runs per model for the latency figure (0 to skip).")] = 50,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     plugin: PluginOpt = None,
@@ -127,14 +127,18 @@ def verify_cmd(
     data: Annotated[Path, typer.Option("--data", help=".npz with arrays named after the inputs; optional 'labels'.")],
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON here.")] = None,
     count: Annotated[Optional[int], typer.Option("--count", help="Use only the first N samples.")] = None,
-    latency_runs: Annotated[int, typer.Option("--latency-runs", help="Timed runs per model (0 to skip).")] = 50,
+    latency_runs: Annotated[int, typer.Option("--latency-runs", min=0, help="Timed runs per model (0 to skip).")] = 50,
 ) -> None:
     """Compare FLOAT_MODEL and QUANT_MODEL in onnxruntime and print the report."""
     from qcompiler.compiler import verify as run_verify
 
+    if json_path is not None and not json_path.parent.is_dir():
+        raise QCError("its folder does not exist", file=str(json_path), option="--json")
     report = run_verify(float_model, quant_model, data, count=count, progress=_progress, latency_runs=latency_runs)
     report.render(out)
     if json_path is not None:
+        if not json_path.parent.is_dir():
+            raise QCError("its folder does not exist", file=str(json_path), option="--json")
         tmp = json_path.with_name(f".{json_path.name}.tmp")
         tmp.write_text(report.to_json())
         tmp.replace(json_path)
@@ -184,27 +188,35 @@ def targets_show(target: Annotated[str, typer.Argument(help="Built-in target nam
     out.print(target_to_toml(spec), markup=False, highlight=False)
 
 
+try:  # typer >= 0.20 vendors click; older releases depend on it
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_exceptions
+
+
+def _one_line(message: str) -> None:
+    err.print(f"error: {' '.join(message.split())}", markup=False, highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Entry point of ``qc``: one line for user errors, exit 2."""
+    if len(sys.argv) == 1:
+        sys.argv.append("--help")
     try:
         app(standalone_mode=False)
     except QCError as exc:
-        err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        _one_line(str(exc))
         sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
-    except Exception as exc:
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
-            err.print(f"error: {exc.format_message()}", markup=False, highlight=False, soft_wrap=True)
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        raise
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click_exceptions.ClickException as exc:
+        _one_line(exc.format_message() + ("" if not isinstance(exc, click_exceptions.UsageError) else " (see qc --help)"))
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -61,11 +61,13 @@ def compile(  # noqa: A001 - the verb users expect: qcompiler.compile(...)
     start = time.perf_counter()
     spec = target if isinstance(target, TargetSpec) else load_target(target)
     if isinstance(model, ir.Model):
-        ir_model, float_name = model, model.graph.name or "<in-memory model>"
+        # Passes rewrite in place: work on a copy so the caller's model stays as it was.
+        float_proto = to_proto(model)
+        ir_model, float_name = ir.serde.deserialize_model(float_proto), model.graph.name or "<in-memory model>"
     else:
         ir_model, float_name = load_model(model), str(model)
-    # Keep the float original for verification before any pass touches the IR.
-    float_proto = to_proto(ir_model)
+        # Keep the float original for verification before any pass touches the IR.
+        float_proto = to_proto(ir_model)
     calib = _as_data(calibration, ir_model, calib_count)
     check = _as_data(verify_data, ir_model, None) if verify_data is not None else calib
     manager = parse_pipeline(pipeline if pipeline is not None else spec.pipeline)
@@ -87,6 +89,8 @@ def compile(  # noqa: A001 - the verb users expect: qcompiler.compile(...)
             save_model(compiled, model_path)
             report.quantized_model = str(Path(output_dir) / "model.onnx")
         if verify and check is not None:
+            if verify_data is None:
+                report.diagnostics.append({"pass": None, "node": None, "level": "warning", "message": "verified on the calibration data: figures are optimistic; pass --data with held-out samples"})
             report.verification = verify_models(float_proto, model_path if model_path else quant_proto, check, progress=progress, latency_runs=latency_runs)
             report.verification.size.float_bytes = _float_size(model, float_proto)
         if folder is not None:
@@ -95,7 +99,8 @@ def compile(  # noqa: A001 - the verb users expect: qcompiler.compile(...)
 
     if output_dir is None:
         return write(None)  # type: ignore[arg-type]
-    with atomic_output_dir(output_dir, force=force) as tmp:
+    inputs = tuple(str(p) for p in (model, calibration, verify_data, spec.path) if isinstance(p, (str, os.PathLike)) and p)
+    with atomic_output_dir(output_dir, force=force, keep=inputs) as tmp:
         return write(tmp)
 
 
@@ -145,7 +150,7 @@ def verify(
         float_ir = load_model(float_model) if not isinstance(float_model, onnx.ModelProto) else ir.serde.deserialize_model(float_model)
         if not isinstance(quant_model, onnx.ModelProto):
             load_model(quant_model)  # a bad quantized file gets the same one-line error
-        data = DataSource.from_npz(data, InputSpec.of_model(float_ir), count=count)
+        data = DataSource.from_npz(data, InputSpec.of_model(float_ir), count=count, count_option="--count")
     elif count:
         data = data.head(count)
     verification = verify_models(float_model, quant_model, data, progress=progress, latency_runs=latency_runs)

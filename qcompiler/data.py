@@ -78,7 +78,7 @@ class DataSource:
             raise QCError(f"'labels' has {len(labels)} entries but the inputs have {self.num_samples} samples", file=origin)
 
     @classmethod
-    def from_npz(cls, path: str | Path, inputs: list[InputSpec], *, count: int | None = None) -> DataSource:
+    def from_npz(cls, path: str | Path, inputs: list[InputSpec], *, count: int | None = None, count_option: str = "--calib-count") -> DataSource:
         """Open ``path`` and check it against the model's inputs (names, dtypes, shapes)."""
         path = Path(path)
         if not path.is_file():
@@ -107,7 +107,7 @@ class DataSource:
         source = cls(arrays, labels, origin=str(path))
         if count is not None:
             if count <= 0:
-                raise QCError(f"sample count must be positive, got {count}", option="--calib-count")
+                raise QCError(f"sample count must be positive, got {count}", option=count_option)
             source = source.head(count)
         return source
 

@@ -33,10 +33,13 @@ class DumpDir(Instrument):
 
     def __init__(self, folder: str | Path) -> None:
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise QCError("exists and is not a folder", file=str(self.folder), option="--dump-dir")
         self.count = 0
 
     def after_pass(self, pass_: Pass, model: ir.Model, ctx: PassContext, result: PassResult) -> None:
+        # Created on first use, so a run that fails before any pass leaves nothing behind.
+        self.folder.mkdir(parents=True, exist_ok=True)
         self.count += 1
         save_model(model, self.folder / f"{self.count:02d}-{pass_.name}.onnx")
 

@@ -36,6 +36,13 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     if path.is_dir():
         raise QCError("is a directory, expected an .onnx file", file=str(path))
     try:
+        # The checker reads the file itself (large models included) and names the node at fault.
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        raise QCError(f"not a valid ONNX model: {_first_line(exc)}", file=str(path)) from None
+    except Exception as exc:
+        raise QCError(f"not a readable ONNX model ({type(exc).__name__}: {_first_line(exc)})", file=str(path)) from None
+    try:
         model = ir.load(path)
     except Exception as exc:  # protobuf raises several unrelated types for a bad file
         raise QCError(f"not a readable ONNX model ({type(exc).__name__}: {_first_line(exc)})", file=str(path)) from None
@@ -122,12 +129,19 @@ class atomic_output_dir:
     temporary folder is removed and the destination is left as it was.
     """
 
-    def __init__(self, dest: str | os.PathLike, *, force: bool = False) -> None:
+    def __init__(self, dest: str | os.PathLike, *, force: bool = False, keep: tuple[str | os.PathLike, ...] = ()) -> None:
         self.dest = Path(dest)
         self.force = force
+        self.keep = [Path(p) for p in keep]
         self.tmp: Path | None = None
 
     def __enter__(self) -> Path:
+        dest = self.dest.resolve()
+        for path in self.keep:
+            resolved = path.resolve()
+            if dest == resolved or dest in resolved.parents:
+                # Replacing the folder would delete an input the user asked us to read.
+                raise QCError(f"output folder contains the input '{path}'; choose another -o", file=str(self.dest))
         if self.dest.exists():
             if not self.dest.is_dir():
                 raise QCError("output path exists and is not a folder", file=str(self.dest))

@@ -35,12 +35,14 @@ def split_pipeline(text: str) -> list[PassSpec]:
         if i >= n:
             break
         start = i
-        while i < n and text[i] not in ",{}":
+        while i < n and text[i] not in ",{} \t\n":
             i += 1
         name = text[start:i].strip()
         if not name:
             raise QCError(f"pipeline syntax: expected a pass name at position {start} in '{text}'", option="--pipeline")
         options: list[tuple[str, str]] = []
+        while i < n and text[i] in " \t\n":
+            i += 1
         if i < n and text[i] == "{":
             close = text.find("}", i)
             if close < 0:

@@ -178,6 +178,10 @@ def render_report(report: Report, console: Console) -> None:
         if len(report.kept_float) > 20:
             kept.add_row("...", "", f"{len(report.kept_float) - 20} more in report.json")
         console.print(kept)
+    for d in report.diagnostics:
+        if d.get("level") == "warning":
+            where = f" ({d['node']})" if d.get("node") else ""
+            console.print(f"[yellow]warning[/yellow]{where}: {d['message']}")
     if report.passes:
         passes = Table(title="Passes" + (f" (compile {report.compile_seconds:.2f} s)" if report.compile_seconds else ""))
         for col in ("pass", "seconds", "changed", "stats"):

@@ -7,6 +7,8 @@ file is checked: an unknown key or a bad value fails with ``file:key: message``.
 
 from __future__ import annotations
 
+import json
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -142,7 +144,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise QCError(f"cannot read target file: {exc.strerror}", file=str(path)) from None
 
 
-def _resolve(name_or_path: str, relative_to: Path | None = None) -> Path:
+def _resolve(name_or_path: str, relative_to: Path | None = None, where: str | None = None) -> Path:
     candidate = Path(name_or_path)
     if candidate.suffix == ".toml" or candidate.exists() or "/" in name_or_path:
         if relative_to is not None and not candidate.is_absolute():
@@ -152,7 +154,8 @@ def _resolve(name_or_path: str, relative_to: Path | None = None) -> Path:
         return candidate
     builtin = BUILTIN_DIR / f"{name_or_path}.toml"
     if not builtin.is_file():
-        raise QCError(f"unknown target '{name_or_path}' (built-in targets: {', '.join(list_targets())}; or give a path to a .toml file)", option="--target")
+        message = f"unknown target '{name_or_path}' (built-in targets: {', '.join(list_targets())}; or give a path to a .toml file)"
+        raise QCError(message, file=where) if where else QCError(message, option="--target")
     return builtin
 
 
@@ -163,13 +166,15 @@ def _raw(path: Path, chain: tuple[Path, ...] = ()) -> dict[str, Any]:
     _check_keys(data, path)
     parent = data.get("extends")
     if parent is not None:
-        base = _raw(_resolve(parent, path.parent), (*chain, path.resolve()))
+        base = _raw(_resolve(parent, path.parent, where=f"{path}:extends"), (*chain, path.resolve()))
         data = _merge(base, {k: v for k, v in data.items() if k != "extends"})
     return data
 
 
 def _check_keys(data: dict[str, Any], path: Path) -> None:
     for key, value in data.items():
+        if key in _SCHEMA and key != "" and not isinstance(value, dict):
+            raise QCError(f"expected a table [{key}], got {type(value).__name__} {value!r}", file=f"{path}:{key}")
         if isinstance(value, dict) and key in _SCHEMA and key != "":
             for sub, subvalue in value.items():
                 if sub not in _SCHEMA[key]:
@@ -286,10 +291,13 @@ def target_to_toml(spec: TargetSpec) -> str:
         if isinstance(value, bool):
             return "true" if value else "false"
         if isinstance(value, str):
-            return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            return json.dumps(value)  # JSON string escapes are valid TOML basic strings
         if isinstance(value, (list, tuple)):
             return "[" + ", ".join(fmt(v) for v in value) + "]"
         return repr(value)
+
+    def key(name: str) -> str:
+        return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name)
 
     lines = [
         f"name = {fmt(spec.name)}",
@@ -302,5 +310,5 @@ def target_to_toml(spec: TargetSpec) -> str:
         lines += [f"[{section}]", f"dtype = {fmt(rule.dtype)}", f"symmetric = {fmt(rule.symmetric)}", f"granularity = {fmt(rule.granularity)}", f"narrow_range = {fmt(rule.narrow_range)}", ""]
     lines += ["[bias]", f"quantize = {fmt(spec.bias.quantize)}", f"dtype = {fmt(spec.bias.dtype)}", ""]
     lines += ["[ops]"] + [f"{k} = {fmt(getattr(spec.ops, k))}" for k in ("quantized", "passthrough", "fused_activations", "shared_scale", "quantize_graph_outputs")] + [""]
-    lines += ["[cost]", f"source = {fmt(spec.cost.source)}", "", "[cost.mac]"] + [f"{k} = {v}" for k, v in spec.cost.mac.items()]
+    lines += ["[cost]", f"source = {fmt(spec.cost.source)}", "", "[cost.mac]"] + [f"{key(k)} = {v}" for k, v in spec.cost.mac.items()]
     return "\n".join(lines) + "\n"
