@@ -22,7 +22,7 @@ class Calibrate(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        method: Literal["minmax", "percentile", "entropy", "mse"] = "percentile"
+        method: Literal["minmax", "percentile", "entropy", "mse"] = "mse"
         #: Percentile kept by ``method=percentile`` (the rest is clipped).
         percentile: float = 99.99
         #: Histogram bins per sign for the histogram methods.

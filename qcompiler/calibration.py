@@ -37,7 +37,7 @@ class CalibrationRanges(Analysis[dict[str, Observer]]):
     """Observers (by value name) that saw every float activation on the calibration data."""
 
     name = "calibration-ranges"
-    method: str = "percentile"
+    method: str = "mse"
     percentile: float = 99.99
     bins: int = 2048
     batch_size: int = 32

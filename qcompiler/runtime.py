@@ -10,9 +10,15 @@ import onnxruntime as ort
 from qcompiler.errors import QCError
 
 
-def session_options(*, optimize: bool = True, threads: int = 0) -> ort.SessionOptions:
-    """The same options for every model we compare, so differences come from the models."""
+def session_options(*, optimize: bool = True, threads: int = 0, spinning: bool = False) -> ort.SessionOptions:
+    """The same options for every model we compare, so differences come from the models.
+
+    Intra-op spinning is off unless asked for: on small shared machines spinning worker threads
+    made float latency swing several-fold between trials, which turned every speedup into noise.
+    """
     options = ort.SessionOptions()
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

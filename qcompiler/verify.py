@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from qcompiler.data import DataSource
 from qcompiler.errors import QCError
@@ -107,21 +108,42 @@ def match_intermediates(float_model: onnx.ModelProto, quant_model: onnx.ModelPro
     return matches
 
 
-def measure_latency(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto, feed: dict[str, np.ndarray], *, runs: int = 50, warmup: int = 5) -> LatencyMetrics:
-    """Median latency of both models: same session options, runs interleaved so load drifts hit both."""
-    sessions = [make_session(p, optimize=True, what=w) for p, w in ((float_proto, "float model"), (quant_proto, "quantized model"))]
-    for _ in range(warmup):
-        for s in sessions:
+BLOCK_WARMUP = 2  # untimed runs at the start of each block: the first run after a switch is cold
+
+
+def interleaved_latency(sessions: list[ort.InferenceSession], feed: dict[str, np.ndarray], *, cycles: int, block: int) -> tuple[list[float], list[float]]:
+    """Block-interleaved timing: (median ms per session, speedup of each over ``sessions[0]``).
+
+    Every cycle runs each session for BLOCK_WARMUP untimed + ``block`` timed runs in turn, so a
+    load drift on the machine hits all models alike, while each model still runs back to back
+    with its weights in cache, as deployed (alternating single runs times cold-cache runs
+    instead). The speedup is the median over cycles of the first session's block median divided
+    by the model's block median: each ratio pairs runs seconds apart, so drift cancels.
+    """
+    for s in sessions:  # first runs allocate buffers and pick kernels
+        for _ in range(3):
             s.run(None, feed)
-    times: list[list[float]] = [[], []]
-    for _ in range(runs):
+    times: list[list[list[float]]] = [[[] for _ in range(cycles)] for _ in sessions]
+    for cycle in range(cycles):
         for i, s in enumerate(sessions):
-            start = time.perf_counter()
-            s.run(None, feed)
-            times[i].append(time.perf_counter() - start)
-    f_ms, q_ms = (float(np.median(t)) * 1e3 for t in times)
+            for k in range(BLOCK_WARMUP + block):
+                start = time.perf_counter()
+                s.run(None, feed)
+                if k >= BLOCK_WARMUP:
+                    times[i][cycle].append(time.perf_counter() - start)
+    ms = [float(np.median(np.concatenate(t))) * 1e3 for t in times]
+    speedups = [float(np.median([np.median(f) / np.median(m) for f, m in zip(times[0], t)])) for t in times]
+    return ms, speedups
+
+
+def measure_latency(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto, feed: dict[str, np.ndarray], *, runs: int = 50, block: int = 10) -> LatencyMetrics:
+    """Latency of both models with the same session options, timed by `interleaved_latency`."""
+    sessions = [make_session(p, optimize=True, what=w) for p, w in ((float_proto, "float model"), (quant_proto, "quantized model"))]
+    block = max(1, min(block, runs))
+    cycles = max(1, runs // block)
+    (f_ms, q_ms), (_, speedup) = interleaved_latency(sessions, feed, cycles=cycles, block=block)
     batch = next(iter(feed.values())).shape[0]
-    return LatencyMetrics(float_ms=f_ms, quantized_ms=q_ms, speedup=f_ms / q_ms if q_ms > 0 else float("nan"), runs=runs, batch=batch)
+    return LatencyMetrics(float_ms=f_ms, quantized_ms=q_ms, speedup=speedup, runs=cycles * block, batch=batch)
 
 
 def _weight_bytes(proto: onnx.ModelProto) -> int:

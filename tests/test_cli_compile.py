@@ -75,7 +75,7 @@ def test_custom_pipeline_and_instruments(tmp_path: Path, bundled_model: Path, bu
     assert sorted(p.name for p in dump.iterdir()) == ["01-fold-constants.onnx", "02-fold-batchnorm.onnx", "03-calibrate.onnx", "04-insert-qdq.onnx"]
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     # Printed in canonical form: options at their defaults are omitted.
-    assert report["pipeline"] == "fold-constants,fold-batchnorm,calibrate,insert-qdq"
+    assert report["pipeline"] == "fold-constants,fold-batchnorm,calibrate{method=percentile},insert-qdq"
     assert report["calibration"]["samples"] == 32
 
 

@@ -26,13 +26,13 @@ def calibrate_options(text: str):
 
 
 def test_round_trip_canonical_text() -> None:
-    text = "fold-batchnorm,calibrate{method=mse,percentile=99.9},insert-qdq"
+    text = "fold-batchnorm,calibrate{method=percentile,percentile=99.9},insert-qdq"
     assert format_pipeline(parse_pipeline(text).passes) == text
 
 
 def test_round_trip_with_explicit_default_reaches_fixed_point() -> None:
-    """method=percentile is the default, so printing drops it; printing again changes nothing."""
-    text = "fold-batchnorm,calibrate{method=percentile,percentile=99.9},insert-qdq"
+    """method=mse is the default, so printing drops it; printing again changes nothing."""
+    text = "fold-batchnorm,calibrate{method=mse,percentile=99.9},insert-qdq"
     printed = format_pipeline(parse_pipeline(text).passes)
     assert printed == "fold-batchnorm,calibrate{percentile=99.9},insert-qdq"
     again = parse_pipeline(printed)
@@ -71,8 +71,8 @@ def test_repr_of_a_pass_is_its_pipeline_text() -> None:
 
 
 def test_typed_options_are_converted() -> None:
-    o = calibrate_options("calibrate{method=mse,percentile=99.5,bins=512,batch-size=8}")
-    assert o.method == "mse"
+    o = calibrate_options("calibrate{method=percentile,percentile=99.5,bins=512,batch-size=8}")
+    assert o.method == "percentile"
     assert isinstance(o.percentile, float) and o.percentile == 99.5
     assert type(o.bins) is int and o.bins == 512
     assert type(o.batch_size) is int and o.batch_size == 8
@@ -99,7 +99,7 @@ def test_literal_option_takes_each_choice(method: str) -> None:
 
 
 def test_defaults_are_omitted_when_printing() -> None:
-    manager = parse_pipeline("calibrate{method=percentile,percentile=99.99,bins=2048,batch-size=32},fold-batchnorm{decompose-standalone=true}")
+    manager = parse_pipeline("calibrate{method=mse,percentile=99.99,bins=2048,batch-size=32},fold-batchnorm{decompose-standalone=true}")
     assert format_pipeline(manager.passes) == "calibrate,fold-batchnorm"
 
 
@@ -119,10 +119,10 @@ def test_format_pass_of_keyword_built_pass() -> None:
 
 
 def test_list_of_names_and_texts() -> None:
-    manager = parse_pipeline(["infer-shapes", "calibrate{method=mse}"])
+    manager = parse_pipeline(["infer-shapes", "calibrate{method=percentile}"])
     assert names(manager) == ["infer-shapes", "calibrate"]
-    assert manager.passes[1].options.method == "mse"
-    assert format_pipeline(manager.passes) == "infer-shapes,calibrate{method=mse}"
+    assert manager.passes[1].options.method == "percentile"
+    assert format_pipeline(manager.passes) == "infer-shapes,calibrate{method=percentile}"
 
 
 def test_list_item_may_hold_several_passes() -> None:
@@ -139,8 +139,8 @@ def test_list_with_pass_instances_keeps_them() -> None:
 
 
 def test_list_and_text_give_the_same_pipeline() -> None:
-    text = "infer-shapes,calibrate{method=mse,bins=64},insert-qdq"
-    from_list = parse_pipeline(["infer-shapes", "calibrate{method=mse,bins=64}", "insert-qdq"])
+    text = "infer-shapes,calibrate{method=percentile,bins=64},insert-qdq"
+    from_list = parse_pipeline(["infer-shapes", "calibrate{method=percentile,bins=64}", "insert-qdq"])
     assert format_pipeline(from_list.passes) == format_pipeline(parse_pipeline(text).passes) == text
 
 
@@ -150,10 +150,10 @@ def test_list_with_a_non_pass_item_is_a_type_error() -> None:
 
 
 def test_nested_pass_manager_prints_flat() -> None:
-    inner = parse_pipeline("infer-shapes,calibrate{method=mse}")
+    inner = parse_pipeline("infer-shapes,calibrate{method=percentile}")
     outer = parse_pipeline([inner, "insert-qdq"])
     assert isinstance(outer.passes[0], PassManager)
-    assert format_pipeline(outer.passes) == "infer-shapes,calibrate{method=mse},insert-qdq"
+    assert format_pipeline(outer.passes) == "infer-shapes,calibrate{method=percentile},insert-qdq"
 
 
 def test_split_pipeline_returns_specs() -> None:
@@ -241,7 +241,7 @@ def test_value_rejected_by_the_pass_names_the_pass() -> None:
 
 
 def test_option_given_twice() -> None:
-    exc = parse_error("calibrate{method=mse,method=minmax}")
+    exc = parse_error("calibrate{method=percentile,method=minmax}")
     assert (exc.pass_name, exc.option) == ("calibrate", "method")
     assert "twice" in exc.message
 
@@ -253,7 +253,7 @@ def test_option_given_twice_in_both_spellings() -> None:
 
 
 def test_unclosed_brace() -> None:
-    exc = parse_error("calibrate{method=mse")
+    exc = parse_error("calibrate{method=percentile")
     assert exc.option == "--pipeline"
     assert "calibrate" in exc.message and "'{'" in exc.message
 
@@ -265,7 +265,7 @@ def test_unmatched_closing_brace() -> None:
 
 
 def test_extra_closing_brace_after_options() -> None:
-    exc = parse_error("calibrate{method=mse}},insert-qdq")
+    exc = parse_error("calibrate{method=percentile}},insert-qdq")
     assert exc.option == "--pipeline"
 
 
@@ -288,12 +288,12 @@ def test_empty_pipeline(text: str) -> None:
 
 
 def test_missing_name_before_options() -> None:
-    exc = parse_error("{method=mse}")
+    exc = parse_error("{method=percentile}")
     assert exc.option == "--pipeline"
 
 
 def test_missing_comma_after_options() -> None:
-    exc = parse_error("calibrate{method=mse} insert-qdq")
+    exc = parse_error("calibrate{method=percentile} insert-qdq")
     assert exc.option == "--pipeline"
     assert "','" in exc.message
 

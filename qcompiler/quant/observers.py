@@ -40,16 +40,27 @@ _MSE_GRID = 100  # clipping factors tried by the MSE search
 _KL_EPS = 1e-4  # probability floor for Q where P > 0 but Q == 0 (MXNet uses the same value)
 
 
-def _finite_values(x: np.ndarray) -> np.ndarray:
-    """Flatten ``x`` to float64 without NaNs; reject non-real dtypes and infinities."""
+def _finite_values(x: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Flatten ``x`` (no copy when possible) without NaNs; return it with its min and max.
+
+    Reject non-real dtypes and infinities. Float data keeps its dtype: calibration tensors are
+    large, and a float64 copy would double the memory traffic of every pass over them.
+    """
     arr = np.asarray(x)
     if arr.dtype.kind not in "biuf":
         raise TypeError(f"observers need real numeric data, got dtype {arr.dtype}")
-    values = arr.astype(np.float64, copy=False).ravel()
-    values = values[~np.isnan(values)]
-    if np.isinf(values).any():
-        raise ValueError("calibration data contains inf; the float model overflowed")
-    return values
+    values = arr.reshape(-1) if arr.dtype.kind == "f" else arr.astype(np.float64).reshape(-1)
+    if values.size == 0:
+        return values, 0.0, 0.0
+    lo, hi = float(values.min()), float(values.max())
+    if not (math.isfinite(lo) and math.isfinite(hi)):  # NaN or inf somewhere: the slow path
+        values = values[~np.isnan(values)]
+        if values.size == 0:
+            return values, 0.0, 0.0
+        if np.isinf(values).any():
+            raise ValueError("calibration data contains inf; the float model overflowed")
+        lo, hi = float(values.min()), float(values.max())
+    return values, lo, hi
 
 
 def _check_levels(levels: int) -> None:
@@ -89,16 +100,16 @@ class Observer(abc.ABC):
 
         NaNs are skipped; an inf raises :class:`ValueError` and leaves the observer unchanged.
         """
-        values = _finite_values(x)
+        values, lo, hi = _finite_values(x)
         if values.size == 0:
             return
-        self._observe(values)
+        self._observe(values, lo, hi)
         self._count += int(values.size)
-        self._min = min(self._min, float(values.min()))
-        self._max = max(self._max, float(values.max()))
+        self._min = min(self._min, lo)
+        self._max = max(self._max, hi)
 
-    def _observe(self, values: np.ndarray) -> None:
-        """Hook for subclasses: ``values`` is a non-empty, finite, 1-D float64 array."""
+    def _observe(self, values: np.ndarray, lo: float, hi: float) -> None:
+        """Hook for subclasses: ``values`` is a non-empty, finite, 1-D float array with min ``lo`` and max ``hi``."""
 
     @abc.abstractmethod
     def range(self, *, levels: int, symmetric: bool) -> tuple[float, float]:
@@ -168,9 +179,9 @@ class HistogramObserver(Observer):
     def state_bytes(self) -> int:
         return super().state_bytes() + self._hist.nbytes + 3 * 8  # + bins, radius, zeros
 
-    def _observe(self, values: np.ndarray) -> None:
+    def _observe(self, values: np.ndarray, lo: float, hi: float) -> None:
         self._zeros += int(np.count_nonzero(values == 0))
-        peak = float(np.abs(values).max())
+        peak = max(-lo, hi)
         if peak > self._radius:
             if self._radius == 0.0:
                 self._radius = _pow2_ceil(peak)
@@ -179,9 +190,13 @@ class HistogramObserver(Observer):
         if self._radius == 0.0:  # only zeros so far
             self._hist[self._bins] += values.size
             return
-        width = self._radius / self._bins
-        idx = np.floor((values + self._radius) / width).astype(np.intp)
-        np.clip(idx, 0, self._hist.size - 1, out=idx)  # x == R belongs to the last (closed) bin
+        # Bin index = floor(x / width) + bins. Multiplying by bins / R (a power of two when bins
+        # is) is exact in any float precision, and so is floor: no value lands in a neighbour bin.
+        scaled = np.multiply(values, self._bins / self._radius, dtype=values.dtype if values.dtype.itemsize >= 4 else np.float32)
+        np.floor(scaled, out=scaled)
+        idx = scaled.astype(np.intp)
+        idx += self._bins
+        np.minimum(idx, self._hist.size - 1, out=idx)  # x == R belongs to the last (closed) bin
         self._hist += np.bincount(idx, minlength=self._hist.size)
 
     def _grow(self, peak: float) -> None:
