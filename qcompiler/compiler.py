@@ -13,7 +13,7 @@ import onnx_ir as ir
 from qcompiler.calibration import CALIBRATION_FACT
 from qcompiler.data import DataSource, InputSpec
 from qcompiler.errors import QCError
-from qcompiler.ir import atomic_output_dir, load_model, save_model, to_proto
+from qcompiler.ir import atomic_output_dir, load_model, model_bytes_on_disk, save_model, to_proto
 from qcompiler.pass_manager import Instrument, Pass, PassContext, PassManager, ProgressFactory, null_progress
 from qcompiler.pipeline import format_pipeline, parse_pipeline
 from qcompiler.report import KeptFloat, PassTiming, Report
@@ -73,7 +73,7 @@ def compile(  # noqa: A001 - the verb users expect: qcompiler.compile(...)
     manager = parse_pipeline(pipeline if pipeline is not None else spec.pipeline)
     ctx = PassContext(target=spec, data=calib, seed=seed, progress=progress, instruments=list(instruments or []))
 
-    def write(folder: Path) -> CompileResult:
+    def run(folder: Path | None) -> CompileResult:
         result = manager.run(ir_model, ctx)
         compiled = result.model
         quant_proto = to_proto(compiled)
@@ -98,18 +98,14 @@ def compile(  # noqa: A001 - the verb users expect: qcompiler.compile(...)
         return CompileResult(compiled, report, Path(output_dir) if output_dir is not None else None)
 
     if output_dir is None:
-        return write(None)  # type: ignore[arg-type]
+        return run(None)
     inputs = tuple(str(p) for p in (model, calibration, verify_data, spec.path) if isinstance(p, (str, os.PathLike)) and p)
     with atomic_output_dir(output_dir, force=force, keep=inputs) as tmp:
-        return write(tmp)
+        return run(tmp)
 
 
 def _float_size(model: str | os.PathLike | ir.Model, proto: onnx.ModelProto) -> int:
-    if isinstance(model, ir.Model):
-        return proto.ByteSize()
-    from qcompiler.ir import model_bytes_on_disk
-
-    return model_bytes_on_disk(model)
+    return proto.ByteSize() if isinstance(model, ir.Model) else model_bytes_on_disk(model)
 
 
 def _report(float_name: str, manager: PassManager, spec: TargetSpec, ctx: PassContext) -> Report:

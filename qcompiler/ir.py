@@ -57,6 +57,10 @@ def load_model(path: str | os.PathLike) -> ir.Model:
                 raise QCError(f"external data '{tensor.location}' of '{init.name}' lies outside the model's folder", file=str(path))
             if not target.exists():
                 raise QCError(f"external data file '{tensor.location}' of '{init.name}' is missing", file=str(path))
+    if initializer_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
+        # Read external weights into memory: onnxruntime sessions are built from serialized
+        # bytes, which cannot point at files. Larger models keep their weights on disk.
+        ir.external_data.load_to_model(model)
     try:
         _check_structure(model)
     except QCError:

@@ -124,6 +124,11 @@ def _db(x: float) -> str:
     return f"{x:.2f} dB" if math.isfinite(x) else ("exact" if x > 0 else "-inf")
 
 
+def _smaller(before: int, after: int) -> str:
+    ratio = before / max(after, 1)
+    return f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
+
+
 def _bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if n < 1024 or unit == "GiB":
@@ -155,11 +160,11 @@ def render_report(report: Report, console: Console) -> None:
             if o.nonfinite:
                 summary.add_row(f"output '{o.name}'", "", f"[red]{o.nonfinite} non-finite values[/red]", "")
         s = v.size
-        summary.add_row("file size", _bytes(s.float_bytes), _bytes(s.quantized_bytes), f"{s.float_bytes / max(s.quantized_bytes, 1):.2f}x smaller")
-        summary.add_row("weight bytes", _bytes(s.float_weight_bytes), _bytes(s.quantized_weight_bytes), f"{s.float_weight_bytes / max(s.quantized_weight_bytes, 1):.2f}x smaller")
+        summary.add_row("file size", _bytes(s.float_bytes), _bytes(s.quantized_bytes), _smaller(s.float_bytes, s.quantized_bytes))
+        summary.add_row("weight bytes", _bytes(s.float_weight_bytes), _bytes(s.quantized_weight_bytes), _smaller(s.float_weight_bytes, s.quantized_weight_bytes))
         if v.latency is not None:
             lat = v.latency
-            summary.add_row(f"latency (median of {lat.runs}, batch {lat.batch})", f"{lat.float_ms:.3f} ms", f"{lat.quantized_ms:.3f} ms", f"{lat.speedup:.2f}x faster")
+            summary.add_row(f"latency (median of {lat.runs}, batch {lat.batch})", f"{lat.float_ms:.3f} ms", f"{lat.quantized_ms:.3f} ms", f"{lat.speedup:.2f}x faster" if lat.speedup >= 1 else f"{1 / lat.speedup:.2f}x slower")
         console.print(summary)
         if v.layers:
             worst = sorted(v.layers, key=lambda l: l.sqnr_db)

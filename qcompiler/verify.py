@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ import onnxruntime as ort
 
 from qcompiler.data import DataSource
 from qcompiler.errors import QCError
-from qcompiler.ir import SOURCE_KEY
+from qcompiler.ir import SOURCE_KEY, model_bytes_on_disk
 from qcompiler.pass_manager import ProgressFactory, null_progress
 from qcompiler.report import LatencyMetrics, LayerMetrics, OutputMetrics, SizeMetrics, VerificationReport
 from qcompiler.runtime import make_session, with_extra_outputs
@@ -210,8 +209,8 @@ def verify(
     feed = data.first_batch(1)
     latency = measure_latency(float_proto, quant_proto, feed, runs=latency_runs) if latency_runs > 0 else None
     size = SizeMetrics(
-        float_bytes=float_proto.ByteSize() if isinstance(float_model, onnx.ModelProto) else _file_bytes(float_model),
-        quantized_bytes=quant_proto.ByteSize() if isinstance(quant_model, onnx.ModelProto) else _file_bytes(quant_model),
+        float_bytes=float_proto.ByteSize() if isinstance(float_model, onnx.ModelProto) else model_bytes_on_disk(float_model),
+        quantized_bytes=quant_proto.ByteSize() if isinstance(quant_model, onnx.ModelProto) else model_bytes_on_disk(quant_model),
         float_weight_bytes=_weight_bytes(float_proto),
         quantized_weight_bytes=_weight_bytes(quant_proto),
     )
@@ -225,12 +224,6 @@ def verify(
         size=size,
         latency=latency,
     )
-
-
-def _file_bytes(path: str | os.PathLike) -> int:
-    from qcompiler.ir import model_bytes_on_disk
-
-    return model_bytes_on_disk(path)
 
 
 def _per_layer(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto, matches: dict[str, tuple[str, str, str]], data: DataSource, batch_size: int) -> list[LayerMetrics]:
@@ -253,7 +246,3 @@ def _per_layer(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto, match
         if accs[n].signal > 0 or accs[n].noise > 0
     ]
 
-
-ProgressCallable = Callable[[str, int | None], object]
-__all__ = ["verify", "measure_latency", "match_intermediates", "load_proto"]
-_ = field  # dataclasses.field kept for subclasses of the accumulators
