@@ -16,6 +16,7 @@ Plan first, rewrite second:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -28,7 +29,7 @@ from qcompiler.ir import SOURCE_KEY, NameAuthority, add_initializer, constant_ar
 from qcompiler.op_roles import input_roles
 from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.quant.observers import Observer
-from qcompiler.quant.uniform import affine_params, channel_ranges, quantize
+from qcompiler.quant.uniform import affine_params, channel_ranges, mse_channel_ranges, quantize
 from qcompiler.registry import register_pass
 from qcompiler.targets.spec import INTEGER_DTYPES, TargetSpec, TensorRule
 
@@ -178,6 +179,12 @@ class InsertQDQ(Pass):
     name = "insert-qdq"
     requires = (CalibrationRanges,)
 
+    @dataclass(frozen=True)
+    class Options:
+        #: How each weight channel's range is chosen: its min/max, or the range minimising the
+        #: squared quantization error (clips rare outlier weights).
+        weight_range: Literal["minmax", "mse"] = "minmax"
+
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         target = ctx.target
         if opset_version(model) < target.min_opset:
@@ -192,7 +199,7 @@ class InsertQDQ(Pass):
         analysis = ctx.facts.get(CALIBRATION_FACT, CalibrationRanges())
         observers = ctx.analyses.get(analysis, model, ctx)
         plan = plan_quantization(model, target, observers)
-        rewriter = _Rewriter(model, target, observers, plan)
+        rewriter = _Rewriter(model, target, observers, plan, weight_range=self.options.weight_range)
         unfused = rewriter.compute_group_params()
         for act in unfused:
             ctx.note(self.name, "activation kept (its range does not start at the quantizer's zero)", node=act.name)
@@ -208,8 +215,9 @@ class InsertQDQ(Pass):
 
 
 class _Rewriter:
-    def __init__(self, model: ir.Model, target: TargetSpec, observers: dict[str, Observer], plan: QuantPlan) -> None:
+    def __init__(self, model: ir.Model, target: TargetSpec, observers: dict[str, Observer], plan: QuantPlan, *, weight_range: str = "minmax") -> None:
         self.model = model
+        self.weight_range = weight_range
         self.graph = model.graph
         self.target = target
         self.observers = observers
@@ -326,8 +334,11 @@ class _Rewriter:
         if node.op_type == "ConvTranspose" and "group" in node.attributes and node.attributes["group"].as_int() != 1:
             per_channel = False  # output channels are split across groups: no single axis holds them
         ax = axis if per_channel else None
-        lo, hi = channel_ranges(w, ax)
         qmin, qmax = rule.qrange
+        if self.weight_range == "mse":
+            lo, hi = mse_channel_ranges(w, ax, qmin, qmax, rule.symmetric)
+        else:
+            lo, hi = channel_ranges(w, ax)
         scale, zp = affine_params(lo, hi, qmin, qmax, rule.symmetric)
         q = quantize(w, scale, zp, qmin, qmax, axis=ax)
         q_value = self._initializer(f"{w_value.name}_quantized", self._as_qtype(q, rule.dtype))

@@ -140,9 +140,11 @@ def measure_latency(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto, 
     sessions = [make_session(p, optimize=True, what=w) for p, w in ((float_proto, "float model"), (quant_proto, "quantized model"))]
     block = max(1, min(block, runs))
     cycles = max(1, runs // block)
-    (f_ms, q_ms), (_, speedup) = interleaved_latency(sessions, feed, cycles=cycles, block=block)
+    (f_ms, q_ms), _ = interleaved_latency(sessions, feed, cycles=cycles, block=block)
     batch = next(iter(feed.values())).shape[0]
-    return LatencyMetrics(float_ms=f_ms, quantized_ms=q_ms, speedup=speedup, runs=cycles * block, batch=batch)
+    # The report shows both medians, so its speedup is their ratio (the bench, which compares
+    # several tools, uses the drift-cancelling per-cycle ratios instead).
+    return LatencyMetrics(float_ms=f_ms, quantized_ms=q_ms, speedup=f_ms / q_ms, runs=cycles * block, batch=batch)
 
 
 def _weight_bytes(proto: onnx.ModelProto) -> int:
