@@ -29,7 +29,7 @@ from qcompiler.ir import SOURCE_KEY, NameAuthority, add_initializer, constant_ar
 from qcompiler.op_roles import input_roles
 from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.quant.observers import Observer
-from qcompiler.quant.uniform import affine_params, channel_ranges, mse_channel_ranges, quantize
+from qcompiler.quant.uniform import affine_params, channel_ranges, dequantize, mse_channel_ranges, quantize
 from qcompiler.registry import register_pass
 from qcompiler.targets.spec import INTEGER_DTYPES, TargetSpec, TensorRule
 
@@ -282,6 +282,8 @@ class _Rewriter:
         for node in self.plan.quantized_nodes:
             if node.op_type in self.target.ops.quantized:
                 self._quantize_constants(node)
+            elif node.op_type in self.target.ops.integer_passthrough:
+                self._lower_to_integer(node)
 
     def _quantize_activation(self, name: str, value: ir.Value) -> None:
         p = self._activation_params(name)
@@ -393,6 +395,39 @@ class _Rewriter:
         self.graph.insert_before(self.graph[0], dq)
         node.replace_input_with(index, dq.outputs[0])
         self._drop_if_unused(c_value)
+
+    def _lower_to_integer(self, node: ir.Node) -> None:
+        """DQ -> op -> Q with one scale on both sides becomes op on the integer tensor, then DQ.
+
+        Exact: data movement commutes with an affine map that has the same scale and zero point
+        on both sides, provided a Pad's fill value is itself exactly representable.
+        """
+        x_dq, out = node.inputs[0], node.outputs[0]
+        dq, consumers = x_dq.producer() if x_dq is not None else None, out.consumers()
+        if dq is None or dq.op_type != "DequantizeLinear" or len(consumers) != 1 or consumers[0].op_type != "QuantizeLinear":
+            return
+        q_out = consumers[0]
+        if dq.inputs[1] is not q_out.inputs[1] or dq.inputs[2] is not q_out.inputs[2]:
+            return  # not one shared scale: the op would need requantizing
+        fill = None
+        if node.op_type == "Pad" and len(node.inputs) > 2 and node.inputs[2] is not None:
+            value = constant_array(node.inputs[2])
+            p = self._activation_params(out.name)
+            qmin, qmax = self.target.activations.qrange
+            if value is None:
+                return
+            q = quantize(np.asarray(value, np.float32), p.scale, p.zero_point, qmin, qmax)
+            if not np.allclose(dequantize(q, p.scale, p.zero_point), value, rtol=0, atol=0):
+                return
+            fill = self._initializer(f"{node.name}_fill", self._as_qtype(q.reshape(()), self.target.activations.dtype))
+        node.replace_input_with(0, dq.inputs[0])
+        if fill is not None:
+            node.replace_input_with(2, fill)
+        out.dtype = q_out.outputs[0].dtype
+        q_out.outputs[0].replace_all_uses_with(out, replace_graph_outputs=True)
+        self.graph.remove(q_out, safe=True)
+        if not x_dq.uses() and not x_dq.is_graph_output():
+            self.graph.remove(dq, safe=True)
 
     # -- helpers --------------------------------------------------------------------------------
     def _initializer(self, base: str, array: np.ndarray | ir.TensorProtocol) -> ir.Value:

@@ -116,15 +116,18 @@ def interleaved_latency(sessions: list[ort.InferenceSession], feed: dict[str, np
     Every cycle runs each session for BLOCK_WARMUP untimed + ``block`` timed runs in turn, so a
     load drift on the machine hits all models alike, while each model still runs back to back
     with its weights in cache, as deployed (alternating single runs times cold-cache runs
-    instead). The speedup is the median over cycles of the first session's block median divided
-    by the model's block median: each ratio pairs runs seconds apart, so drift cancels.
+    instead). The order rotates every cycle so no model always follows the same one. The speedup
+    is the median over cycles of the first session's block median divided by the model's block
+    median: each ratio pairs runs seconds apart, so drift cancels.
     """
     for s in sessions:  # first runs allocate buffers and pick kernels
         for _ in range(3):
             s.run(None, feed)
     times: list[list[list[float]]] = [[[] for _ in range(cycles)] for _ in sessions]
+    n = len(sessions)
     for cycle in range(cycles):
-        for i, s in enumerate(sessions):
+        for i in [(cycle + j) % n for j in range(n)]:
+            s = sessions[i]
             for k in range(BLOCK_WARMUP + block):
                 start = time.perf_counter()
                 s.run(None, feed)

@@ -78,6 +78,8 @@ class OpRules:
     fused_activations: tuple[str, ...] = ()
     shared_scale: tuple[str, ...] = ()
     quantize_graph_outputs: bool = False
+    #: Passthrough ops the backend runs on the integer tensor itself: DQ -> op -> Q becomes op.
+    integer_passthrough: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
         "fused_activations": (list, False),
         "shared_scale": (list, False),
         "quantize_graph_outputs": (bool, False),
+        "integer_passthrough": (list, False),
     },
     "cost": {"source": (str, True), "mac": (dict, False)},
 }
@@ -253,7 +256,10 @@ def load_target(name_or_path: str) -> TargetSpec:
         fused_activations=_str_list(data, "fused_activations", path),
         shared_scale=_str_list(data, "shared_scale", path),
         quantize_graph_outputs=data["ops"].get("quantize_graph_outputs", False),
+        integer_passthrough=_str_list(data, "integer_passthrough", path),
     )
+    if stray := [op for op in ops.integer_passthrough if op not in ops.passthrough]:
+        raise QCError(f"'{stray[0]}' is not in ops.passthrough", file=f"{path}:ops.integer_passthrough")
     mac = data.get("cost", {}).get("mac", {})
     for dtype, value in mac.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
@@ -309,6 +315,6 @@ def target_to_toml(spec: TargetSpec) -> str:
     for section, rule in (("activations", spec.activations), ("weights", spec.weights)):
         lines += [f"[{section}]", f"dtype = {fmt(rule.dtype)}", f"symmetric = {fmt(rule.symmetric)}", f"granularity = {fmt(rule.granularity)}", f"narrow_range = {fmt(rule.narrow_range)}", ""]
     lines += ["[bias]", f"quantize = {fmt(spec.bias.quantize)}", f"dtype = {fmt(spec.bias.dtype)}", ""]
-    lines += ["[ops]"] + [f"{k} = {fmt(getattr(spec.ops, k))}" for k in ("quantized", "passthrough", "fused_activations", "shared_scale", "quantize_graph_outputs")] + [""]
+    lines += ["[ops]"] + [f"{k} = {fmt(getattr(spec.ops, k))}" for k in ("quantized", "passthrough", "fused_activations", "shared_scale", "quantize_graph_outputs", "integer_passthrough")] + [""]
     lines += ["[cost]", f"source = {fmt(spec.cost.source)}", "", "[cost.mac]"] + [f"{key(k)} = {v}" for k, v in spec.cost.mac.items()]
     return "\n".join(lines) + "\n"

@@ -85,14 +85,36 @@ def test_activations_uint8_asymmetric_per_tensor_and_relu_fused(resnet20) -> Non
 
 def test_residual_add_and_passthrough_share_scales(resnet20) -> None:
     model, _ = resnet20
+    pads = [n for n in model.graph if n.op_type == "Pad"]
+    assert len(pads) == 2
+    for pad in pads:
+        # ort-cpu lists Pad in integer_passthrough: the shortcut Slice -> Slice -> Pad chain runs on
+        # the uint8 tensor, with the fill value quantized, and one DequantizeLinear after it.
+        assert pad.inputs[0].dtype == ir.DataType.UINT8 and pad.outputs[0].dtype == ir.DataType.UINT8
+        dq = pad.outputs[0].consumers()[0]
+        assert dq.op_type == "DequantizeLinear"
+        chain = pad.inputs[0].producer()
+        while chain.op_type == "Slice":
+            chain = chain.inputs[0].producer()
+        assert chain.op_type == "QuantizeLinear"
+        # One scale on both ends of the chain: data movement needs no requantization.
+        assert dq.inputs[1] is chain.inputs[1] and dq.inputs[2] is chain.inputs[2]
+        fill = _const(pad.inputs[2])
+        assert fill.dtype == np.uint8 and fill == _const(dq.inputs[2])  # float 0 -> the zero point
+    adds = [n for n in model.graph if n.op_type == "Add"]
+    assert len(adds) == 9 and all(i.producer().op_type == "DequantizeLinear" for a in adds for i in a.inputs)
+
+
+def test_passthrough_stays_in_qdq_form_when_the_target_does_not_lower_it(tmp_path: Path, bundled_model: Path, bundled_calib: Path) -> None:
+    target = tmp_path / "qdq-only.toml"
+    target.write_text('extends = "ort-cpu"\nname = "qdq-only"\n[ops]\ninteger_passthrough = []\n')
+    data = DataSource({"input": np.load(bundled_calib)["input"][:32]})
+    model, _ = _compile(load_model(bundled_model), data, target=str(target))
     for pad in (n for n in model.graph if n.op_type == "Pad"):
         q_after = pad.outputs[0].consumers()[0]
         dq_before = pad.inputs[0].producer()
         assert q_after.op_type == "QuantizeLinear" and dq_before.op_type == "DequantizeLinear"
-        # Same quantization parameters on both sides: onnxruntime can move uint8 bytes through Pad.
         assert q_after.inputs[1] is dq_before.inputs[1] and q_after.inputs[2] is dq_before.inputs[2]
-    adds = [n for n in model.graph if n.op_type == "Add"]
-    assert len(adds) == 9 and all(i.producer().op_type == "DequantizeLinear" for a in adds for i in a.inputs)
 
 
 def _concat_model() -> ir.Model:

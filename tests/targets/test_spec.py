@@ -447,3 +447,11 @@ def test_cli_targets_show_unknown(tmp_path: Path) -> None:
     assert "Traceback" not in proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "nope" in lines[0]
+
+
+def test_integer_passthrough_must_be_passthrough_ops(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('extends = "ort-cpu"\nname = "bad"\n[ops]\ninteger_passthrough = ["Conv"]\n')
+    with pytest.raises(QCError) as info:
+        load_target(str(path))
+    assert f"{path}:ops.integer_passthrough" in str(info.value) and "Conv" in str(info.value)
