@@ -323,6 +323,20 @@ class _Rewriter:
                 x_scale = constant_array(x.producer().inputs[1])
                 self._quantize_bias(node, roles.bias, float(x_scale) * weight_scale)
 
+    def _dequantized_constant(self, source: ir.Value, q: np.ndarray, scale: np.ndarray, zp: np.ndarray, dtype: str, axis: int | None) -> ir.Value:
+        """Store ``q`` as a ``dtype`` initializer behind a DequantizeLinear; return the DQ output."""
+        q_value = self._initializer(f"{source.name}_quantized", self._as_qtype(q, dtype))
+        s_value = self._initializer(f"{source.name}_scale", np.asarray(scale, np.float32))
+        z_value = self._initializer(f"{source.name}_zero_point", self._as_qtype(np.asarray(zp), dtype))
+        attrs = {"axis": ir.Attr("axis", ir.AttributeType.INT, axis)} if axis is not None else {}
+        dq = ir.Node("", "DequantizeLinear", [q_value, s_value, z_value], attributes=attrs, name=self.names.fresh(f"{source.name}_DequantizeLinear"))
+        out = dq.outputs[0]
+        out.name = self.names.fresh(f"{source.name}_dequantized")
+        out.dtype, out.shape = ir.DataType.FLOAT, ir.Shape(list(q.shape))
+        out.metadata_props[SOURCE_KEY] = source.name
+        self.graph.insert_before(self.graph[0], dq)
+        return out
+
     def _quantize_weight(self, node: ir.Node, index: int, axis: int | None) -> np.ndarray:
         """Replace weight input ``index`` by int weights behind a DequantizeLinear; return its scale."""
         w_value = node.inputs[index]
@@ -337,25 +351,13 @@ class _Rewriter:
             per_channel = False  # output channels are split across groups: no single axis holds them
         ax = axis if per_channel else None
         qmin, qmax = rule.qrange
-        if self.weight_range == "mse":
-            lo, hi = mse_channel_ranges(w, ax, qmin, qmax, rule.symmetric)
-        else:
-            lo, hi = channel_ranges(w, ax)
+        lo, hi = mse_channel_ranges(w, ax, qmin, qmax, rule.symmetric) if self.weight_range == "mse" else channel_ranges(w, ax)
         scale, zp = affine_params(lo, hi, qmin, qmax, rule.symmetric)
-        q = quantize(w, scale, zp, qmin, qmax, axis=ax)
-        q_value = self._initializer(f"{w_value.name}_quantized", self._as_qtype(q, rule.dtype))
-        s_value = self._initializer(f"{w_value.name}_scale", scale.astype(np.float32))
-        z_value = self._initializer(f"{w_value.name}_zero_point", self._as_qtype(zp, rule.dtype))
-        attrs = {"axis": ir.Attr("axis", ir.AttributeType.INT, ax)} if ax is not None else {}
-        dq = ir.Node("", "DequantizeLinear", [q_value, s_value, z_value], attributes=attrs, name=self.names.fresh(f"{w_value.name}_DequantizeLinear"))
-        dq.outputs[0].name = self.names.fresh(f"{w_value.name}_dequantized")
-        dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(list(w.shape))
-        dq.outputs[0].metadata_props[SOURCE_KEY] = w_value.name
-        self.graph.insert_before(self.graph[0], dq)
+        dq_out = self._dequantized_constant(w_value, quantize(w, scale, zp, qmin, qmax, axis=ax), scale, zp, rule.dtype, ax)
         for use in list(w_value.uses()):
             if use.node in self.plan.quantized_nodes and input_roles(use.node).weight == use.idx:
-                use.node.replace_input_with(use.idx, dq.outputs[0])
-        self.weight_cache[id(w_value)] = (dq.outputs[0], scale)
+                use.node.replace_input_with(use.idx, dq_out)
+        self.weight_cache[id(w_value)] = (dq_out, scale)
         self._drop_if_unused(w_value)
         return scale
 
@@ -365,17 +367,11 @@ class _Rewriter:
         scale = np.broadcast_to(np.asarray(scale, dtype=np.float32), b.shape).astype(np.float32)
         lo, hi = INTEGER_DTYPES["int32"][:2]
         q = np.clip(np.rint(b / scale.astype(np.float64)), lo, hi).astype(np.int32)
-        q_value = self._initializer(f"{b_value.name}_quantized", q)
         per_channel = q.ndim == 1 and q.size > 1 and not np.all(scale == scale.reshape(-1)[0])
-        attrs = {"axis": ir.Attr("axis", ir.AttributeType.INT, 0)} if per_channel else {}
-        s_value = self._initializer(f"{b_value.name}_scale", scale if per_channel else scale.reshape(-1)[:1].reshape(()))
-        z_value = self._initializer(f"{b_value.name}_zero_point", np.zeros(q.shape if per_channel else (), dtype=np.int32))
-        dq = ir.Node("", "DequantizeLinear", [q_value, s_value, z_value], attributes=attrs, name=self.names.fresh(f"{b_value.name}_DequantizeLinear"))
-        dq.outputs[0].name = self.names.fresh(f"{b_value.name}_dequantized")
-        dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(list(b.shape))
-        dq.outputs[0].metadata_props[SOURCE_KEY] = b_value.name
-        self.graph.insert_before(self.graph[0], dq)
-        node.replace_input_with(index, dq.outputs[0])
+        if not per_channel:
+            scale = scale.reshape(-1)[:1].reshape(())
+        zp = np.zeros(scale.shape, dtype=np.int32)
+        node.replace_input_with(index, self._dequantized_constant(b_value, q, scale, zp, self.target.bias.dtype, 0 if per_channel else None))
         self._drop_if_unused(b_value)
 
     def _quantize_constant_operand(self, node: ir.Node, index: int) -> None:
@@ -386,14 +382,7 @@ class _Rewriter:
         qmin, qmax = rule.qrange
         scale, zp = affine_params(c.min(), c.max(), qmin, qmax, rule.symmetric)
         q = quantize(c, scale, zp, qmin, qmax)
-        q_value = self._initializer(f"{c_value.name}_quantized", self._as_qtype(q, rule.dtype))
-        s_value = self._initializer(f"{c_value.name}_scale", scale.reshape(()))
-        z_value = self._initializer(f"{c_value.name}_zero_point", self._as_qtype(zp.reshape(()), rule.dtype))
-        dq = ir.Node("", "DequantizeLinear", [q_value, s_value, z_value], name=self.names.fresh(f"{c_value.name}_DequantizeLinear"))
-        dq.outputs[0].name = self.names.fresh(f"{c_value.name}_dequantized")
-        dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(list(c.shape))
-        self.graph.insert_before(self.graph[0], dq)
-        node.replace_input_with(index, dq.outputs[0])
+        node.replace_input_with(index, self._dequantized_constant(c_value, q, scale.reshape(()), zp.reshape(()), rule.dtype, None))
         self._drop_if_unused(c_value)
 
     def _lower_to_integer(self, node: ir.Node) -> None:
