@@ -295,7 +295,8 @@ class _Rewriter:
         deq = dq.outputs[0]
         deq.name = self.names.fresh(f"{name}_dequantized")
         deq.dtype, deq.shape = value.dtype, value.shape
-        deq.metadata_props[SOURCE_KEY] = name
+        # On the node as well: the verifier matches tensors across models by node metadata.
+        deq.metadata_props[SOURCE_KEY] = dq.metadata_props[SOURCE_KEY] = name
         for use in list(value.uses()):
             if use.node is not q:
                 use.node.replace_input_with(use.idx, deq)
@@ -333,7 +334,7 @@ class _Rewriter:
         out = dq.outputs[0]
         out.name = self.names.fresh(f"{source.name}_dequantized")
         out.dtype, out.shape = ir.DataType.FLOAT, ir.Shape(list(q.shape))
-        out.metadata_props[SOURCE_KEY] = source.name
+        out.metadata_props[SOURCE_KEY] = dq.metadata_props[SOURCE_KEY] = source.name
         self.graph.insert_before(self.graph[0], dq)
         return out
 

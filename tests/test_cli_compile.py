@@ -49,6 +49,9 @@ def test_readme_command_writes_a_verified_int8_model(compiled, cifar_test_npz: P
     assert report["target"] == "ort-cpu" and report["schema_version"] == 1
     assert [p["name"] for p in report["passes"]] == ["infer-shapes", "fold-constants", "fold-batchnorm", "calibrate", "insert-qdq"]
     assert len(v["layers"]) > 19
+    # Every matched intermediate is a like-for-like comparison (no integer tensor read as float).
+    assert min(layer["sqnr_db"] for layer in v["layers"]) > 15
+    assert {"Pad", "Relu", "BatchNormalization"} <= {layer["op_type"] for layer in v["layers"]}
     # The terminal report is a readable table.
     assert "top-1 accuracy" in result.stdout and "Per-layer SQNR" in result.stdout and "SQNR" in result.stdout
 
