@@ -359,7 +359,9 @@ class MSEObserver(HistogramObserver):
 
     Candidates shrink the exact range by ``alpha`` in (0, 1] (100 values): ``alpha*(lo0, hi0)``
     with ``(lo0, hi0)`` the exact min/max widened to contain zero (so ``lo`` stays 0 for
-    non-negative data), or ``(-alpha*m, alpha*m)`` when symmetric.  Each histogram bin is
+    non-negative data), or ``(-alpha*m, alpha*m)`` when symmetric. For asymmetric ranges of
+    signed data each end is then refined on its own (coordinate descent), since skewed data
+    wants unequal clipping.  Each histogram bin is
     represented by its centre (clamped to the exact [min, max]); the error of every candidate
     on every non-empty bin is one 2-D array.  The quantizer matches the affine scheme:
     ``scale = (hi-lo)/(levels-1)``, ``zp = clip(round(-lo/scale))``, ``q in [0, levels-1]``.
@@ -381,15 +383,26 @@ class MSEObserver(HistogramObserver):
             lo0, hi0 = -m, m
         else:
             lo0, hi0 = min(self._min, 0.0), max(self._max, 0.0)
+        def errors(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+            scale = (hi - lo) / (levels - 1)
+            zp = np.clip(np.round(-lo / scale), 0, levels - 1)
+            q = np.clip(np.round(c / scale) + zp, 0, levels - 1)
+            return (weight * (c - (q - zp) * scale) ** 2).sum(axis=1)
+
         # Descending, so argmin prefers the widest range when candidates tie.
         alpha = np.linspace(1.0, 1.0 / _MSE_GRID, _MSE_GRID)[:, None]
         lo, hi = alpha * lo0, alpha * hi0
-        scale = (hi - lo) / (levels - 1)
-        zp = np.clip(np.round(-lo / scale), 0, levels - 1)
-        q = np.clip(np.round(c / scale) + zp, 0, levels - 1)
-        err = (weight * (c - (q - zp) * scale) ** 2).sum(axis=1)
-        best = int(np.argmin(err))
-        return _finalize(lo[best, 0], hi[best, 0], symmetric)
+        best = int(np.argmin(errors(lo, hi)))
+        best_lo, best_hi = float(lo[best, 0]), float(hi[best, 0])
+        if not symmetric and lo0 < 0 < hi0:
+            # Signed data is often skewed: shrinking both ends by one factor clips the short side
+            # too early. Refine each end with the other held (two rounds of coordinate descent).
+            for _ in range(2):
+                his = alpha * hi0
+                best_hi = float(his[int(np.argmin(errors(np.full_like(his, best_lo), his))), 0])
+                los = alpha * lo0
+                best_lo = float(los[int(np.argmin(errors(los, np.full_like(los, best_hi)))), 0])
+        return _finalize(best_lo, best_hi, symmetric)
 
 
 _METHODS = ("entropy", "minmax", "mse", "percentile")
