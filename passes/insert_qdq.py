@@ -25,7 +25,7 @@ import onnx.version_converter
 
 from qcompiler.calibration import CALIBRATION_FACT, CalibrationRanges
 from qcompiler.errors import QCError
-from qcompiler.ir import SOURCE_KEY, NameAuthority, add_initializer, constant_array, is_float_tensor, opset_version, to_proto
+from qcompiler.ir import SOURCE_KEY, NameAuthority, annotate_types, add_initializer, constant_array, is_float_tensor, opset_version, to_proto
 from qcompiler.op_roles import input_roles
 from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.quant.observers import Observer
@@ -196,6 +196,8 @@ class InsertQDQ(Pass):
                 raise QCError(f"model opset {old} is below the target's minimum {target.min_opset} and could not be converted: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", pass_name=self.name) from None
             model = ir.serde.deserialize_model(upgraded)
             ctx.note(self.name, f"model upgraded from opset {old} to {target.min_opset}")
+        # A pass before this one may have created untyped values; float data is found by type.
+        annotate_types(model)
         analysis = ctx.facts.get(CALIBRATION_FACT, CalibrationRanges())
         observers = ctx.analyses.get(analysis, model, ctx)
         plan = plan_quantization(model, target, observers)

@@ -13,7 +13,7 @@ import onnx_ir as ir
 from qcompiler.calibration import CALIBRATION_FACT
 from qcompiler.data import DataSource, InputSpec
 from qcompiler.errors import QCError
-from qcompiler.ir import atomic_output_dir, load_model, model_bytes_on_disk, save_model, to_proto
+from qcompiler.ir import annotate_types, atomic_output_dir, load_model, model_bytes_on_disk, save_model, to_proto
 from qcompiler.pass_manager import Instrument, Pass, PassContext, PassManager, ProgressFactory, null_progress
 from qcompiler.pipeline import format_pipeline, parse_pipeline
 from qcompiler.report import KeptFloat, PassTiming, Report
@@ -64,6 +64,7 @@ def compile(  # noqa: A001 - the verb users expect: qcompiler.compile(...)
         # Passes rewrite in place: work on a copy so the caller's model stays as it was.
         float_proto = to_proto(model)
         ir_model, float_name = ir.serde.deserialize_model(float_proto), model.graph.name or "<in-memory model>"
+        annotate_types(ir_model)
     else:
         ir_model, float_name = load_model(model), str(model)
         # Keep the float original for verification before any pass touches the IR.

@@ -67,7 +67,21 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise
     except Exception as exc:
         raise QCError(f"not a valid ONNX model ({_first_line(exc)})", file=str(path)) from None
+    annotate_types(model)
     return model
+
+
+def annotate_types(model: ir.Model) -> None:
+    """Give every value a dtype (and shape where known) if some lack one.
+
+    Passes decide what is float data from value types; exporters often leave intermediate
+    values untyped, so this runs at import and wherever a pass needs types.
+    """
+    if all(v.dtype is not None for node in model.graph for v in node.outputs if v.name):
+        return
+    from onnx_ir.passes.common import ShapeInferencePass
+
+    ShapeInferencePass(check_type=False, strict_mode=False, data_prop=True)(model)
 
 
 def _check_structure(model: ir.Model) -> None:

@@ -150,3 +150,12 @@ def test_every_calibration_method_compiles(tmp_path: Path, bundled_model: Path, 
     result = qcompiler.compile(str(bundled_model), calibration=str(bundled_calib), calib_count=32, latency_runs=0,
                                pipeline=f"infer-shapes,fold-constants,fold-batchnorm,calibrate{{method={method}}},insert-qdq")
     assert result.report.verification.outputs[0].sqnr_db > 15
+
+
+def test_pipeline_without_infer_shapes_still_quantizes(bundled_model: Path, bundled_calib: Path) -> None:
+    """The issue's example pipeline has no infer-shapes: types come from import, not from a pass."""
+    result = qcompiler.compile(str(bundled_model), calibration=str(bundled_calib), calib_count=32, latency_runs=0,
+                               pipeline="fold-batchnorm,calibrate{method=percentile,percentile=99.99},insert-qdq")
+    convs = [n for n in result.model.graph if n.op_type == "Conv"]
+    assert len(convs) == 19 and all(n.inputs[1].producer().op_type == "DequantizeLinear" for n in convs)
+    assert 20 < result.report.verification.outputs[0].sqnr_db < 60  # quantized, and sanely so
