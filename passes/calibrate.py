@@ -42,5 +42,5 @@ class Calibrate(Pass):
         # Later passes ask for this analysis; if a rewrite invalidates it, it is recomputed with
         # these same settings on the rewritten model.
         ctx.facts[CALIBRATION_FACT] = analysis
-        samples = ctx.data.num_samples if ctx.data is not None else 0
+        samples = ctx.data.usable_samples if ctx.data is not None else 0
         return PassResult(model, False, {"tensors": len(observers), "samples": samples, "method": o.method})

@@ -54,7 +54,7 @@ class CalibrationRanges(Analysis[dict[str, Observer]]):
         session = make_session(proto, optimize=False, what="model being calibrated")
         output_names = [o.name for o in session.get_outputs()]
         wanted = [n for n in output_names if n in observers]
-        total = -(-ctx.data.num_samples // self.batch_size)
+        total = len(range(0, ctx.data.usable_samples, ctx.data.fixed_batch or self.batch_size))
         with ctx.progress("calibrating", total) as progress:
             for batch in ctx.data.batches(self.batch_size):
                 results = session.run(wanted, batch)

@@ -31,9 +31,12 @@ class CompileResult:
 
 
 def _as_data(data: str | os.PathLike | DataSource | None, model: ir.Model, count: int | None) -> DataSource | None:
-    if data is None or isinstance(data, DataSource):
-        return data.head(count) if isinstance(data, DataSource) and count else data
-    return DataSource.from_npz(data, InputSpec.of_model(model), count=count)
+    if data is None:
+        return None
+    specs = InputSpec.of_model(model)
+    if isinstance(data, DataSource):
+        return (data.head(count) if count else data).for_inputs(specs)
+    return DataSource.from_npz(data, specs, count=count).for_inputs(specs)
 
 
 def compile(  # noqa: A001 - the verb users expect: qcompiler.compile(...)
@@ -113,7 +116,7 @@ def _report(float_name: str, manager: PassManager, spec: TargetSpec, ctx: PassCo
     calibration = None
     analysis = ctx.facts.get(CALIBRATION_FACT)
     if analysis is not None and ctx.data is not None:
-        calibration = {"method": analysis.method, "percentile": analysis.percentile, "samples": ctx.data.num_samples, "data": ctx.data.origin}
+        calibration = {"method": analysis.method, "percentile": analysis.percentile, "samples": ctx.data.usable_samples, "data": ctx.data.origin}
     kept = []
     diagnostics = []
     for d in ctx.diagnostics:

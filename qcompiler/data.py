@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from qcompiler.errors import QCError
@@ -27,6 +28,20 @@ class InputSpec:
     name: str
     dtype: np.dtype
     shape: tuple[int | None, ...] | None
+
+    @staticmethod
+    def of_proto(model: onnx.ModelProto) -> list[InputSpec]:
+        """Input specs of a serialized model (for models that are not loaded into the IR)."""
+        initializers = {t.name for t in model.graph.initializer}
+        specs = []
+        for value in model.graph.input:
+            if value.name in initializers:
+                continue
+            tensor = value.type.tensor_type
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type)) if tensor.elem_type else np.dtype(np.float32)
+            shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor.shape.dim) if tensor.HasField("shape") else None
+            specs.append(InputSpec(value.name, dtype, shape))
+        return specs
 
     @staticmethod
     def of_model(model: ir.Model) -> list[InputSpec]:
@@ -74,6 +89,8 @@ class DataSource:
         if len(counts) != 1:
             raise QCError(f"arrays have different numbers of samples: { {k: len(a) for k, a in arrays.items()} }", file=origin)
         self.num_samples = counts.pop()
+        #: Batch size the model's inputs fix (None: any); see `for_inputs`.
+        self.fixed_batch: int | None = None
         if labels is not None and len(labels) != self.num_samples:
             raise QCError(f"'labels' has {len(labels)} entries but the inputs have {self.num_samples} samples", file=origin)
 
@@ -115,12 +132,37 @@ class DataSource:
         """The first ``count`` samples (all of them when there are fewer)."""
         count = min(count, self.num_samples)
         labels = None if self.labels is None else self.labels[:count]
-        return DataSource({k: a[:count] for k, a in self.arrays.items()}, labels, origin=self.origin)
+        head = DataSource({k: a[:count] for k, a in self.arrays.items()}, labels, origin=self.origin)
+        head.fixed_batch = self.fixed_batch
+        return head
+
+    def for_inputs(self, inputs: list[InputSpec]) -> DataSource:
+        """This data, batched as the model's inputs require (a fixed batch dimension wins)."""
+        sizes = {spec.shape[0] for spec in inputs if spec.shape and isinstance(spec.shape[0], int)}
+        if len(sizes) > 1:
+            raise QCError(f"the model's inputs have different fixed batch sizes {sorted(sizes)}", file=self.origin)
+        fixed = sizes.pop() if sizes else None
+        if fixed is not None and fixed > self.num_samples:
+            raise QCError(f"the model takes batches of exactly {fixed} samples but the data has {self.num_samples}", file=self.origin)
+        copy = DataSource(self.arrays, self.labels, origin=self.origin)
+        copy.fixed_batch = fixed
+        return copy
 
     def batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
-        """Consecutive batches as contiguous in-memory arrays, in sample order."""
-        for start in range(0, self.num_samples, batch_size):
-            yield {k: np.ascontiguousarray(a[start : start + batch_size]) for k, a in self.arrays.items()}
+        """Consecutive batches as contiguous in-memory arrays, in sample order.
+
+        A model with a fixed batch dimension gets batches of exactly that size; the samples left
+        over at the end (fewer than one batch) are not used.
+        """
+        step = self.fixed_batch or batch_size
+        stop = self.num_samples - self.num_samples % step if self.fixed_batch else self.num_samples
+        for start in range(0, stop, step):
+            yield {k: np.ascontiguousarray(a[start : start + step]) for k, a in self.arrays.items()}
+
+    @property
+    def usable_samples(self) -> int:
+        """Samples `batches` yields (all, unless a fixed batch size leaves a remainder)."""
+        return self.num_samples - self.num_samples % self.fixed_batch if self.fixed_batch else self.num_samples
 
     def first_batch(self, batch_size: int) -> dict[str, np.ndarray]:
         return next(self.batches(batch_size))

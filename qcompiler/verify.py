@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from qcompiler.data import DataSource
+from qcompiler.data import DataSource, InputSpec
 from qcompiler.errors import QCError
 from qcompiler.ir import SOURCE_KEY, model_bytes_on_disk
 from qcompiler.pass_manager import ProgressFactory, null_progress
@@ -184,12 +184,13 @@ def verify(
     if missing := [n for n in output_names if n not in quant_outputs]:
         raise QCError(f"the quantized model has no output '{missing[0]}' (outputs are matched by name)", file=str(quant_model) if not isinstance(quant_model, onnx.ModelProto) else None)
 
+    data = data.for_inputs(InputSpec.of_proto(float_proto))
     matches = match_intermediates(float_proto, quant_proto) if per_layer else {}
     float_session = make_session(float_proto, optimize=True, what="float model")
     quant_session = make_session(quant_proto, optimize=True, what="quantized model")
     accs = {n: _Accumulator() for n in output_names}
     correct_f = correct_q = labelled = 0
-    total_batches = -(-data.num_samples // batch_size)
+    total_batches = len(range(0, data.usable_samples, data.fixed_batch or batch_size))
     with progress("verifying", total_batches + (1 if matches else 0)) as bar:
         start = 0
         for batch in data.batches(batch_size):
@@ -220,7 +221,7 @@ def verify(
         quantized_weight_bytes=_weight_bytes(quant_proto),
     )
     return VerificationReport(
-        samples=data.num_samples,
+        samples=data.usable_samples,
         data=data.origin,
         outputs=outputs,
         accuracy_float=correct_f / labelled if labelled else None,

@@ -94,3 +94,19 @@ def test_depthwise_concat_maxpool_model() -> None:
     w_dq = depthwise.inputs[1].producer()
     assert w_dq.op_type == "DequantizeLinear" and w_dq.inputs[1].const_value.numpy().shape == (8,)
     assert not result.report.kept_float
+
+
+def test_fixed_batch_model_gets_batches_of_its_size() -> None:
+    """Exporters often fix the batch (``[4, 3, 8, 8]``): every run must use exactly that size."""
+    rng = np.random.default_rng(2)
+    model = make_model(
+        [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), helper.make_node("Relu", ["c"], ["y"], name="relu")],
+        [tensor_info("x", [4, 3, 8, 8])],
+        [tensor_info("y", [4, 2, 8, 8])],
+        {"w": rng.normal(0, 0.5, (2, 3, 1, 1)).astype(np.float32)},
+    )
+    data = DataSource({"x": rng.normal(0, 1, (42, 3, 8, 8)).astype(np.float32)})
+    result = qcompiler.compile(model, calibration=data, latency_runs=3)
+    assert result.report.verification.samples == 40  # the last 2 samples do not fill a batch
+    assert result.report.verification.latency.batch == 4
+    assert result.report.calibration["samples"] == 40

@@ -372,3 +372,18 @@ def test_head_and_constructor() -> None:
     np.testing.assert_array_equal(head.labels, np.arange(4))
     with pytest.raises(QCError):
         DataSource({"input": x}, np.arange(5))
+
+
+def test_fixed_batch_from_the_model_inputs() -> None:
+    from qcompiler.data import InputSpec
+
+    source = DataSource({"x": np.arange(10 * 2, dtype=np.float32).reshape(10, 2)})
+    fixed = source.for_inputs([InputSpec("x", np.dtype(np.float32), (4, 2))])
+    batches = list(fixed.batches(64))
+    assert [len(b["x"]) for b in batches] == [4, 4] and fixed.usable_samples == 8
+    assert len(fixed.first_batch(1)["x"]) == 4
+    assert fixed.head(9).fixed_batch == 4
+    dynamic = source.for_inputs([InputSpec("x", np.dtype(np.float32), (None, 2))])
+    assert [len(b["x"]) for b in dynamic.batches(3)] == [3, 3, 3, 1]
+    with pytest.raises(QCError, match="exactly 16"):
+        source.for_inputs([InputSpec("x", np.dtype(np.float32), (16, 2))])
