@@ -96,6 +96,13 @@ def plan_quantization(model: ir.Model, target: TargetSpec, observers: dict[str, 
     def is_activation(value: ir.Value | None) -> bool:
         return is_float_tensor(value) and value.const_value is None
 
+    def unsupported_float(node: ir.Node) -> ir.DataType | None:
+        # Scales are float32, and before opset 19 QuantizeLinear takes float32 only.
+        for v in [*node.inputs, *node.outputs]:
+            if is_float_tensor(v) and v.dtype != ir.DataType.FLOAT:
+                return v.dtype
+        return None
+
     def add_output(node: ir.Node) -> None:
         out = node.outputs[0]
         consumers = out.consumers()
@@ -122,6 +129,9 @@ def plan_quantization(model: ir.Model, target: TargetSpec, observers: dict[str, 
         if node.domain not in ("", "ai.onnx"):
             if float_inputs or float_outputs:
                 plan.kept_float.append((node, f"custom-domain op '{node.domain}.{op}' is not quantized by target '{target.name}'"))
+            continue
+        if (other := unsupported_float(node)) is not None and (op in ops.quantized or op in ops.passthrough):
+            plan.kept_float.append((node, f"{other.name.lower()} data: insert-qdq quantizes float32 tensors only"))
             continue
         if op in ops.quantized:
             roles = input_roles(node)
@@ -302,8 +312,12 @@ class _Rewriter:
         for use in list(value.uses()):
             if use.node is not q:
                 use.node.replace_input_with(use.idx, deq)
-        if value.is_graph_output():
-            value.replace_all_uses_with(deq, replace_graph_outputs=True)
+        if value.is_graph_output() and self.target.ops.quantize_graph_outputs:
+            # The output keeps its name and becomes the dequantized tensor.
+            outputs = self.graph.outputs
+            outputs[[i for i, o in enumerate(outputs) if o is value][0]] = deq
+            value.name, deq.name = self.names.fresh(f"{name}_float"), name
+        # Otherwise a graph output stays the exact float tensor; only its consumers read the DQ.
         producer = value.producer()
         if producer is None:
             self.graph.insert_before(self.graph[0], [q, dq])

@@ -110,3 +110,36 @@ def test_fixed_batch_model_gets_batches_of_its_size() -> None:
     assert result.report.verification.samples == 40  # the last 2 samples do not fill a batch
     assert result.report.verification.latency.batch == 4
     assert result.report.calibration["samples"] == 40
+
+
+def test_graph_output_that_feeds_a_quantized_op_stays_float() -> None:
+    rng = np.random.default_rng(3)
+    model = make_model(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], name="first"),
+            helper.make_node("MatMul", ["h", "w2"], ["y"], name="second"),
+        ],
+        [tensor_info("x", [None, 6])],
+        [tensor_info("y", [None, 3]), tensor_info("h", [None, 5])],
+        {"w1": rng.normal(0, 1, (6, 5)).astype(np.float32), "w2": rng.normal(0, 1, (5, 3)).astype(np.float32)},
+    )
+    data = DataSource({"x": rng.normal(0, 1, (32, 6)).astype(np.float32)})
+    result = _check(model, data, 30)
+    h = next(v for v in result.model.graph.outputs if v.name == "h")
+    assert h.producer().name == "first"  # the output is the float tensor itself, no Q/DQ on it
+    second = next(n for n in result.model.graph if n.name == "second")
+    assert second.inputs[0].producer().op_type == "DequantizeLinear"
+
+
+def test_float16_model_is_kept_float_with_the_reason() -> None:
+    rng = np.random.default_rng(4)
+    model = make_model(
+        [helper.make_node("Conv", ["x", "w"], ["y"], name="conv")],
+        [tensor_info("x", [None, 3, 4, 4], onnx.TensorProto.FLOAT16)],
+        [tensor_info("y", [None, 2, 4, 4], onnx.TensorProto.FLOAT16)],
+        {"w": rng.normal(0, 1, (2, 3, 1, 1)).astype(np.float16)},
+    )
+    data = DataSource({"x": rng.normal(0, 1, (8, 3, 4, 4)).astype(np.float16)})
+    result = qcompiler.compile(model, calibration=data, latency_runs=0)
+    assert [(k.node, k.reason) for k in result.report.kept_float] == [("conv", "float16 data: insert-qdq quantizes float32 tensors only")]
+    assert not [n for n in result.model.graph if n.op_type == "QuantizeLinear"]
