@@ -32,6 +32,22 @@ def activation_values(model: ir.Model) -> list[ir.Value]:
     return values
 
 
+#: All activations of one calibration batch are in memory at once: bound them, whatever the model.
+ACTIVATION_BUDGET_BYTES = 1 << 30
+
+
+def _bytes_per_sample(values: list[ir.Value]) -> int:
+    """Activation bytes one sample produces, from the values' shapes (unknown dims count as 1)."""
+    total = 0
+    for v in values:
+        dims = list(v.shape) if v.shape is not None else []
+        per_sample = 1
+        for d in dims[1:]:
+            per_sample *= d if isinstance(d, int) else 1
+        total += per_sample * int(v.dtype.itemsize if v.dtype is not None else 4)
+    return total
+
+
 @dataclass(frozen=True)
 class CalibrationRanges(Analysis[dict[str, Observer]]):
     """Observers (by value name) that saw every float activation on the calibration data."""
@@ -54,9 +70,10 @@ class CalibrationRanges(Analysis[dict[str, Observer]]):
         session = make_session(proto, optimize=False, what="model being calibrated")
         output_names = [o.name for o in session.get_outputs()]
         wanted = [n for n in output_names if n in observers]
-        total = len(range(0, ctx.data.usable_samples, ctx.data.fixed_batch or self.batch_size))
+        batch_size = min(self.batch_size, max(1, ACTIVATION_BUDGET_BYTES // max(1, _bytes_per_sample(values))))
+        total = len(range(0, ctx.data.usable_samples, ctx.data.fixed_batch or batch_size))
         with ctx.progress("calibrating", total) as progress:
-            for batch in ctx.data.batches(self.batch_size):
+            for batch in ctx.data.batches(batch_size):
                 results = session.run(wanted, batch)
                 for name, array in zip(wanted, results):
                     observers[name].update(np.asarray(array))
