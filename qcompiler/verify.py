@@ -107,7 +107,9 @@ def match_intermediates(float_model: onnx.ModelProto, quant_model: onnx.ModelPro
     return matches
 
 
-BLOCK_WARMUP = 2  # untimed runs at the start of each block: the first run after a switch is cold
+BLOCK_WARMUP = 2
+# Per-layer comparison holds every intermediate tensor of both models for one batch: keep it small.
+LAYER_BATCH = 8  # untimed runs at the start of each block: the first run after a switch is cold
 
 
 def interleaved_latency(sessions: list[ort.InferenceSession], feed: dict[str, np.ndarray], *, cycles: int, block: int) -> tuple[list[float], list[float]]:
@@ -205,7 +207,7 @@ def verify(
                 labelled += len(labels)
             start += len(f_out[output_names[0]])
             bar.advance()
-        layers = _per_layer(float_proto, quant_proto, matches, data.head(layer_samples), batch_size) if matches else []
+        layers = _per_layer(float_proto, quant_proto, matches, data.head(layer_samples), LAYER_BATCH) if matches else []
         if matches:
             bar.advance()
     outputs = [
