@@ -1,0 +1,84 @@
+"""hessian-trace: Hutchinson estimates agree with exact Hessian traces on a model small enough to
+build the whole Hessian; the pass records the loss it used and refuses models without a float loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from onnx import helper
+
+import qcompiler
+from qcompiler.data import DataSource
+from qcompiler.errors import QCError
+from qcompiler.hessian import HessianTrace
+from qcompiler.pass_manager import PassContext
+from qcompiler.targets.spec import load_target
+from qcompiler.torch_exec import TorchGraph
+from tests.helpers import make_model, tensor_info
+
+
+def _mlp(rng: np.random.Generator):
+    return make_model(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+            helper.make_node("Tanh", ["h"], ["a"], name="tanh"),
+            helper.make_node("Gemm", ["a", "w2", "b2"], ["y"], name="fc2"),
+        ],
+        [tensor_info("x", [None, 5])],
+        [tensor_info("y", [None, 3])],
+        {"w1": rng.normal(0, 0.8, (5, 4)).astype(np.float32), "w2": rng.normal(0, 0.8, (4, 3)).astype(np.float32), "b2": np.zeros(3, np.float32)},
+    )
+
+
+def _exact_traces(model, x: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Tr of each weight's Hessian block of the mean cross-entropy, by building the block."""
+    graph = TorchGraph(model, trainable=["w1", "w2"], dtype=torch.float64)
+    params = graph.named_weights()
+    xt, yt = torch.from_numpy(x.astype(np.float64)), torch.from_numpy(labels)
+    traces = {}
+    for name, w in params.items():
+        loss = torch.nn.functional.cross_entropy(graph(x=xt)[0], yt)
+        (grad,) = torch.autograd.grad(loss, w, create_graph=True)
+        flat = grad.reshape(-1)
+        traces[name] = sum(float(torch.autograd.grad(flat[i], w, retain_graph=True)[0].reshape(-1)[i]) for i in range(flat.numel()))
+    return traces
+
+
+def test_hutchinson_traces_match_the_exact_traces() -> None:
+    rng = np.random.default_rng(0)
+    model = _mlp(rng)
+    x = rng.normal(0, 1, (64, 5)).astype(np.float32)
+    labels = rng.integers(0, 3, 64)
+    exact = _exact_traces(model, x, labels)
+    ctx = PassContext(target=load_target("ort-cpu"), data=DataSource({"x": x}, labels))
+    # One batch holding all samples: the estimate is of exactly the Hessian computed above.
+    # w1's exact trace is close to zero, so a relative tolerance cannot be met: all probes run.
+    result = ctx.analyses.get(HessianTrace(tolerance=0.05, max_probes=2000, batch_size=64, samples=64), model, ctx)
+    assert result.loss == "cross-entropy" and result.probes == 2000 and not result.converged
+    for name, estimate in result.estimates.items():
+        lo, hi = estimate.ci95
+        assert abs(estimate.trace - exact[name]) <= max(3 * estimate.stderr, 1e-6), (name, estimate, exact[name])
+        assert lo < estimate.trace < hi
+        assert estimate.parameters == {"w1": 20, "w2": 12}[name]
+
+
+def test_label_free_loss_and_its_name_in_the_report() -> None:
+    rng = np.random.default_rng(1)
+    data = DataSource({"x": rng.normal(0, 1, (32, 5)).astype(np.float32)})
+    result = qcompiler.compile(_mlp(rng), calibration=data, verify=False, pipeline="hessian-trace{max-probes=16}")
+    stats = result.report.passes[0].stats
+    assert stats["loss"] == "kl"  # no labels, classifier-shaped output: KL against the float model
+    assert set(stats["traces"]) == {"w1", "w2"} and all(t["trace"] > 0 for t in stats["traces"].values())
+
+
+def test_model_without_float_output_is_refused() -> None:
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"), helper.make_node("ArgMax", ["m"], ["y"], name="argmax", axis=1)],
+        [tensor_info("x", [None, 5])],
+        [tensor_info("y", [None, 1], 7)],
+        {"w": np.ones((5, 3), np.float32)},
+    )
+    ctx = PassContext(target=load_target("ort-cpu"), data=DataSource({"x": np.ones((4, 5), np.float32)}))
+    with pytest.raises(QCError, match="not float"):
+        ctx.analyses.get(HessianTrace(), model, ctx)
