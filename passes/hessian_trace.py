@@ -7,13 +7,9 @@ from typing import Literal
 
 import onnx_ir as ir
 
-from qcompiler.hessian import HessianTrace
+from qcompiler.hessian import HESSIAN_FACT, HessianTrace
 from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.registry import register_pass
-
-#: The facts key under which the pass records the estimates it computed (for the report).
-HESSIAN_FACT = "hessian-trace"
-
 
 @register_pass
 class HessianTracePass(Pass):

@@ -24,6 +24,7 @@ import onnx
 import onnx.version_converter
 
 from qcompiler.calibration import CALIBRATION_FACT, CalibrationRanges
+from qcompiler.precision import WEIGHT_BITS_FACT
 from qcompiler.errors import QCError
 from qcompiler.ir import SOURCE_KEY, NameAuthority, annotate_types, add_initializer, constant_array, is_float_tensor, opset_version, to_proto
 from qcompiler.op_roles import input_roles
@@ -31,6 +32,7 @@ from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.quant.observers import Observer
 from qcompiler.quant.uniform import affine_params, channel_ranges, dequantize, mse_channel_ranges, quantize
 from qcompiler.registry import register_pass
+from qcompiler.sensitivity import weight_qrange
 from qcompiler.targets.spec import INTEGER_DTYPES, TargetSpec, TensorRule
 
 _NP_DTYPES = {"int4": np.int8, "uint4": np.uint8, "int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16, "int32": np.int32}
@@ -211,7 +213,7 @@ class InsertQDQ(Pass):
         analysis = ctx.facts.get(CALIBRATION_FACT, CalibrationRanges())
         observers = ctx.analyses.get(analysis, model, ctx)
         plan = plan_quantization(model, target, observers)
-        rewriter = _Rewriter(model, target, observers, plan, weight_range=self.options.weight_range)
+        rewriter = _Rewriter(model, target, observers, plan, weight_range=self.options.weight_range, weight_bits=ctx.facts.get(WEIGHT_BITS_FACT))
         unfused = rewriter.compute_group_params()
         for act in unfused:
             ctx.note(self.name, "activation kept (its range does not start at the quantizer's zero)", node=act.name)
@@ -227,8 +229,9 @@ class InsertQDQ(Pass):
 
 
 class _Rewriter:
-    def __init__(self, model: ir.Model, target: TargetSpec, observers: dict[str, Observer], plan: QuantPlan, *, weight_range: str = "minmax") -> None:
+    def __init__(self, model: ir.Model, target: TargetSpec, observers: dict[str, Observer], plan: QuantPlan, *, weight_range: str = "minmax", weight_bits: dict[str, int] | None = None) -> None:
         self.model = model
+        self.weight_bits = weight_bits or {}
         self.weight_range = weight_range
         self.graph = model.graph
         self.target = target
@@ -367,7 +370,9 @@ class _Rewriter:
         if node.op_type == "ConvTranspose" and "group" in node.attributes and node.attributes["group"].as_int() != 1:
             per_channel = False  # output channels are split across groups: no single axis holds them
         ax = axis if per_channel else None
-        qmin, qmax = rule.qrange
+        # A width chosen by assign-precision, stored in the weight dtype with its values limited
+        # to the narrower range: the integer kernels then compute exactly the b-bit quantizer.
+        qmin, qmax = weight_qrange(rule, self.weight_bits.get(w_value.name, rule.bits))
         lo, hi = mse_channel_ranges(w, ax, qmin, qmax, rule.symmetric) if self.weight_range == "mse" else channel_ranges(w, ax)
         scale, zp = affine_params(lo, hi, qmin, qmax, rule.symmetric)
         dq_out = self._dequantized_constant(w_value, quantize(w, scale, zp, qmin, qmax, axis=ax), scale, zp, rule.dtype, ax)

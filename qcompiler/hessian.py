@@ -23,6 +23,8 @@ from qcompiler.op_roles import input_roles
 from qcompiler.pass_manager import PassContext
 
 LossName = Literal["auto", "cross-entropy", "kl", "mse"]
+#: The facts key under which the hessian-trace pass records the analysis it ran (its options).
+HESSIAN_FACT = "hessian-trace"
 
 
 @dataclass(frozen=True)

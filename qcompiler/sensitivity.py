@@ -1,0 +1,71 @@
+"""Per-layer quantization sensitivity Omega_l(b) = Tr(H_l) / n_l * ||Q_b(W_l) - W_l||^2 (HAWQ-V2/V3).
+
+The Hessian trace says how sharply the loss curves around layer l's weights; the quantization
+error says how far b-bit quantization moves them. Their product estimates the loss increase of
+quantizing that layer alone to b bits, which is what precision assignment trades against size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.hessian import HessianTraceResult
+from qcompiler.op_roles import input_roles
+from qcompiler.quant.uniform import affine_params, channel_ranges, dequantize, quantize
+from qcompiler.targets.spec import TensorRule
+
+
+def weight_qrange(rule: TensorRule, bits: int) -> tuple[int, int]:
+    """The integer range of a ``bits``-wide weight under ``rule`` (narrow and symmetric as it says)."""
+    if rule.symmetric or rule.narrow_range:
+        top = 2 ** (bits - 1) - 1
+        return (-top if rule.narrow_range else -top - 1), top
+    return 0, 2**bits - 1
+
+
+def quantize_weight(w: np.ndarray, rule: TensorRule, bits: int, axis: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(integer values, scale, zero point) of ``w`` at ``bits`` bits, per channel along ``axis``."""
+    qmin, qmax = weight_qrange(rule, bits)
+    lo, hi = channel_ranges(w, axis)
+    scale, zp = affine_params(lo, hi, qmin, qmax, rule.symmetric)
+    return quantize(w, scale, zp, qmin, qmax, axis=axis), scale, zp
+
+
+def weight_axis(model: ir.Model, weight: str, rule: TensorRule) -> int | None:
+    """The per-channel axis of ``weight`` (None for per-tensor targets or unknown use)."""
+    if rule.granularity != "per-channel":
+        return None
+    for node in model.graph:
+        roles = input_roles(node)
+        if roles.weight is not None and roles.weight < len(node.inputs) and node.inputs[roles.weight] is not None and node.inputs[roles.weight].name == weight:
+            return roles.weight_axis
+    return None
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    weight: str
+    node: str
+    parameters: int
+    trace: float
+    #: bits -> Omega_l(bits)
+    omega: dict[int, float]
+
+
+def layer_sensitivities(model: ir.Model, traces: HessianTraceResult, rule: TensorRule, bits: tuple[int, ...]) -> list[LayerSensitivity]:
+    """Omega_l(b) for every weight with a trace estimate and every candidate width."""
+    out = []
+    for name, estimate in traces.estimates.items():
+        w = model.graph.initializers[name].const_value.numpy().astype(np.float32)
+        axis = weight_axis(model, name, rule)
+        omega = {}
+        for b in bits:
+            q, scale, zp = quantize_weight(w, rule, b, axis)
+            err = float(np.sum((dequantize(q, scale, zp, axis=axis) - w).astype(np.float64) ** 2))
+            # A negative trace estimate (noise around a flat direction) means no measurable curvature.
+            omega[b] = max(estimate.trace, 0.0) / w.size * err
+        out.append(LayerSensitivity(name, estimate.node, int(w.size), estimate.trace, omega))
+    return out

@@ -1,0 +1,106 @@
+"""assign-precision: the ILP is exact, baselines respect the budget, budgets are checked, widths are applied."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from onnx import helper
+
+import qcompiler
+from qcompiler.data import DataSource
+from qcompiler.errors import QCError
+from qcompiler.precision_ilp import pareto_front, solve_greedy, solve_ilp, solve_random, solve_uniform
+from qcompiler.sensitivity import weight_qrange
+from qcompiler.targets.spec import TensorRule
+from tests.helpers import make_model, tensor_info
+
+BITS = (2, 4, 8)
+
+
+def _problem(seed: int = 0, layers: int = 6):
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(10, 200, layers).astype(np.float64)
+    scale = rng.uniform(0.1, 10, layers)[:, None]
+    omega = scale * np.array([[16.0, 1.0, 1 / 256]])  # error falls 4x per extra bit, per layer scale
+    return omega, sizes
+
+
+def test_ilp_is_the_exact_optimum_by_brute_force() -> None:
+    omega, sizes = _problem()
+    budget = float(np.sum(sizes) * 4.2)
+    choice = solve_ilp(omega, sizes, BITS, budget)
+    best = min(
+        (c for c in itertools.product(range(len(BITS)), repeat=len(sizes)) if np.sum(sizes * np.take(BITS, c)) <= budget),
+        key=lambda c: omega[np.arange(len(sizes)), c].sum(),
+    )
+    assert np.isclose(omega[np.arange(len(sizes)), choice].sum(), omega[np.arange(len(sizes)), best].sum())
+
+
+@pytest.mark.parametrize("solver", ["ilp", "greedy", "uniform", "random"])
+def test_every_method_meets_the_budget_and_ilp_is_never_worse(solver: str) -> None:
+    omega, sizes = _problem(1, 12)
+    budget = float(np.sum(sizes) * 5.0)
+    choice = {
+        "ilp": lambda: solve_ilp(omega, sizes, BITS, budget),
+        "greedy": lambda: solve_greedy(omega, sizes, BITS, budget),
+        "uniform": lambda: solve_uniform(sizes, BITS, budget),
+        "random": lambda: solve_random(sizes, BITS, budget, seed=3),
+    }[solver]()
+    assert np.sum(sizes * np.take(BITS, choice)) <= budget
+    ilp = solve_ilp(omega, sizes, BITS, budget)
+    assert omega[np.arange(12), ilp].sum() <= omega[np.arange(12), choice].sum() + 1e-12
+
+
+def test_infeasible_budget_names_the_smallest_feasible_one() -> None:
+    omega, sizes = _problem()
+    with pytest.raises(QCError) as info:
+        solve_ilp(omega, sizes, BITS, float(np.sum(sizes)))  # 1 bit per weight < 2 bits minimum
+    assert info.value.option == "budget" and f"{np.sum(sizes) * 2 / 8:.0f} bytes" in info.value.message
+
+
+def test_pareto_front_is_monotone() -> None:
+    omega, sizes = _problem(2, 8)
+    front = pareto_front(omega, sizes, BITS, points=8)
+    sizes_out = [b for b, _ in front]
+    costs = [c for _, c in front]
+    assert sizes_out == sorted(sizes_out) and all(a >= b - 1e-12 for a, b in zip(costs, costs[1:]))
+
+
+def test_weight_qrange() -> None:
+    rule = TensorRule("int8", symmetric=True, granularity="per-channel", narrow_range=True)
+    assert [weight_qrange(rule, b) for b in (2, 4, 8)] == [(-1, 1), (-7, 7), (-127, 127)]
+
+
+def test_assigned_widths_are_applied_by_insert_qdq() -> None:
+    rng = np.random.default_rng(0)
+    model = make_model(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+            helper.make_node("Relu", ["h"], ["a"], name="relu"),
+            helper.make_node("Gemm", ["a", "w2"], ["y"], name="fc2"),
+        ],
+        [tensor_info("x", [None, 16])],
+        [tensor_info("y", [None, 4])],
+        {"w1": rng.normal(0, 0.5, (16, 64)).astype(np.float32), "w2": rng.normal(0, 0.5, (64, 4)).astype(np.float32)},
+    )
+    data = DataSource({"x": rng.normal(0, 1, (64, 16)).astype(np.float32)}, rng.integers(0, 4, 64))
+    result = qcompiler.compile(model, calibration=data, latency_runs=0,
+                               pipeline="hessian-trace{max-probes=8},assign-precision{budget=bits=4},calibrate,insert-qdq")
+    stats = next(p for p in result.report.passes if p.name == "assign-precision").stats
+    assert stats["average_bits"] <= 4.0 and stats["method"] == "ilp"
+    for node in (n for n in result.model.graph if n.name in ("fc1", "fc2")):
+        weight = node.inputs[1].producer().inputs[0].const_value.numpy()
+        bits = next(l["bits"] for l in stats["layers"].values() if l["node"] == node.name)
+        assert np.abs(weight).max() <= 2 ** (bits - 1) - 1  # the integers respect the assigned width
+
+
+def test_bad_budget_text_names_the_option() -> None:
+    from qcompiler.passes.assign_precision import parse_budget
+
+    assert parse_budget("size=0.5", 100) == 400 and parse_budget("bits=3", 100) == 300
+    for text in ("latency=3", "size", "size=abc", "bits=-1"):
+        with pytest.raises(QCError) as info:
+            parse_budget(text, 100)
+        assert info.value.option == "budget" and info.value.pass_name == "assign-precision"
