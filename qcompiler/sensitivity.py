@@ -55,6 +55,15 @@ class LayerSensitivity:
     omega: dict[int, float]
 
 
+def weight_sensitivity(model: ir.Model, layer: LayerSensitivity, rule: TensorRule, bits: int) -> float:
+    """Omega_l(bits) for a width outside the candidates the layer was scored at."""
+    w = model.graph.initializers[layer.weight].const_value.numpy().astype(np.float32)
+    axis = weight_axis(model, layer.weight, rule)
+    q, scale, zp = quantize_weight(w, rule, bits, axis)
+    err = float(np.sum((dequantize(q, scale, zp, axis=axis) - w).astype(np.float64) ** 2))
+    return max(layer.trace, 0.0) / w.size * err
+
+
 def layer_sensitivities(model: ir.Model, traces: HessianTraceResult, rule: TensorRule, bits: tuple[int, ...]) -> list[LayerSensitivity]:
     """Omega_l(b) for every weight with a trace estimate and every candidate width."""
     out = []
@@ -69,3 +78,52 @@ def layer_sensitivities(model: ir.Model, traces: HessianTraceResult, rule: Tenso
             omega[b] = max(estimate.trace, 0.0) / w.size * err
         out.append(LayerSensitivity(name, estimate.node, int(w.size), estimate.trace, omega))
     return out
+
+
+def measured_loss_increase(model: ir.Model, data, rule: TensorRule, bits: int, weights: list[str], *, samples: int = 256, batch_size: int = 128) -> dict[str, float]:
+    """The real loss change of quantizing each weight alone to ``bits`` (all else float).
+
+    The empirical check of the Hessian estimate: forward passes only, one per layer, on the first
+    ``samples`` samples; cross-entropy with labels, else KL against the float model's outputs.
+    """
+    import torch
+
+    from qcompiler.torch_exec import TorchGraph
+
+    graph = TorchGraph(model, trainable=weights)
+    params = graph.named_weights()
+    subset = data.head(samples)
+    batches = list(subset.batches(batch_size))
+    out_name = graph.output_names[0]
+    labels = subset.labels
+
+    def loss() -> float:
+        total, count, start = 0.0, 0, 0
+        with torch.no_grad():
+            for batch in batches:
+                out = graph.run(batch, [out_name])[out_name]
+                if labels is not None:
+                    target = torch.from_numpy(np.asarray(labels[start : start + len(out)], dtype=np.int64))
+                    value = torch.nn.functional.cross_entropy(out, target, reduction="sum")
+                else:
+                    value = torch.sum((out - reference[start : start + len(out)]) ** 2)
+                total, count, start = total + float(value), count + len(out), start + len(out)
+        return total / count
+
+    reference = None
+    if labels is None:
+        with torch.no_grad():
+            reference = torch.cat([graph.run(b, [out_name])[out_name] for b in batches])
+    base = loss()
+    increases = {}
+    for name in weights:
+        w = params[name]
+        original = w.detach().clone()
+        axis = weight_axis(model, name, rule)
+        q, scale, zp = quantize_weight(original.numpy(), rule, bits, axis)
+        with torch.no_grad():
+            w.copy_(torch.from_numpy(dequantize(q, scale, zp, axis=axis)))
+        increases[name] = loss() - base
+        with torch.no_grad():
+            w.copy_(original)
+    return increases

@@ -104,3 +104,31 @@ def test_bad_budget_text_names_the_option() -> None:
         with pytest.raises(QCError) as info:
             parse_budget(text, 100)
         assert info.value.option == "budget" and info.value.pass_name == "assign-precision"
+
+
+def test_empirical_check_reports_the_rank_correlation() -> None:
+    from qcompiler.sensitivity import measured_loss_increase
+    from qcompiler.targets.spec import load_target
+
+    rng = np.random.default_rng(5)
+    model = make_model(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+            helper.make_node("Relu", ["h"], ["a"], name="relu"),
+            helper.make_node("MatMul", ["a", "w2"], ["b"], name="fc2"),
+            helper.make_node("Relu", ["b"], ["c"], name="relu2"),
+            helper.make_node("Gemm", ["c", "w3"], ["y"], name="fc3"),
+        ],
+        [tensor_info("x", [None, 16])],
+        [tensor_info("y", [None, 4])],
+        {"w1": rng.normal(0, 0.5, (16, 32)).astype(np.float32), "w2": rng.normal(0, 0.3, (32, 32)).astype(np.float32), "w3": rng.normal(0, 0.5, (32, 4)).astype(np.float32)},
+    )
+    data = DataSource({"x": rng.normal(0, 1, (128, 16)).astype(np.float32)}, rng.integers(0, 4, 128))
+    rule = load_target("ort-cpu").weights
+    at2 = measured_loss_increase(model, data, rule, 2, ["w1", "w2", "w3"])
+    at8 = measured_loss_increase(model, data, rule, 8, ["w1", "w2", "w3"])
+    assert all(abs(at8[n]) < abs(at2[n]) for n in at2)  # 8-bit barely moves the loss; 2-bit does
+    result = qcompiler.compile(model, calibration=data, verify=False,
+                               pipeline="hessian-trace{max-probes=16},assign-precision{budget=bits=5,check-bits=3,pareto-points=0}")
+    check = next(p for p in result.report.passes if p.name == "assign-precision").stats["check"]
+    assert check["bits"] == 3 and -1 <= check["spearman"] <= 1 and set(check["measured_loss_increase"]) == {"w1", "w2", "w3"}
