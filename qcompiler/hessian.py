@@ -93,49 +93,19 @@ class HessianTrace(Analysis[HessianTraceResult]):
     def compute(self, model: ir.Model, ctx: PassContext) -> HessianTraceResult:
         import torch
 
-        from qcompiler.torch_exec import TorchGraph
-
-        if ctx.data is None:
-            raise QCError("Hessian traces need data: pass --calib FILE.npz", pass_name="hessian-trace")
-        weights = quantizable_weights(model)
-        if not weights:
-            raise QCError("the model has no constant float weights (Conv/Gemm/MatMul) to measure", pass_name="hessian-trace")
-        out_value = model.graph.outputs[0]
-        if not is_float_tensor(out_value):
-            raise QCError(f"the loss cannot be defined: output '{out_value.name}' is not float", pass_name="hessian-trace")
-        graph = TorchGraph(model, trainable=weights, dtype=torch.float32)
+        graph, weights, batches, loss_fn = _loss_setup(model, ctx, self.samples, self.batch_size, self.loss, "hessian-trace")
         params = graph.named_weights()
         names = list(weights)
-        data = ctx.data.head(self.samples)
-        batches = list(data.batches(self.batch_size))
-        labels = data.labels
-        first = graph.run(batches[0], [out_value.name])[out_value.name]
-        loss_name = choose_loss(self.loss, tuple(first.shape), labels is not None)
-        if loss_name == "cross-entropy" and labels is None:
-            raise QCError("loss=cross-entropy needs 'labels' in the data file", pass_name="hessian-trace", option="loss")
-
-        def loss_fn(batch: dict[str, np.ndarray], start: int) -> torch.Tensor:
-            out = graph.run(batch, [out_value.name])[out_value.name]
-            if loss_name == "cross-entropy":
-                target = torch.from_numpy(np.asarray(labels[start : start + len(out)], dtype=np.int64))
-                return torch.nn.functional.cross_entropy(out, target)
-            with torch.no_grad():
-                reference = graph.run(batch, [out_value.name])[out_value.name].detach()
-            if loss_name == "kl":
-                # KL(p_float || p) at p = p_float: zero gradient, Hessian = the Fisher of the outputs.
-                return torch.nn.functional.kl_div(torch.log_softmax(out, -1), torch.log_softmax(reference, -1), log_target=True, reduction="batchmean")
-            return 0.5 * torch.mean(torch.sum((out - reference).reshape(len(out), -1) ** 2, dim=1))
-
+        loss_name = loss_fn.name
         generator = torch.Generator().manual_seed(self.seed)
         sums = np.zeros(len(names))
         squares = np.zeros(len(names))
         probes = 0
-        starts = list(range(0, data.usable_samples, data.fixed_batch or self.batch_size))
         converged = False
         with ctx.progress("hessian traces", self.max_probes) as progress:
             while probes < self.max_probes:
-                b = probes % len(batches)
-                loss = loss_fn(batches[b], starts[b])
+                batch, start = batches[probes % len(batches)]
+                loss = loss_fn(batch, start)
                 tensors = [params[n] for n in names]
                 grads = torch.autograd.grad(loss, tensors, create_graph=True)
                 sample = np.empty(len(names))
@@ -163,3 +133,89 @@ class HessianTrace(Analysis[HessianTraceResult]):
             for i, n in enumerate(names)
         }
         return HessianTraceResult(loss=loss_name, estimates=estimates, probes=probes, converged=converged)
+
+
+@dataclass(frozen=True)
+class HessianDiagonal(Analysis[dict[str, np.ndarray]]):
+    """Per-weight Hessian diagonal h_ii, by weight initializer name (arrays shaped like the weights).
+
+    ``method=hutchinson``: E[v * (H v)] over Rademacher probes v (one Hessian-vector product per
+    probe covers every layer: the diagonal needs no per-layer confinement, since E[v_i v_j] = 0
+    removes every off-diagonal term alike). ``method=fisher``: the empirical Fisher E[g_i^2], the
+    mean squared per-sample gradient: cheaper, no second derivatives, a positive approximation.
+    """
+
+    name = "hessian-diagonal"
+    method: Literal["hutchinson", "fisher"] = "hutchinson"
+    probes: int = 32
+    batch_size: int = 128
+    samples: int = 1000
+    loss: LossName = "auto"
+    seed: int = 0
+
+    def compute(self, model: ir.Model, ctx: PassContext) -> dict[str, np.ndarray]:
+        import torch
+
+        graph, weights, batches, loss_fn = _loss_setup(model, ctx, self.samples, self.batch_size if self.method == "hutchinson" else 1, self.loss, "hessian-diagonal")
+        params = graph.named_weights()
+        names = list(weights)
+        tensors = [params[n] for n in names]
+        sums = [torch.zeros_like(t) for t in tensors]
+        generator = torch.Generator().manual_seed(self.seed)
+        steps = self.probes if self.method == "hutchinson" else len(batches)
+        with ctx.progress(self.name, steps) as progress:
+            for step in range(steps):
+                batch, start = batches[step % len(batches)]
+                loss = loss_fn(batch, start)
+                if self.method == "hutchinson":
+                    grads = torch.autograd.grad(loss, tensors, create_graph=True)
+                    vs = [torch.randint(0, 2, t.shape, generator=generator).to(t.dtype) * 2 - 1 for t in tensors]
+                    hvs = torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, vs)), tensors)
+                    for acc, hv, v in zip(sums, hvs, vs):
+                        acc += (hv * v).detach()
+                else:
+                    grads = torch.autograd.grad(loss, tensors)
+                    for acc, g in zip(sums, grads):
+                        acc += g.detach() ** 2
+                progress.advance()
+        return {n: (acc / steps).numpy() for n, acc in zip(names, sums)}
+
+
+def _loss_setup(model: ir.Model, ctx: PassContext, samples: int, batch_size: int, loss: str, pass_name: str):
+    """The torch graph with trainable weights, the data batches and the loss function (see HessianTrace)."""
+    import torch
+
+    from qcompiler.torch_exec import TorchGraph
+
+    if ctx.data is None:
+        raise QCError("Hessian estimates need data: pass --calib FILE.npz", pass_name=pass_name)
+    weights = quantizable_weights(model)
+    if not weights:
+        raise QCError("the model has no constant float weights (Conv/Gemm/MatMul) to measure", pass_name=pass_name)
+    out_value = model.graph.outputs[0]
+    if not is_float_tensor(out_value):
+        raise QCError(f"the loss cannot be defined: output '{out_value.name}' is not float", pass_name=pass_name)
+    graph = TorchGraph(model, trainable=weights)
+    data = ctx.data.head(samples)
+    step = data.fixed_batch or batch_size
+    batches = [(b, s) for b, s in zip(data.batches(batch_size), range(0, data.usable_samples, step))]
+    labels = data.labels
+    first = graph.run(batches[0][0], [out_value.name])[out_value.name]
+    loss_name = choose_loss(loss, tuple(first.shape), labels is not None)
+    if loss_name == "cross-entropy" and labels is None:
+        raise QCError("loss=cross-entropy needs 'labels' in the data file", pass_name=pass_name, option="loss")
+
+    def loss_fn(batch: dict[str, np.ndarray], start: int) -> torch.Tensor:
+        out = graph.run(batch, [out_value.name])[out_value.name]
+        if loss_name == "cross-entropy":
+            target = torch.from_numpy(np.asarray(labels[start : start + len(out)], dtype=np.int64))
+            return torch.nn.functional.cross_entropy(out, target)
+        with torch.no_grad():
+            reference = graph.run(batch, [out_value.name])[out_value.name].detach()
+        if loss_name == "kl":
+            # KL(p_float || p) at p = p_float: zero gradient, Hessian = the Fisher of the outputs.
+            return torch.nn.functional.kl_div(torch.log_softmax(out, -1), torch.log_softmax(reference, -1), log_target=True, reduction="batchmean")
+        return 0.5 * torch.mean(torch.sum((out - reference).reshape(len(out), -1) ** 2, dim=1))
+
+    loss_fn.name = loss_name  # type: ignore[attr-defined]
+    return graph, weights, batches, loss_fn

@@ -82,3 +82,50 @@ def test_model_without_float_output_is_refused() -> None:
     ctx = PassContext(target=load_target("ort-cpu"), data=DataSource({"x": np.ones((4, 5), np.float32)}))
     with pytest.raises(QCError, match="not float"):
         ctx.analyses.get(HessianTrace(), model, ctx)
+
+
+def _exact_diagonals(model, x: np.ndarray, labels: np.ndarray) -> dict[str, np.ndarray]:
+    graph = TorchGraph(model, trainable=["w1", "w2"], dtype=torch.float64)
+    xt, yt = torch.from_numpy(x.astype(np.float64)), torch.from_numpy(labels)
+    out = {}
+    for name, w in graph.named_weights().items():
+        loss = torch.nn.functional.cross_entropy(graph(x=xt)[0], yt)
+        (grad,) = torch.autograd.grad(loss, w, create_graph=True)
+        flat = grad.reshape(-1)
+        out[name] = np.array([float(torch.autograd.grad(flat[i], w, retain_graph=True)[0].reshape(-1)[i]) for i in range(flat.numel())]).reshape(w.shape)
+    return out
+
+
+def test_hutchinson_diagonal_matches_the_exact_diagonal() -> None:
+    from qcompiler.hessian import HessianDiagonal
+
+    rng = np.random.default_rng(0)
+    model = _mlp(rng)
+    x = rng.normal(0, 1, (64, 5)).astype(np.float32)
+    labels = rng.integers(0, 3, 64)
+    exact = _exact_diagonals(model, x, labels)
+    ctx = PassContext(target=load_target("ort-cpu"), data=DataSource({"x": x}, labels))
+    estimate = ctx.analyses.get(HessianDiagonal(probes=3000, batch_size=64, samples=64), model, ctx)
+    for name in exact:
+        assert estimate[name].shape == exact[name].shape
+        # Monte-Carlo error ~ off-diagonal mass / sqrt(probes): a few percent of the scale here.
+        assert np.max(np.abs(estimate[name] - exact[name])) < 0.05 * np.max(np.abs(exact[name])) + 1e-3
+
+
+def test_fisher_diagonal_is_the_mean_squared_per_sample_gradient() -> None:
+    from qcompiler.hessian import HessianDiagonal
+
+    rng = np.random.default_rng(1)
+    model = _mlp(rng)
+    x = rng.normal(0, 1, (12, 5)).astype(np.float32)
+    labels = rng.integers(0, 3, 12)
+    graph = TorchGraph(model, trainable=["w1", "w2"])
+    w2 = graph.named_weights()["w2"]
+    expected = np.zeros(w2.shape)
+    for i in range(12):
+        loss = torch.nn.functional.cross_entropy(graph(x=torch.from_numpy(x[i : i + 1]))[0], torch.from_numpy(labels[i : i + 1]))
+        expected += torch.autograd.grad(loss, w2)[0].numpy() ** 2 / 12
+    ctx = PassContext(target=load_target("ort-cpu"), data=DataSource({"x": x}, labels))
+    fisher = ctx.analyses.get(HessianDiagonal(method="fisher", samples=12), model, ctx)
+    np.testing.assert_allclose(fisher["w2"], expected, rtol=1e-4, atol=1e-8)
+    assert np.all(fisher["w1"] >= 0)
