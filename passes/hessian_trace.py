@@ -23,8 +23,8 @@ class HessianTracePass(Pass):
     class Options:
         #: Stop when every layer's relative standard error is below this.
         tolerance: float = 0.25
-        max_probes: int = 64
-        batch_size: int = 128
+        max_probes: int = 100
+        batch_size: int = 64
         #: Samples of the data used (the first ones).
         samples: int = 1000
         #: auto: cross-entropy with labels, else KL (classifiers) or MSE against the float model's outputs.
