@@ -77,6 +77,13 @@ def choose_loss(requested: str, output_shape: tuple[int, ...], has_labels: bool)
     return "kl" if len(output_shape) == 2 and output_shape[1] > 1 else "mse"
 
 
+def _mean_and_stderr(sums: np.ndarray, squares: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sample mean and its standard error from running sums of values and of their squares."""
+    mean = sums / n
+    variance = np.maximum(squares / n - mean**2, 0.0) * n / max(n - 1, 1)
+    return mean, np.sqrt(variance / n)
+
+
 @dataclass(frozen=True)
 class HessianTrace(Analysis[HessianTraceResult]):
     """Per-weight Hessian traces by Hutchinson's estimator (see module docstring)."""
@@ -95,10 +102,9 @@ class HessianTrace(Analysis[HessianTraceResult]):
     def compute(self, model: ir.Model, ctx: PassContext) -> HessianTraceResult:
         import torch
 
-        graph, weights, batches, loss_fn = _loss_setup(model, ctx, self.samples, self.batch_size, self.loss, "hessian-trace")
+        graph, weights, batches, loss_fn, loss_name = _loss_setup(model, ctx, self.samples, self.batch_size, self.loss, "hessian-trace")
         params = graph.named_weights()
         names = list(weights)
-        loss_name = loss_fn.name
         generator = torch.Generator().manual_seed(self.seed)
         sums = np.zeros(len(names))
         squares = np.zeros(len(names))
@@ -122,16 +128,13 @@ class HessianTrace(Analysis[HessianTraceResult]):
                 probes += 1
                 progress.advance()
                 if probes >= self.min_probes:
-                    mean = sums / probes
-                    std = np.sqrt(np.maximum(squares / probes - mean**2, 0.0) * probes / (probes - 1))
-                    rel = std / np.sqrt(probes) / np.maximum(np.abs(mean), 1e-30)
-                    if np.all(rel < self.tolerance):
+                    mean, stderr = _mean_and_stderr(sums, squares, probes)
+                    if np.all(stderr / np.maximum(np.abs(mean), 1e-30) < self.tolerance):
                         converged = True
                         break
-        mean = sums / probes
-        std = np.sqrt(np.maximum(squares / probes - mean**2, 0.0) * probes / max(probes - 1, 1))
+        mean, stderr = _mean_and_stderr(sums, squares, probes)
         estimates = {
-            n: TraceEstimate(weight=n, node=weights[n], parameters=int(params[n].numel()), trace=float(mean[i]), stderr=float(std[i] / math.sqrt(probes)), probes=probes)
+            n: TraceEstimate(weight=n, node=weights[n], parameters=int(params[n].numel()), trace=float(mean[i]), stderr=float(stderr[i]), probes=probes)
             for i, n in enumerate(names)
         }
         return HessianTraceResult(loss=loss_name, estimates=estimates, probes=probes, converged=converged)
@@ -158,7 +161,7 @@ class HessianDiagonal(Analysis[dict[str, np.ndarray]]):
     def compute(self, model: ir.Model, ctx: PassContext) -> dict[str, np.ndarray]:
         import torch
 
-        graph, weights, batches, loss_fn = _loss_setup(model, ctx, self.samples, self.batch_size if self.method == "hutchinson" else 1, self.loss, "hessian-diagonal")
+        graph, weights, batches, loss_fn, _ = _loss_setup(model, ctx, self.samples, self.batch_size if self.method == "hutchinson" else 1, self.loss, "hessian-diagonal")
         params = graph.named_weights()
         names = list(weights)
         tensors = [params[n] for n in names]
@@ -184,7 +187,8 @@ class HessianDiagonal(Analysis[dict[str, np.ndarray]]):
 
 
 def _loss_setup(model: ir.Model, ctx: PassContext, samples: int, batch_size: int, loss: str, pass_name: str):
-    """The torch graph with trainable weights, the data batches and the loss function (see HessianTrace)."""
+    """The torch graph with trainable weights, the (batch, first sample) pairs, the loss function
+    and the loss's name (cross-entropy with labels, else KL or MSE against the float model)."""
     import torch
 
     from qcompiler.torch_exec import TorchGraph
@@ -219,5 +223,4 @@ def _loss_setup(model: ir.Model, ctx: PassContext, samples: int, batch_size: int
             return torch.nn.functional.kl_div(torch.log_softmax(out, -1), torch.log_softmax(reference, -1), log_target=True, reduction="batchmean")
         return 0.5 * torch.mean(torch.sum((out - reference).reshape(len(out), -1) ** 2, dim=1))
 
-    loss_fn.name = loss_name  # type: ignore[attr-defined]
-    return graph, weights, batches, loss_fn
+    return graph, weights, batches, loss_fn, loss_name
