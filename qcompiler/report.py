@@ -183,6 +183,7 @@ def render_report(report: Report, console: Console) -> None:
         if len(report.kept_float) > 20:
             kept.add_row("...", "", f"{len(report.kept_float) - 20} more in report.json")
         console.print(kept)
+    _render_precision(report, console)
     for d in report.diagnostics:
         if d.get("level") == "warning":
             where = f" ({d['node']})" if d.get("node") else ""
@@ -194,3 +195,19 @@ def render_report(report: Report, console: Console) -> None:
         for p in report.passes:
             passes.add_row(p.name, f"{p.seconds:.3f}", "yes" if p.modified else "no", ", ".join(f"{k}={v}" for k, v in p.stats.items()))
         console.print(passes)
+
+
+def _render_precision(report: Report, console: Console) -> None:
+    """Per-layer widths and sensitivities chosen by assign-precision, with the Hessian traces."""
+    stats = next((p.stats for p in reversed(report.passes) if p.name == "assign-precision"), None)
+    if not stats or "layers" not in stats:
+        return
+    traces = next((p.stats.get("traces", {}) for p in report.passes if p.name == "hessian-trace"), {})
+    table = Table(title=f"Weight bit-widths ({stats['method']}, {stats['average_bits']} bits on average, {stats['weight_bytes']} of {stats['budget_bytes']} budget bytes)")
+    for col in ("node", "bits", "Tr(H) [95% CI]", "sensitivity"):
+        table.add_column(col, justify="left" if col == "node" else "right")
+    for weight, layer in stats["layers"].items():
+        ci = traces.get(weight, {}).get("ci95")
+        trace = f"{layer['trace']:.3g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
+        table.add_row(layer["node"], str(layer["bits"]), trace, f"{layer['sensitivity']:.3g}")
+    console.print(table)
