@@ -29,6 +29,8 @@ class HessianTracePass(Pass):
         samples: int = 1000
         #: auto: cross-entropy with labels, else KL (classifiers) or MSE against the float model's outputs.
         loss: Literal["auto", "cross-entropy", "kl", "mse"] = "auto"
+        #: JSON file that keeps the traces: reused when model, data and options are unchanged.
+        cache: str = ""
 
         def __post_init__(self) -> None:
             if not 0 < self.tolerance < 1:
@@ -38,7 +40,7 @@ class HessianTracePass(Pass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         o = self.options
-        analysis = HessianTrace(tolerance=o.tolerance, max_probes=o.max_probes, batch_size=o.batch_size, samples=o.samples, loss=o.loss, seed=ctx.seed)
+        analysis = HessianTrace(tolerance=o.tolerance, max_probes=o.max_probes, batch_size=o.batch_size, samples=o.samples, loss=o.loss, seed=ctx.seed, cache=o.cache)
         result = ctx.analyses.get(analysis, model, ctx)
         ctx.facts[HESSIAN_FACT] = analysis
         worst = max(e.relative_stderr for e in result.estimates.values())

@@ -77,6 +77,50 @@ def choose_loss(requested: str, output_shape: tuple[int, ...], has_labels: bool)
     return "kl" if len(output_shape) == 2 and output_shape[1] > 1 else "mse"
 
 
+def _cache_key(model: ir.Model, ctx: PassContext, analysis: HessianTrace) -> str:
+    """Hash of everything the estimate depends on: the graph and weights, the data and the options."""
+    import hashlib
+
+    from qcompiler.ir import to_proto
+
+    digest = hashlib.sha256(to_proto(model).SerializeToString(deterministic=True))
+    data = ctx.data.head(analysis.samples) if ctx.data is not None else None
+    if data is not None:
+        for name in sorted(data.arrays):
+            digest.update(np.ascontiguousarray(data.arrays[name]).tobytes())
+        if data.labels is not None:
+            digest.update(np.ascontiguousarray(data.labels).tobytes())
+    options = {k: getattr(analysis, k) for k in ("tolerance", "min_probes", "max_probes", "batch_size", "samples", "loss", "seed")}
+    digest.update(repr(sorted(options.items())).encode())
+    return digest.hexdigest()
+
+
+def _read_cache(path: str, key: str) -> HessianTraceResult | None:
+    import json
+    from pathlib import Path
+
+    try:
+        stored = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if stored.get("key") != key:
+        return None
+    estimates = {n: TraceEstimate(**e) for n, e in stored["estimates"].items()}
+    return HessianTraceResult(loss=stored["loss"], estimates=estimates, probes=stored["probes"], converged=stored["converged"])
+
+
+def _write_cache(path: str, key: str, result: HessianTraceResult) -> None:
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    payload = {"key": key, "loss": result.loss, "probes": result.probes, "converged": result.converged, "estimates": {n: dataclasses.asdict(e) for n, e in result.estimates.items()}}
+    tmp.write_text(json.dumps(payload, indent=1))
+    tmp.replace(target)
+
+
 def _mean_and_stderr(sums: np.ndarray, squares: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Sample mean and its standard error from running sums of values and of their squares."""
     mean = sums / n
@@ -98,8 +142,19 @@ class HessianTrace(Analysis[HessianTraceResult]):
     samples: int = 1000
     loss: LossName = "auto"
     seed: int = 0
+    #: JSON file reused when it holds traces of this same model, data and options (see `_cache_key`).
+    cache: str = ""
 
     def compute(self, model: ir.Model, ctx: PassContext) -> HessianTraceResult:
+        key = _cache_key(model, ctx, self) if self.cache else ""
+        if key and (cached := _read_cache(self.cache, key)) is not None:
+            return cached
+        result = self._estimate(model, ctx)
+        if key:
+            _write_cache(self.cache, key, result)
+        return result
+
+    def _estimate(self, model: ir.Model, ctx: PassContext) -> HessianTraceResult:
         import torch
 
         graph, weights, batches, loss_fn, loss_name = _loss_setup(model, ctx, self.samples, self.batch_size, self.loss, "hessian-trace")

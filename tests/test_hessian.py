@@ -129,3 +129,22 @@ def test_fisher_diagonal_is_the_mean_squared_per_sample_gradient() -> None:
     fisher = ctx.analyses.get(HessianDiagonal(method="fisher", samples=12), model, ctx)
     np.testing.assert_allclose(fisher["w2"], expected, rtol=1e-4, atol=1e-8)
     assert np.all(fisher["w1"] >= 0)
+
+
+def test_trace_cache_is_reused_only_for_the_same_model_data_and_options(tmp_path) -> None:
+    rng = np.random.default_rng(3)
+    model = _mlp(rng)
+    cache = tmp_path / "traces.json"
+    data = DataSource({"x": rng.normal(0, 1, (32, 5)).astype(np.float32)}, rng.integers(0, 3, 32))
+
+    def traces(**options):
+        ctx = PassContext(target=load_target("ort-cpu"), data=data)
+        return ctx.analyses.get(HessianTrace(max_probes=12, cache=str(cache), **options), model, ctx)
+
+    first = traces()
+    assert cache.exists()
+    stamp = cache.stat().st_mtime_ns
+    again = traces()
+    assert again == first and cache.stat().st_mtime_ns == stamp  # read back, not recomputed
+    other = traces(seed=1)  # different options: recomputed and the file replaced
+    assert other.estimates["w1"].trace != first.estimates["w1"].trace and cache.stat().st_mtime_ns != stamp
