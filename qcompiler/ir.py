@@ -167,6 +167,10 @@ class atomic_output_dir:
                 raise QCError("output folder is not empty (pass --force to replace it)", file=str(self.dest))
         self.dest.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.tmp-", dir=self.dest.parent))
+        # mkdtemp makes the folder private (0700); the output is an ordinary folder: honour umask.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)
         return self.tmp
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -74,3 +75,6 @@ def test_atomic_output_dir_leaves_nothing_on_failure(tmp_path: Path) -> None:
     with atomic_output_dir(dest) as tmp:
         (tmp / "model.onnx").write_text("done")
     assert (dest / "model.onnx").read_text() == "done" and len(list(tmp_path.iterdir())) == 1
+    umask = os.umask(0)
+    os.umask(umask)
+    assert dest.stat().st_mode & 0o777 == 0o777 & ~umask  # an ordinary folder, not mkdtemp's 0700
