@@ -331,14 +331,26 @@ def print_fusion(rows: list[Row]) -> None:
             print(f"  {r.network:<9} {r.tool:<6} {ops}")
 
 
+class Bars:
+    """Records and prints a bench's bars, one PASS/FAIL/SKIP line each (``ok=None`` is SKIP).
+
+    ``subject`` names the JSON key of what is checked ("network", "model").
+    """
+
+    def __init__(self, subject: str) -> None:
+        self.subject = subject
+        self.results: list[dict] = []
+
+    def add(self, who: str, name: str, value: float | None, ok: bool | None, text: str) -> None:
+        verdict = "SKIP" if ok is None else "PASS" if ok else "FAIL"
+        self.results.append({self.subject: who, "check": name, "value": value, "result": verdict})
+        print(f"{verdict}  {who:<9} {text}")
+
+
 def checks(networks: list[Network], rows: list[Row]) -> list[dict]:
     """The bars of qcompiler against onnxruntime's quantizer, one PASS/FAIL line each."""
-    results = []
-
-    def add(net: str, name: str, value: float | None, ok: bool | None, text: str) -> None:
-        verdict = "SKIP" if ok is None else "PASS" if ok else "FAIL"
-        results.append({"network": net, "check": name, "value": value, "result": verdict})
-        print(f"{verdict}  {net:<9} {text}")
+    bars = Bars("network")
+    add = bars.add
 
     print("\nqcompiler vs onnxruntime quantize_static:")
     for net in networks:
@@ -358,7 +370,7 @@ def checks(networks: list[Network], rows: list[Row]) -> list[dict]:
                 f"accuracy float - qc = {100 * base.accuracy:.2f} - {100 * qc.accuracy:.2f} = {drop:.2f} pts (bar <= {ACCURACY_DROP_MAX_PTS}; ort: {100 * (base.accuracy - ref.accuracy):.2f} pts)")
         cratio = qc.compile_s / ref.compile_s
         add(net.name, "compile_ratio", cratio, cratio <= COMPILE_RATIO_MAX, f"compile qc/ort = {qc.compile_s:.2f} s / {ref.compile_s:.2f} s = {cratio:.2f}x (bar <= {COMPILE_RATIO_MAX:.0f}x; wall {qc.wall_s:.2f} / {ref.wall_s:.2f} s)")
-    return results
+    return bars.results
 
 
 def main() -> None:

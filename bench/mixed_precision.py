@@ -36,7 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # Shared helpers of the other bench: paths, the CIFAR-10 preprocessing module, log tail, formatting.
-from compare_ort import RESULTS, SHARED, _f, _tail, cifar, rel  # noqa: E402
+from compare_ort import RESULTS, SHARED, Bars, _f, _tail, cifar, rel  # noqa: E402
 
 MODELS = {"resnet20": "cifar10_resnet20.onnx", "resnet56": "cifar10_resnet56.onnx"}
 BUDGETS = (0.35, 0.5, 0.6, 0.75)
@@ -249,12 +249,8 @@ def print_table(rows: list[Row], spearman_rows: list[Row]) -> None:
 
 def checks(rows: list[Row], spearman_rows: list[Row], trace_s: float | None, ilp_s: float) -> list[dict]:
     """The issue's bars, one PASS/FAIL line each."""
-    results = []
-
-    def add(model: str, name: str, value: float | None, ok: bool | None, text: str) -> None:
-        verdict = "SKIP" if ok is None else "PASS" if ok else "FAIL"
-        results.append({"model": model, "check": name, "value": value, "result": verdict})
-        print(f"{verdict}  {model:<9} {text}")
+    bars = Bars("model")
+    add = bars.add
 
     print("\nbars:")
     for model in dict.fromkeys(r.model for r in rows):
@@ -289,7 +285,7 @@ def checks(rows: list[Row], spearman_rows: list[Row], trace_s: float | None, ilp
         add("resnet20", "trace_seconds", trace_s, trace_s <= TRACE_SECONDS_MAX,
             f"Hessian traces, {TRAIN_COUNT} images: {trace_s:.1f} s (bar <= {TRACE_SECONDS_MAX:.0f} s; hessian-trace pass time of the first, uncached row)")
     add("-", "ilp_seconds", ilp_s, ilp_s <= ILP_SECONDS_MAX, f"solve_ilp, 100 layers x 5 widths, in-process: {ilp_s:.3f} s (bar <= {ILP_SECONDS_MAX:.0f} s)")
-    return results
+    return bars.results
 
 
 def print_published() -> None:
