@@ -8,6 +8,7 @@ from typing import Literal
 import onnx_ir as ir
 
 from qcompiler.calibration import CALIBRATION_FACT, CalibrationRanges
+from qcompiler.ir import annotate_types
 from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.registry import register_pass
 
@@ -37,6 +38,9 @@ class Calibrate(Pass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         o = self.options
+        # Activations are found by type: a pass before this one may have left values untyped
+        # (annotation only; the graph's meaning is unchanged).
+        annotate_types(model)
         analysis = CalibrationRanges(method=o.method, percentile=o.percentile, bins=o.bins, batch_size=o.batch_size)
         observers = ctx.analyses.get(analysis, model, ctx)
         # Later passes ask for this analysis; if a rewrite invalidates it, it is recomputed with

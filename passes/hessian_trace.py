@@ -46,5 +46,5 @@ class HessianTracePass(Pass):
         worst = max(e.relative_stderr for e in result.estimates.values())
         if not result.converged:
             ctx.note(self.name, f"tolerance {o.tolerance} not reached after {result.probes} probes (worst relative standard error {worst:.3f}); intervals are in the report", level="warning")
-        traces = {name: {"node": e.node, "trace": e.trace, "ci95": list(e.ci95), "parameters": e.parameters} for name, e in result.estimates.items()}
+        traces = {name: {"node": e.node, "trace": e.trace, "ci95": list(e.ci95), "parameters": e.parameters, "probes": e.probes} for name, e in result.estimates.items()}
         return PassResult(model, False, {"loss": result.loss, "probes": result.probes, "converged": result.converged, "worst_relative_stderr": round(worst, 4), "traces": traces})

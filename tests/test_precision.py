@@ -73,6 +73,25 @@ def test_weight_qrange() -> None:
     assert [weight_qrange(rule, b) for b in (2, 4, 8)] == [(-1, 1), (-7, 7), (-127, 127)]
 
 
+def test_auto_weight_range_clips_only_at_three_bits_and_fewer() -> None:
+    from qcompiler.quant.uniform import dequantize
+    from qcompiler.sensitivity import quantize_weight
+
+    rule = TensorRule("int8", symmetric=True, granularity="per-channel", narrow_range=True)
+    w = np.random.default_rng(0).standard_t(4, (16, 64)).astype(np.float32)  # heavy tails, as trained weights
+
+    def error(bits: int, how: str) -> float:
+        q, s, z = quantize_weight(w, rule, bits, 0, how)
+        return float(np.sum((dequantize(q, s, z, axis=0) - w) ** 2))
+
+    for bits in (2, 3):
+        assert error(bits, "auto") == error(bits, "mse") < 0.7 * error(bits, "minmax")
+    for bits in (4, 8):
+        assert error(bits, "auto") == error(bits, "minmax")
+    # At 2 bits min/max rounds most of a heavy-tailed weight to zero.
+    assert error(2, "minmax") > 0.5 * float(np.sum(w.astype(np.float64) ** 2))
+
+
 def test_assigned_widths_are_applied_by_insert_qdq() -> None:
     rng = np.random.default_rng(0)
     model = make_model(
