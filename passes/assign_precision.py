@@ -14,6 +14,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.cost_model import layer_macs, resource_matrix
 from qcompiler.errors import QCError
 from qcompiler.hessian import HESSIAN_FACT, HessianTrace
 from qcompiler.pass_manager import Pass, PassContext, PassResult
@@ -22,26 +23,56 @@ from qcompiler.precision_ilp import pareto_front, solve_greedy, solve_ilp, solve
 from qcompiler.registry import register_pass
 from qcompiler.sensitivity import WeightRange, layer_sensitivities
 
-_BUDGET_KINDS = ("size", "bits")
+#: Budget kinds and what their number means. Fractions are of the model with every weight at the
+#: target's full weight width (int8 on ort-cpu), measured in the same resource.
+BUDGET_KINDS = {
+    "size": "FRACTION of the full-width (int8) weight bytes",
+    "bits": "AVERAGE bits per weight",
+    "bops": "FRACTION of the full-width model's bit operations (MACs x weight bits x activation bits)",
+    "latency": "FRACTION of the full-width model's latency predicted from the target's [cost.mac]",
+}
+#: Unit of each kind's resource, for messages and the report.
+_UNITS = {"size": "weight bits", "bits": "weight bits", "bops": "bit-ops", "latency": "cost units"}
+
+
+@dataclass(frozen=True)
+class Budget:
+    kind: str
+    number: float
+
+    @classmethod
+    def parse(cls, text: str) -> Budget:
+        """``size=0.6``, ``bits=4.5``, ``bops=0.4`` or ``latency=0.8``."""
+        kind, eq, value = text.partition("=")
+        if not eq or kind not in BUDGET_KINDS:
+            accepted = ", ".join(f"{k}={v}" for k, v in BUDGET_KINDS.items())
+            raise QCError(f"'{text}' is not a budget (accepted: {accepted})", pass_name="assign-precision", option="budget")
+        try:
+            number = float(value)
+        except ValueError:
+            raise QCError(f"'{value}' is not a number", pass_name="assign-precision", option="budget") from None
+        if not number > 0:
+            raise QCError(f"the budget must be positive, got {number}", pass_name="assign-precision", option="budget")
+        return cls(kind, number)
+
+    def limit(self, cost: np.ndarray, parameters: np.ndarray, full_width_index: int) -> float:
+        """The budget in the resource's unit, given the [layers, widths] cost matrix."""
+        if self.kind == "bits":
+            return self.number * float(parameters.sum())
+        return self.number * float(cost[:, full_width_index].sum())
 
 
 def parse_budget(text: str, weights: int, int8_bits: int = 8) -> float:
-    """A budget text (``size=0.6`` or ``bits=4.5``) as a number of weight bits."""
-    kind, eq, value = text.partition("=")
-    if not eq or kind not in _BUDGET_KINDS:
-        raise QCError(f"'{text}' is not a budget (accepted: size=FRACTION of the int8 weight bytes, bits=AVERAGE bits per weight)", pass_name="assign-precision", option="budget")
-    try:
-        number = float(value)
-    except ValueError:
-        raise QCError(f"'{value}' is not a number", pass_name="assign-precision", option="budget") from None
-    if number <= 0:
-        raise QCError(f"the budget must be positive, got {number}", pass_name="assign-precision", option="budget")
-    return number * int8_bits * weights if kind == "size" else number * weights
+    """A size or bits budget text as a number of weight bits (for ``weights`` parameters)."""
+    budget = Budget.parse(text)
+    if budget.kind not in ("size", "bits"):
+        raise QCError(f"'{text}': only size= and bits= budgets are a number of weight bits", pass_name="assign-precision", option="budget")
+    return budget.number * (int8_bits if budget.kind == "size" else 1) * weights
 
 
 @register_pass
 class AssignPrecision(Pass):
-    """Choose per-layer weight bit-widths under a size or bits budget (exact ILP on Hessian sensitivities)."""
+    """Choose per-layer weight bit-widths under a size, bits, bops or latency budget (exact ILP on Hessian sensitivities)."""
 
     name = "assign-precision"
     requires = (HessianTrace,)
@@ -49,7 +80,8 @@ class AssignPrecision(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        #: size=FRACTION of the int8 model's weight bytes, or bits=AVERAGE bits per weight.
+        #: size=FRACTION of the int8 model's weight bytes, bits=AVERAGE bits per weight,
+        #: bops=FRACTION of its bit operations, latency=FRACTION of its predicted latency.
         budget: str = "size=0.6"
         method: Literal["ilp", "uniform", "greedy", "random"] = "ilp"
         #: Budgets at which the exact optimum is recorded for the Pareto front (0: none).
@@ -73,23 +105,31 @@ class AssignPrecision(Pass):
         layers = layer_sensitivities(model, traces, ctx.target.weights, bits, self.options.weight_range)
         sizes = np.array([l.parameters for l in layers], dtype=np.float64)
         omega = np.array([[l.omega[b] for b in bits] for l in layers])
-        budget = parse_budget(self.options.budget, int(sizes.sum()))
+        budget = Budget.parse(self.options.budget)
+        macs = None
+        if budget.kind in ("bops", "latency"):
+            macs = np.array([layer_macs(model, l.weight, l.node) for l in layers], dtype=np.float64)
+        cost = resource_matrix(budget.kind, ctx.target, bits, sizes, macs)
+        full = int(np.argmax(bits))
+        limit = budget.limit(cost, sizes, full)
+        unit = _UNITS[budget.kind]
         method = self.options.method
         if method == "ilp":
-            choice = solve_ilp(omega, sizes, bits, budget)
+            choice = solve_ilp(omega, cost, limit, unit)
         elif method == "greedy":
-            choice = solve_greedy(omega, sizes, bits, budget)
+            choice = solve_greedy(omega, cost, bits, limit, unit)
         elif method == "uniform":
-            choice = solve_uniform(sizes, bits, budget)
+            choice = solve_uniform(cost, bits, limit, unit)
         else:
-            choice = solve_random(sizes, bits, budget, seed=ctx.seed)
+            choice = solve_random(cost, bits, limit, seed=ctx.seed, unit=unit)
         chosen = {l.weight: int(bits[c]) for l, c in zip(layers, choice)}
         ctx.facts[WEIGHT_BITS_FACT] = chosen
-        total = float(omega[np.arange(len(layers)), choice].sum())
+        rows = np.arange(len(layers))
+        total = float(omega[rows, choice].sum())
         used = float(np.sum(sizes * np.asarray(bits)[choice]))
         stats = {
             "method": method,
-            "budget_bytes": round(budget / 8),
+            "budget": {"kind": budget.kind, "value": budget.number, "limit": limit, "used": float(cost[rows, choice].sum()), "full_width": float(cost[:, full].sum()), "unit": unit},
             "weight_bytes": round(used / 8),
             "average_bits": round(used / sizes.sum(), 3),
             "total_sensitivity": total,
@@ -98,7 +138,7 @@ class AssignPrecision(Pass):
         if self.options.check_bits:
             stats["check"] = self._empirical_check(model, ctx, layers)
         if self.options.pareto_points:
-            stats["pareto"] = [{"weight_bytes": b, "total_sensitivity": s} for b, s in pareto_front(omega, sizes, bits, self.options.pareto_points)]
+            stats["pareto"] = [{"resource": r, "total_sensitivity": t} for r, t in pareto_front(omega, cost, self.options.pareto_points)]
         return PassResult(model, False, stats)
 
     def _empirical_check(self, model: ir.Model, ctx: PassContext, layers: list) -> dict:

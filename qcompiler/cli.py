@@ -65,6 +65,7 @@ def compile_cmd(
     latency_runs: Annotated[int, typer.Option("--latency-runs", min=0, help="Timed runs per model for the latency figure (0 to skip).")] = 50,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    plot: Annotated[bool, typer.Option("--plot", help="Also write OUTPUT/pareto.png: assign-precision's budget vs sensitivity front.")] = False,
     plugin: PluginOpt = None,
 ) -> None:
     """Quantize MODEL for a target, write OUTPUT/model.onnx and OUTPUT/report.json, print the report."""
@@ -72,6 +73,8 @@ def compile_cmd(
     from qcompiler.instruments import DumpDir, PrintAfter, VerifyEach
 
     _load_plugins(plugin)
+    if plot:
+        _check_plot(pipeline)
     if calib is None and (pipeline is None or "calibrate" in pipeline or "insert-qdq" in pipeline):
         raise QCError("calibration data is required: pass --calib FILE.npz", option="--calib")
     instruments = []
@@ -106,6 +109,22 @@ def compile_cmd(
     if time_passes:
         _print_timings(result)
     out.print(f"wrote {output / 'model.onnx'} and {output / 'report.json'}")
+    if plot:
+        from qcompiler.plot import plot_pareto
+
+        stats = next(p.stats for p in reversed(result.report.passes) if p.name == "assign-precision")
+        out.print(f"wrote {plot_pareto(stats, output / 'pareto.png', title=f'{model.name}: precision assignment')}")
+
+
+def _check_plot(pipeline: str | None) -> None:
+    """--plot needs matplotlib and an assign-precision pass that records its front: say so first."""
+    from qcompiler.pipeline import parse_pipeline
+    from qcompiler.plot import require_matplotlib
+
+    require_matplotlib()
+    passes = parse_pipeline(pipeline).passes if pipeline else []
+    if not any(p.name == "assign-precision" and p.options.pareto_points > 0 for p in passes):
+        raise QCError("the pipeline has no assign-precision pass with pareto-points > 0 to plot", option="--plot")
 
 
 def _print_timings(result) -> None:

@@ -1,8 +1,9 @@
 """Bit-width assignment as an integer linear program, and the baselines it is compared with.
 
 Choose one width per layer, x[l, b] in {0, 1}, sum_b x[l, b] = 1, minimising the total sensitivity
-sum Omega_l(b) x[l, b] subject to the weight bits sum n_l b x[l, b] <= budget. Solved exactly with
-HiGHS (scipy.optimize.milp).
+sum Omega_l(b) x[l, b] subject to one resource, sum cost[l, b] x[l, b] <= budget (weight bits,
+bit operations or predicted latency: `qcompiler.cost_model`). Solved exactly with HiGHS
+(scipy.optimize.milp).
 """
 
 from __future__ import annotations
@@ -14,24 +15,30 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 
 from qcompiler.errors import QCError
 
-
-def _check_budget(sizes: np.ndarray, bits: Sequence[int], budget_bits: float) -> None:
-    smallest = float(np.sum(sizes) * min(bits))
-    if budget_bits < smallest - 1e-9:
-        raise QCError(f"no assignment fits {budget_bits / 8:.0f} weight bytes; the smallest feasible is {smallest / 8:.0f} bytes (every layer at {min(bits)} bits)", option="budget")
+#: Budget comparisons allow this relative slack, so a budget computed as exactly a uniform
+#: assignment's cost is met despite floating-point rounding.
+_SLACK = 1e-9
 
 
-def solve_ilp(omega: np.ndarray, sizes: np.ndarray, bits: Sequence[int], budget_bits: float) -> np.ndarray:
-    """Exact assignment: index into ``bits`` per layer. ``omega`` is [layers, len(bits)]."""
-    _check_budget(sizes, bits, budget_bits)
+def smallest_feasible(cost: np.ndarray) -> float:
+    return float(cost.min(axis=1).sum())
+
+
+def _check_budget(cost: np.ndarray, budget: float, unit: str) -> None:
+    smallest = smallest_feasible(cost)
+    if budget < smallest * (1 - _SLACK):
+        raise QCError(f"no assignment fits a budget of {budget:.6g} {unit}; the smallest feasible is {smallest:.6g} {unit} (every layer at its cheapest width)", option="budget")
+
+
+def solve_ilp(omega: np.ndarray, cost: np.ndarray, budget: float, unit: str = "") -> np.ndarray:
+    """Exact assignment: index into the widths per layer. ``omega`` and ``cost`` are [layers, widths]."""
+    _check_budget(cost, budget, unit)
     layers, choices = omega.shape
-    cost = omega.reshape(-1)
     one_per_layer = np.kron(np.eye(layers), np.ones(choices))
-    weight_bits = (sizes[:, None] * np.asarray(bits)[None, :]).reshape(1, -1)
     result = milp(
-        cost,
-        constraints=[LinearConstraint(one_per_layer, 1, 1), LinearConstraint(weight_bits, -np.inf, budget_bits)],
-        integrality=np.ones_like(cost),
+        omega.reshape(-1),
+        constraints=[LinearConstraint(one_per_layer, 1, 1), LinearConstraint(cost.reshape(1, -1), -np.inf, budget * (1 + _SLACK))],
+        integrality=np.ones(omega.size),
         bounds=Bounds(0, 1),
     )
     if result.x is None:
@@ -39,53 +46,57 @@ def solve_ilp(omega: np.ndarray, sizes: np.ndarray, bits: Sequence[int], budget_
     return np.round(result.x).reshape(layers, choices).argmax(axis=1)
 
 
-def solve_uniform(sizes: np.ndarray, bits: Sequence[int], budget_bits: float) -> np.ndarray:
+def solve_uniform(cost: np.ndarray, bits: Sequence[int], budget: float, unit: str = "") -> np.ndarray:
     """The widest single width for all layers that fits the budget."""
-    _check_budget(sizes, bits, budget_bits)
-    fitting = [i for i, b in enumerate(bits) if np.sum(sizes) * b <= budget_bits + 1e-9]
-    return np.full(len(sizes), max(fitting, key=lambda i: bits[i]))
+    _check_budget(cost, budget, unit)
+    fitting = [i for i in range(len(bits)) if cost[:, i].sum() <= budget * (1 + _SLACK)]
+    if not fitting:
+        raise QCError(f"no single width for all layers fits a budget of {budget:.6g} {unit}; the narrowest costs {cost[:, int(np.argmin(bits))].sum():.6g}", option="budget")
+    return np.full(len(cost), max(fitting, key=lambda i: bits[i]))
 
 
-def solve_greedy(omega: np.ndarray, sizes: np.ndarray, bits: Sequence[int], budget_bits: float) -> np.ndarray:
-    """Start at the widest width; repeatedly narrow the layer whose step costs least sensitivity per bit saved."""
-    _check_budget(sizes, bits, budget_bits)
-    order = np.argsort(bits)  # index positions from narrow to wide
-    rank = np.full(len(sizes), len(bits) - 1)
-    used = float(np.sum(sizes) * bits[order[-1]])
-    while used > budget_bits + 1e-9:
-        best, best_ratio = -1, np.inf
-        for l in range(len(sizes)):
-            if rank[l] == 0:
-                continue
-            cur, nxt = order[rank[l]], order[rank[l] - 1]
-            saved = sizes[l] * (bits[cur] - bits[nxt])
-            ratio = (omega[l, nxt] - omega[l, cur]) / saved
-            if ratio < best_ratio:
-                best, best_ratio = l, ratio
-        rank[best] -= 1
-        used -= sizes[best] * (bits[order[rank[best] + 1]] - bits[order[rank[best]]])
-    return order[rank]
-
-
-def solve_random(sizes: np.ndarray, bits: Sequence[int], budget_bits: float, seed: int = 0) -> np.ndarray:
-    """A random assignment at (as close as possible to) the same budget: the floor any method must beat."""
-    _check_budget(sizes, bits, budget_bits)
-    rng = np.random.default_rng(seed)
-    order = np.argsort(bits)
-    rank = np.full(len(sizes), len(bits) - 1)
-    used = float(np.sum(sizes) * bits[order[-1]])
-    while used > budget_bits + 1e-9:
-        l = int(rng.choice(np.flatnonzero(rank > 0)))
+def _narrowing(bits: Sequence[int], cost: np.ndarray, budget: float, unit: str, pick) -> np.ndarray:
+    """Start every layer at its widest width and narrow one step at a time (the layer ``pick``
+    chooses among those whose next step saves resource) until the budget is met."""
+    _check_budget(cost, budget, unit)
+    order = np.argsort(bits)  # width indices from narrow to wide
+    rank = np.full(len(cost), len(bits) - 1)
+    rows = np.arange(len(cost))
+    used = float(cost[rows, order[rank]].sum())
+    while used > budget * (1 + _SLACK):
+        candidates = [l for l in rows if rank[l] > 0 and cost[l, order[rank[l] - 1]] < cost[l, order[rank[l]]]]
+        if not candidates:  # steps that save nothing are skipped; skip them for good
+            stuck = [l for l in rows if rank[l] > 0]
+            rank[stuck] -= 1
+            continue
+        l = pick(candidates, rank, order)
+        used -= cost[l, order[rank[l]]] - cost[l, order[rank[l] - 1]]
         rank[l] -= 1
-        used -= sizes[l] * (bits[order[rank[l] + 1]] - bits[order[rank[l]]])
     return order[rank]
 
 
-def pareto_front(omega: np.ndarray, sizes: np.ndarray, bits: Sequence[int], points: int = 12) -> list[tuple[float, float]]:
-    """(weight bytes, total sensitivity) of the exact optimum at evenly spaced budgets."""
-    lo, hi = float(np.sum(sizes) * min(bits)), float(np.sum(sizes) * max(bits))
+def solve_greedy(omega: np.ndarray, cost: np.ndarray, bits: Sequence[int], budget: float, unit: str = "") -> np.ndarray:
+    """Repeatedly narrow the layer whose step costs least sensitivity per unit of resource saved."""
+
+    def cheapest(candidates, rank, order):
+        ratio = [(omega[l, order[rank[l] - 1]] - omega[l, order[rank[l]]]) / (cost[l, order[rank[l]]] - cost[l, order[rank[l] - 1]]) for l in candidates]
+        return candidates[int(np.argmin(ratio))]
+
+    return _narrowing(bits, cost, budget, unit, cheapest)
+
+
+def solve_random(cost: np.ndarray, bits: Sequence[int], budget: float, seed: int = 0, unit: str = "") -> np.ndarray:
+    """A random assignment at (as close as possible to) the same budget: the floor any method must beat."""
+    rng = np.random.default_rng(seed)
+    return _narrowing(bits, cost, budget, unit, lambda candidates, rank, order: int(rng.choice(candidates)))
+
+
+def pareto_front(omega: np.ndarray, cost: np.ndarray, points: int = 12) -> list[tuple[float, float]]:
+    """(resource used, total sensitivity) of the exact optimum at evenly spaced budgets."""
+    lo, hi = smallest_feasible(cost), float(cost.max(axis=1).sum())
+    rows = np.arange(len(cost))
     front = []
     for budget in np.linspace(lo, hi, points):
-        choice = solve_ilp(omega, sizes, bits, budget)
-        front.append((float(np.sum(sizes * np.asarray(bits)[choice]) / 8), float(omega[np.arange(len(sizes)), choice].sum())))
+        choice = solve_ilp(omega, cost, budget)
+        front.append((float(cost[rows, choice].sum()), float(omega[rows, choice].sum())))
     return front

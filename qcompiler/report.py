@@ -193,7 +193,9 @@ def render_report(report: Report, console: Console) -> None:
         for col in ("pass", "seconds", "changed", "stats"):
             passes.add_column(col, justify="right" if col == "seconds" else "left")
         for p in report.passes:
-            passes.add_row(p.name, f"{p.seconds:.3f}", "yes" if p.modified else "no", ", ".join(f"{k}={v}" for k, v in p.stats.items()))
+            # Nested stats (per-layer tables, the Pareto front) are in report.json and their own tables.
+            shown = ", ".join(f"{k}={v}" for k, v in p.stats.items() if not isinstance(v, (dict, list)))
+            passes.add_row(p.name, f"{p.seconds:.3f}", "yes" if p.modified else "no", shown)
         console.print(passes)
 
 
@@ -203,11 +205,16 @@ def _render_precision(report: Report, console: Console) -> None:
     if not stats or "layers" not in stats:
         return
     traces = next((p.stats.get("traces", {}) for p in report.passes if p.name == "hessian-trace"), {})
-    table = Table(title=f"Weight bit-widths ({stats['method']}, {stats['average_bits']} bits on average, {stats['weight_bytes']} of {stats['budget_bytes']} budget bytes)")
-    for col in ("node", "bits", "Tr(H) [95% CI]", "sensitivity"):
+    budget = stats.get("budget", {})
+    spent = f"{budget['kind']}={budget['value']}: {budget['used']:.4g} of {budget['limit']:.4g} {budget['unit']}" if budget else ""
+    table = Table(title=f"Weight bit-widths ({stats['method']}, {stats['average_bits']} bits on average; {spent})")
+    # The measured SQNR of each layer's output, where the verifier matched it.
+    sqnr = {l.node: l.sqnr_db for l in report.verification.layers} if report.verification else {}
+    for col in ("node", "bits", "Tr(H) [95% CI]", "sensitivity", "SQNR"):
         table.add_column(col, justify="left" if col == "node" else "right")
     for weight, layer in stats["layers"].items():
         ci = traces.get(weight, {}).get("ci95")
         trace = f"{layer['trace']:.3g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
-        table.add_row(layer["node"], str(layer["bits"]), trace, f"{layer['sensitivity']:.3g}")
+        measured = sqnr.get(layer["node"])
+        table.add_row(layer["node"], str(layer["bits"]), trace, f"{layer['sensitivity']:.3g}", _db(measured) if measured is not None else "-")
     console.print(table)

@@ -27,10 +27,15 @@ def _problem(seed: int = 0, layers: int = 6):
     return omega, sizes
 
 
+def _cost(sizes: np.ndarray) -> np.ndarray:
+    """The size resource: parameters x bits per (layer, width)."""
+    return sizes[:, None] * np.asarray(BITS, dtype=np.float64)[None, :]
+
+
 def test_ilp_is_the_exact_optimum_by_brute_force() -> None:
     omega, sizes = _problem()
     budget = float(np.sum(sizes) * 4.2)
-    choice = solve_ilp(omega, sizes, BITS, budget)
+    choice = solve_ilp(omega, _cost(sizes), budget)
     best = min(
         (c for c in itertools.product(range(len(BITS)), repeat=len(sizes)) if np.sum(sizes * np.take(BITS, c)) <= budget),
         key=lambda c: omega[np.arange(len(sizes)), c].sum(),
@@ -43,26 +48,37 @@ def test_every_method_meets_the_budget_and_ilp_is_never_worse(solver: str) -> No
     omega, sizes = _problem(1, 12)
     budget = float(np.sum(sizes) * 5.0)
     choice = {
-        "ilp": lambda: solve_ilp(omega, sizes, BITS, budget),
-        "greedy": lambda: solve_greedy(omega, sizes, BITS, budget),
-        "uniform": lambda: solve_uniform(sizes, BITS, budget),
-        "random": lambda: solve_random(sizes, BITS, budget, seed=3),
+        "ilp": lambda: solve_ilp(omega, _cost(sizes), budget),
+        "greedy": lambda: solve_greedy(omega, _cost(sizes), BITS, budget),
+        "uniform": lambda: solve_uniform(_cost(sizes), BITS, budget),
+        "random": lambda: solve_random(_cost(sizes), BITS, budget, seed=3),
     }[solver]()
     assert np.sum(sizes * np.take(BITS, choice)) <= budget
-    ilp = solve_ilp(omega, sizes, BITS, budget)
+    ilp = solve_ilp(omega, _cost(sizes), budget)
     assert omega[np.arange(12), ilp].sum() <= omega[np.arange(12), choice].sum() + 1e-12
 
 
 def test_infeasible_budget_names_the_smallest_feasible_one() -> None:
     omega, sizes = _problem()
     with pytest.raises(QCError) as info:
-        solve_ilp(omega, sizes, BITS, float(np.sum(sizes)))  # 1 bit per weight < 2 bits minimum
-    assert info.value.option == "budget" and f"{np.sum(sizes) * 2 / 8:.0f} bytes" in info.value.message
+        solve_ilp(omega, _cost(sizes), float(np.sum(sizes)), "weight bits")  # 1 bit per weight < 2 bits minimum
+    assert info.value.option == "budget" and f"smallest feasible is {np.sum(sizes) * 2:.6g} weight bits" in info.value.message
+
+
+def test_a_width_that_saves_nothing_is_never_chosen_to_save() -> None:
+    """Latency on a target where 2 and 4 bits run as int8: narrowing below 8 saves nothing, so a
+    budget under the int8 latency is infeasible and one at it keeps the sensitivity-optimal widths."""
+    omega, sizes = _problem(3, 5)
+    cost = np.repeat(sizes[:, None], 3, axis=1)  # same cost at every width
+    with pytest.raises(QCError, match="smallest feasible"):
+        solve_greedy(omega, cost, BITS, 0.9 * sizes.sum())
+    for solver in (lambda: solve_ilp(omega, cost, sizes.sum()), lambda: solve_greedy(omega, cost, BITS, sizes.sum())):
+        assert list(solver()) == [2] * 5  # the widest (least sensitive) width everywhere
 
 
 def test_pareto_front_is_monotone() -> None:
     omega, sizes = _problem(2, 8)
-    front = pareto_front(omega, sizes, BITS, points=8)
+    front = pareto_front(omega, _cost(sizes), points=8)
     sizes_out = [b for b, _ in front]
     costs = [c for _, c in front]
     assert sizes_out == sorted(sizes_out) and all(a >= b - 1e-12 for a, b in zip(costs, costs[1:]))
@@ -119,7 +135,7 @@ def test_bad_budget_text_names_the_option() -> None:
     from qcompiler.passes.assign_precision import parse_budget
 
     assert parse_budget("size=0.5", 100) == 400 and parse_budget("bits=3", 100) == 300
-    for text in ("latency=3", "size", "size=abc", "bits=-1"):
+    for text in ("speed=3", "size", "size=abc", "bits=-1", "bops=0", "latency=nan"):
         with pytest.raises(QCError) as info:
             parse_budget(text, 100)
         assert info.value.option == "budget" and info.value.pass_name == "assign-precision"

@@ -1,0 +1,80 @@
+"""What a weight width costs: bytes, bit operations and predicted latency per layer.
+
+Precision assignment trades sensitivity against one of these resources. Each is linear in the
+per-layer choice, so the ILP stays exact:
+
+- ``size``: parameters x bits (the logical weight bits);
+- ``bops``: MACs x weight bits x activation bits (the bit-operation count of the HAWQ papers);
+- ``latency``: MACs x the target's ``[cost.mac]`` figure for the dtype that width is stored and
+  executed in (the smallest native width that holds it), so a width with no faster kernel than
+  the next native one costs the same as that one.
+
+MACs are per sample, from the static shapes `infer-shapes` leaves on the graph.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.errors import QCError
+from qcompiler.targets.spec import TargetSpec
+
+
+def storage_width(bits: int, native: tuple[int, ...]) -> int:
+    """The native width a ``bits``-wide weight is stored and computed in."""
+    wider = [n for n in sorted(native) if n >= bits]
+    return wider[0] if wider else max(native)
+
+
+def storage_dtype(target: TargetSpec, bits: int) -> str:
+    """The dtype name (``int8``, ``int4``, ...) a ``bits``-wide weight runs as on ``target``."""
+    width = storage_width(bits, target.bits.native)
+    base = target.weights.dtype
+    return base if width == target.weights.bits else f"{'u' if base.startswith('u') else ''}int{width}"
+
+
+def _per_sample_elements(value: ir.Value, node: ir.Node) -> int:
+    """Elements of one sample of ``value`` (its first axis is the batch)."""
+    if value.shape is None:
+        raise QCError(f"output '{value.name}' has no shape: run infer-shapes first (needed for MACs)", node=node.name)
+    dims = list(value.shape)[1:]
+    if not all(isinstance(d, int) for d in dims):
+        raise QCError(f"output '{value.name}' has a symbolic dimension {value.shape}: MACs need static shapes beyond the batch", node=node.name)
+    return math.prod(dims)
+
+
+def layer_macs(model: ir.Model, weight: str, node_name: str) -> int:
+    """Multiply-accumulates per sample of the node that uses ``weight``."""
+    node = next(n for n in model.graph if n.name == node_name)
+    w = model.graph.initializers[weight].const_value
+    size = math.prod(w.shape)
+    if node.op_type == "ConvTranspose":
+        # Each input element is multiplied by every weight of its input channel.
+        return _per_sample_elements(node.inputs[0], node) * size // w.shape[0]
+    if node.op_type == "Gemm" or (node.op_type == "MatMul" and len(w.shape) >= 2):
+        out_channels = w.shape[0] if node.op_type == "Gemm" and "transB" in node.attributes and node.attributes["transB"].as_int() else w.shape[-1]
+    else:  # Conv: weights [C_out, C_in / group, k...]
+        out_channels = w.shape[0]
+    return _per_sample_elements(node.outputs[0], node) * size // out_channels
+
+
+def resource_matrix(kind: str, target: TargetSpec, bits: tuple[int, ...], parameters: np.ndarray, macs: np.ndarray | None) -> np.ndarray:
+    """[layers, widths] resource of each choice, in the unit of ``kind`` (bits, bit-ops, cost units)."""
+    widths = np.asarray(bits, dtype=np.float64)
+    if kind in ("size", "bits"):
+        return parameters[:, None] * widths[None, :]
+    assert macs is not None
+    if kind == "bops":
+        return macs[:, None] * widths[None, :] * float(target.activations.bits)
+    if kind == "latency":
+        per_mac = []
+        for b in bits:
+            dtype = storage_dtype(target, b)
+            if dtype not in target.cost.mac:
+                raise QCError(f"no latency figure for {dtype} (a {b}-bit weight runs as {dtype}); the target's [cost.mac] lists {sorted(target.cost.mac)}", option="budget")
+            per_mac.append(target.cost.mac[dtype])
+        return macs[:, None] * np.asarray(per_mac)[None, :]
+    raise ValueError(kind)

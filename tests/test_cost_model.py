@@ -1,0 +1,95 @@
+"""Cost model: MACs per layer, storage widths, and the bops/latency budgets of assign-precision."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from onnx import helper
+
+import qcompiler
+from qcompiler.cost_model import layer_macs, storage_dtype, storage_width
+from qcompiler.data import DataSource
+from qcompiler.errors import QCError
+from qcompiler.ir import annotate_types
+from qcompiler.targets.spec import load_target
+from tests.helpers import make_model, tensor_info
+
+
+def _net(rng: np.random.Generator):
+    """Conv (strided, grouped) -> Conv -> Flatten -> Gemm (transB): three layers of different MACs."""
+    return make_model(
+        [
+            helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", strides=[2, 2], pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+            helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", group=2, pads=[1, 1, 1, 1]),
+            helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+            helper.make_node("Flatten", ["r2"], ["f"], name="flatten"),
+            helper.make_node("Gemm", ["f", "w3"], ["y"], name="fc", transB=1),
+        ],
+        [tensor_info("x", [None, 3, 8, 8])],
+        [tensor_info("y", [None, 5])],
+        {
+            "w1": rng.normal(0, 0.4, (8, 3, 3, 3)).astype(np.float32),
+            "w2": rng.normal(0, 0.3, (8, 4, 3, 3)).astype(np.float32),
+            "w3": rng.normal(0, 0.1, (5, 128)).astype(np.float32),
+        },
+    )
+
+
+def test_layer_macs() -> None:
+    model = _net(np.random.default_rng(0))
+    annotate_types(model)
+    # conv1: 8 x 4 x 4 outputs, 3*3*3 MACs each; conv2: 8 x 4 x 4 outputs, 4*3*3 each; fc: 5 x 128.
+    assert layer_macs(model, "w1", "conv1") == 8 * 16 * 27
+    assert layer_macs(model, "w2", "conv2") == 8 * 16 * 36
+    assert layer_macs(model, "w3", "fc") == 5 * 128
+
+
+def test_storage_width_is_the_smallest_native_width_that_holds_it() -> None:
+    assert [storage_width(b, (4, 8)) for b in (2, 3, 4, 5, 8)] == [4, 4, 4, 8, 8]
+    target = load_target("ort-cpu")
+    assert storage_dtype(target, 4) == "int8"  # ort-cpu runs every width in int8
+
+
+def _compile(pipeline: str, target: str = "ort-cpu"):
+    rng = np.random.default_rng(1)
+    data = DataSource({"x": rng.normal(0, 1, (64, 3, 8, 8)).astype(np.float32)}, rng.integers(0, 5, 64))
+    return qcompiler.compile(_net(rng), target=target, calibration=data, verify=False, pipeline=pipeline)
+
+
+def test_bops_budget_is_met_in_bit_operations() -> None:
+    result = _compile("infer-shapes,hessian-trace{max-probes=8},assign-precision{budget=bops=0.5}")
+    stats = next(p for p in result.report.passes if p.name == "assign-precision").stats
+    macs = {"conv1": 8 * 16 * 27, "conv2": 8 * 16 * 36, "fc": 5 * 128}
+    used = sum(macs[l["node"]] * l["bits"] * 8 for l in stats["layers"].values())
+    full = sum(macs.values()) * 8 * 8
+    assert stats["budget"]["kind"] == "bops" and used == pytest.approx(stats["budget"]["used"])
+    assert used <= 0.5 * full * (1 + 1e-9) and stats["budget"]["full_width"] == full
+
+
+def test_latency_budget_below_int8_is_infeasible_on_ort_cpu() -> None:
+    """Every width runs in the int8 kernels on ort-cpu: narrowing cannot buy latency."""
+    with pytest.raises(QCError) as info:
+        _compile("infer-shapes,hessian-trace{max-probes=8},assign-precision{budget=latency=0.9}")
+    assert info.value.option == "budget" and "smallest feasible" in info.value.message
+
+
+def test_latency_budget_uses_the_cost_of_the_storage_dtype(tmp_path: Path) -> None:
+    target = tmp_path / "int4.toml"
+    target.write_text('extends = "ort-cpu"\nname = "int4-test"\n[bits]\nallowed = [2, 4, 8]\nnative = [4, 8]\n[cost.mac]\nfloat32 = 1.0\nint8 = 0.4\nint4 = 0.1\n')
+    result = _compile("infer-shapes,hessian-trace{max-probes=8},assign-precision{budget=latency=0.7}", target=str(target))
+    stats = next(p for p in result.report.passes if p.name == "assign-precision").stats
+    macs = {"conv1": 8 * 16 * 27, "conv2": 8 * 16 * 36, "fc": 5 * 128}
+    predicted = sum(macs[l["node"]] * (0.1 if l["bits"] <= 4 else 0.4) for l in stats["layers"].values())
+    assert predicted == pytest.approx(stats["budget"]["used"]) and predicted <= 0.7 * 0.4 * sum(macs.values()) * (1 + 1e-9)
+    # 2-bit weights cost what 4-bit ones do here, and are more sensitive: never chosen for latency.
+    assert all(l["bits"] != 2 for l in stats["layers"].values())
+
+
+def test_latency_budget_names_a_dtype_missing_from_the_cost_table(tmp_path: Path) -> None:
+    target = tmp_path / "nocost.toml"
+    target.write_text('extends = "ort-cpu"\nname = "nocost"\n[bits]\nallowed = [4, 8]\nnative = [4, 8]\n')
+    with pytest.raises(QCError, match="no latency figure for int4"):
+        _compile("infer-shapes,hessian-trace{max-probes=8},assign-precision{budget=latency=0.7}", target=str(target))
