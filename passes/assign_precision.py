@@ -18,7 +18,7 @@ from qcompiler.cost_model import layer_macs, resource_matrix
 from qcompiler.errors import QCError
 from qcompiler.hessian import HESSIAN_FACT, HessianTrace
 from qcompiler.pass_manager import Pass, PassContext, PassResult
-from qcompiler.precision import WEIGHT_BITS_FACT
+from qcompiler.precision import ACTIVATION_BITS_FACT, WEIGHT_BITS_FACT
 from qcompiler.precision_ilp import pareto_front, solve_greedy, solve_ilp, solve_random, solve_uniform
 from qcompiler.registry import register_pass
 from qcompiler.sensitivity import WeightRange, layer_sensitivities
@@ -55,11 +55,11 @@ class Budget:
             raise QCError(f"the budget must be positive, got {number}", pass_name="assign-precision", option="budget")
         return cls(kind, number)
 
-    def limit(self, cost: np.ndarray, parameters: np.ndarray, full_width_index: int) -> float:
-        """The budget in the resource's unit, given the [layers, widths] cost matrix."""
+    def limit(self, full_width: float, parameters: np.ndarray) -> float:
+        """The budget in the resource's unit, given the full-width model's total of it."""
         if self.kind == "bits":
             return self.number * float(parameters.sum())
-        return self.number * float(cost[:, full_width_index].sum())
+        return self.number * full_width
 
 
 def parse_budget(text: str, weights: int, int8_bits: int = 8) -> float:
@@ -96,6 +96,10 @@ class AssignPrecision(Pass):
         check_samples: int = 5000
         #: The weight quantizer the sensitivities are scored with; keep it equal to insert-qdq's.
         weight_range: WeightRange = "auto"
+        #: Width of every quantized activation, one of the target's [bits] activations (0: the
+        #: activation dtype's own). Below the dtype's width insert-qdq lowers each activation
+        #: quantizer as QuantizeLinear -> Clip -> DequantizeLinear; bops budgets count it.
+        activation_bits: int = 0
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         # The traces the pipeline's hessian-trace pass computed (same options), else its defaults.
@@ -106,12 +110,20 @@ class AssignPrecision(Pass):
         sizes = np.array([l.parameters for l in layers], dtype=np.float64)
         omega = np.array([[l.omega[b] for b in bits] for l in layers])
         budget = Budget.parse(self.options.budget)
+        activation_bits = self.options.activation_bits or ctx.target.activations.bits
+        if activation_bits not in ctx.target.bits.activations:
+            raise QCError(f"{activation_bits}-bit activations are not allowed by target '{ctx.target.name}' (its [bits] activations: {list(ctx.target.bits.activations)})", pass_name=self.name, option="activation-bits")
+        if self.options.activation_bits:
+            ctx.facts[ACTIVATION_BITS_FACT] = activation_bits
         macs = None
         if budget.kind in ("bops", "latency"):
             macs = np.array([layer_macs(model, l.weight, l.node) for l in layers], dtype=np.float64)
-        cost = resource_matrix(budget.kind, ctx.target, bits, sizes, macs)
+        cost = resource_matrix(budget.kind, ctx.target, bits, sizes, macs, activation_bits)
         full = int(np.argmax(bits))
-        limit = budget.limit(cost, sizes, full)
+        # The reference is the full-width model: every weight at full width, activations at the
+        # activation dtype's width (W8A8 on ort-cpu), whatever activation-bits says.
+        full_width = float(resource_matrix(budget.kind, ctx.target, bits, sizes, macs)[:, full].sum())
+        limit = budget.limit(full_width, sizes)
         unit = _UNITS[budget.kind]
         method = self.options.method
         if method == "ilp":
@@ -129,7 +141,8 @@ class AssignPrecision(Pass):
         used = float(np.sum(sizes * np.asarray(bits)[choice]))
         stats = {
             "method": method,
-            "budget": {"kind": budget.kind, "value": budget.number, "limit": limit, "used": float(cost[rows, choice].sum()), "full_width": float(cost[:, full].sum()), "unit": unit},
+            "activation_bits": activation_bits,
+            "budget": {"kind": budget.kind, "value": budget.number, "limit": limit, "used": float(cost[rows, choice].sum()), "full_width": full_width, "unit": unit},
             "weight_bytes": round(used / 8),
             "average_bits": round(used / sizes.sum(), 3),
             "total_sensitivity": total,

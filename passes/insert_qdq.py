@@ -24,7 +24,7 @@ import onnx
 import onnx.version_converter
 
 from qcompiler.calibration import CALIBRATION_FACT, CalibrationRanges
-from qcompiler.precision import WEIGHT_BITS_FACT
+from qcompiler.precision import ACTIVATION_BITS_FACT, WEIGHT_BITS_FACT
 from qcompiler.errors import QCError
 from qcompiler.ir import SOURCE_KEY, NameAuthority, annotate_types, add_initializer, constant_array, is_float_tensor, opset_version, to_proto
 from qcompiler.op_roles import input_roles
@@ -33,7 +33,8 @@ from qcompiler.quant.bias_correction import LayerInputMeans, corrected_bias, cor
 from qcompiler.quant.observers import Observer
 from qcompiler.quant.uniform import affine_params, dequantize, quantize
 from qcompiler.registry import register_pass
-from qcompiler.sensitivity import WeightRange, quantize_weight
+from qcompiler.cost_model import storage_dtype
+from qcompiler.sensitivity import WeightRange, quantize_weight, weight_qrange
 from qcompiler.targets.spec import INTEGER_DTYPES, TargetSpec, TensorRule
 
 _NP_DTYPES = {"int4": np.int8, "uint4": np.uint8, "int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16, "int32": np.int32}
@@ -224,11 +225,13 @@ class InsertQDQ(Pass):
             means = ctx.analyses.get(LayerInputMeans(), model, ctx)
             input_means = {node: means[x.name] for node, x in correctable_inputs(model).items() if x.name in means}
         plan = plan_quantization(model, target, observers)
-        rewriter = _Rewriter(model, target, observers, plan, weight_range=self.options.weight_range, weight_bits=ctx.facts.get(WEIGHT_BITS_FACT), input_means=input_means)
+        rewriter = _Rewriter(model, target, observers, plan, weight_range=self.options.weight_range, weight_bits=ctx.facts.get(WEIGHT_BITS_FACT), input_means=input_means, activation_bits=ctx.facts.get(ACTIVATION_BITS_FACT))
         unfused = rewriter.compute_group_params()
         for act in unfused:
             ctx.note(self.name, "activation kept (its range does not start at the quantizer's zero)", node=act.name)
         rewriter.apply()
+        for note in sorted(rewriter.notes):
+            ctx.note(self.name, note, level="warning")
         for node, reason in plan.kept_float:
             ctx.note(self.name, reason, node=node.name, level="float", op_type=node.op_type)
         model.graph.sort()
@@ -240,10 +243,17 @@ class InsertQDQ(Pass):
 
 
 class _Rewriter:
-    def __init__(self, model: ir.Model, target: TargetSpec, observers: dict[str, Observer], plan: QuantPlan, *, weight_range: str = "auto", weight_bits: dict[str, int] | None = None, input_means: dict[str, np.ndarray] | None = None) -> None:
+    def __init__(self, model: ir.Model, target: TargetSpec, observers: dict[str, Observer], plan: QuantPlan, *, weight_range: str = "auto", weight_bits: dict[str, int] | None = None, input_means: dict[str, np.ndarray] | None = None, activation_bits: int | None = None) -> None:
         self.model = model
+        rule = target.activations
+        # A width below the dtype's: the b-bit integer range inside the dtype, enforced by a Clip
+        # after each QuantizeLinear (QuantizeLinear itself saturates only at the dtype's range).
+        self.act_bits = activation_bits or rule.bits
+        self.act_qrange = weight_qrange(rule, self.act_bits) if self.act_bits < rule.bits else rule.qrange
+        self.act_levels = self.act_qrange[1] - self.act_qrange[0] + 1
         self.input_means = input_means or {}
         self.bias_corrected = 0
+        self.notes: set[str] = set()
         self.weight_bits = weight_bits or {}
         self.weight_range = weight_range
         self.graph = model.graph
@@ -260,12 +270,12 @@ class _Rewriter:
     def compute_group_params(self) -> list[ir.Node]:
         """Scales per shared-scale group; un-fuse activations the quantizer would not make redundant."""
         rule = self.target.activations
-        qmin, qmax = rule.qrange
+        qmin, qmax = self.act_qrange
         members: dict[str, list[str]] = {}
         for name in self.plan.values:
             members.setdefault(self.plan.groups.find(name), []).append(name)
         for root, names in members.items():
-            ranges = [self.observers[n].range(levels=rule.levels, symmetric=rule.symmetric) for n in names]
+            ranges = [self.observers[n].range(levels=self.act_levels, symmetric=rule.symmetric) for n in names]
             lo = min(r[0] for r in ranges)
             hi = max(r[1] for r in ranges)
             scale, zp = affine_params(lo, hi, qmin, qmax, rule.symmetric)
@@ -282,7 +292,7 @@ class _Rewriter:
                 unfused.append(act)
                 out = producer.outputs[0]
                 self.plan.values[out.name] = out
-                r = self.observers[out.name].range(levels=rule.levels, symmetric=rule.symmetric)
+                r = self.observers[out.name].range(levels=self.act_levels, symmetric=rule.symmetric)
                 scale, zp = affine_params(r[0], r[1], qmin, qmax, rule.symmetric)
                 self.params[self.plan.groups.find(out.name)] = _Params(scale, zp)
         return unfused
@@ -321,6 +331,11 @@ class _Rewriter:
         q.outputs[0].name = self.names.fresh(f"{name}_quantized")
         q.outputs[0].dtype = ir.DataType(self._ir_dtype(self.target.activations.dtype))
         q.outputs[0].shape = value.shape
+        nodes = [q, dq]
+        if self.act_qrange != self.target.activations.qrange:
+            clip = self._range_clip(name, q.outputs[0])
+            dq.replace_input_with(0, clip.outputs[0])
+            nodes = [q, clip, dq]
         deq = dq.outputs[0]
         deq.name = self.names.fresh(f"{name}_dequantized")
         deq.dtype, deq.shape = value.dtype, value.shape
@@ -337,10 +352,22 @@ class _Rewriter:
         # Otherwise a graph output stays the exact float tensor; only its consumers read the DQ.
         producer = value.producer()
         if producer is None:
-            self.graph.insert_before(self.graph[0], [q, dq])
+            self.graph.insert_before(self.graph[0], nodes)
         else:
-            self.graph.insert_after(producer, [q, dq])
+            self.graph.insert_after(producer, nodes)
         self.dq_of[name] = deq
+
+    def _range_clip(self, name: str, quantized: ir.Value) -> ir.Node:
+        """Clip of the integer tensor to the narrow width's range: onnxruntime then dequantizes
+        exactly the b-bit values the quantizer meant."""
+        dtype = self.target.activations.dtype
+        lo = self._initializer(f"{name}_qmin", self._as_qtype(np.asarray(self.act_qrange[0]), dtype))
+        hi = self._initializer(f"{name}_qmax", self._as_qtype(np.asarray(self.act_qrange[1]), dtype))
+        clip = ir.Node("", "Clip", [quantized, lo, hi], name=self.names.fresh(f"{name}_Clip"))
+        out = clip.outputs[0]
+        out.name = self.names.fresh(f"{name}_quantized_{self.act_bits}bit")
+        out.dtype, out.shape = quantized.dtype, quantized.shape
+        return clip
 
     def _quantize_constants(self, node: ir.Node) -> None:
         roles = input_roles(node)
@@ -390,14 +417,25 @@ class _Rewriter:
         ax = axis if per_channel else None
         # A width chosen by assign-precision, stored in the weight dtype with its values limited
         # to the narrower range: the integer kernels then compute exactly the b-bit quantizer.
-        q, scale, zp = quantize_weight(w, rule, self.weight_bits.get(w_value.name, rule.bits), ax, self.weight_range)
-        dq_out = self._dequantized_constant(w_value, q, scale, zp, rule.dtype, ax)
+        bits = self.weight_bits.get(w_value.name, rule.bits)
+        q, scale, zp = quantize_weight(w, rule, bits, ax, self.weight_range)
+        dq_out = self._dequantized_constant(w_value, q, scale, zp, self._weight_dtype(bits), ax)
         for use in list(w_value.uses()):
             if use.node in self.plan.quantized_nodes and input_roles(use.node).weight == use.idx:
                 use.node.replace_input_with(use.idx, dq_out)
         self.weight_cache[id(w_value)] = (dq_out, scale, w, dequantize(q, scale, zp, axis=ax))
         self._drop_if_unused(w_value)
         return scale, w, self.weight_cache[id(w_value)][3]
+
+    def _weight_dtype(self, bits: int) -> str:
+        """The ONNX integer type a ``bits``-wide weight is stored in: the smallest native width that
+        holds it (int4 for 3 or 4 bits where the target runs int4), else the weight dtype."""
+        dtype = storage_dtype(self.target, bits)
+        if dtype != self.target.weights.dtype and opset_version(self.model) < 21:
+            # DequantizeLinear takes 4- and 16-bit integers from opset 21 on.
+            self.notes.add(f"{dtype} weights need opset 21 (the model has {opset_version(self.model)}; set min_opset = 21 in the target): stored as {self.target.weights.dtype}")
+            return self.target.weights.dtype
+        return dtype
 
     def _correct_bias(self, node: ir.Node, w: np.ndarray, deq: np.ndarray) -> None:
         """Give ``node`` a bias that cancels its quantized weight's mean output shift (a new
@@ -436,7 +474,7 @@ class _Rewriter:
         c_value = node.inputs[index]
         c = constant_array(c_value).astype(np.float32)
         rule = self.target.activations
-        qmin, qmax = rule.qrange
+        qmin, qmax = self.act_qrange
         scale, zp = affine_params(c.min(), c.max(), qmin, qmax, rule.symmetric)
         q = quantize(c, scale, zp, qmin, qmax)
         node.replace_input_with(index, self._dequantized_constant(c_value, q, scale.reshape(()), zp.reshape(()), rule.dtype, None))
@@ -459,7 +497,7 @@ class _Rewriter:
         if node.op_type == "Pad" and len(node.inputs) > 2 and node.inputs[2] is not None:
             value = constant_array(node.inputs[2])
             p = self._activation_params(out.name)
-            qmin, qmax = self.target.activations.qrange
+            qmin, qmax = self.act_qrange
             if value is None:
                 return
             q = quantize(np.asarray(value, np.float32), p.scale, p.zero_point, qmin, qmax)

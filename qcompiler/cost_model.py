@@ -61,14 +61,14 @@ def layer_macs(model: ir.Model, weight: str, node_name: str) -> int:
     return _per_sample_elements(node.outputs[0], node) * size // out_channels
 
 
-def resource_matrix(kind: str, target: TargetSpec, bits: tuple[int, ...], parameters: np.ndarray, macs: np.ndarray | None) -> np.ndarray:
+def resource_matrix(kind: str, target: TargetSpec, bits: tuple[int, ...], parameters: np.ndarray, macs: np.ndarray | None, activation_bits: int | None = None) -> np.ndarray:
     """[layers, widths] resource of each choice, in the unit of ``kind`` (bits, bit-ops, cost units)."""
     widths = np.asarray(bits, dtype=np.float64)
     if kind in ("size", "bits"):
         return parameters[:, None] * widths[None, :]
     assert macs is not None
     if kind == "bops":
-        return macs[:, None] * widths[None, :] * float(target.activations.bits)
+        return macs[:, None] * widths[None, :] * float(activation_bits or target.activations.bits)
     if kind == "latency":
         per_mac = []
         for b in bits:

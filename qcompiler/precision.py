@@ -2,3 +2,6 @@
 
 #: The facts key holding {weight initializer name: bits}, written by assign-precision, read by insert-qdq.
 WEIGHT_BITS_FACT = "weight_bits"
+#: The facts key holding the activation width (int) every quantized activation uses, written by
+#: assign-precision{activation-bits=N}, read by insert-qdq (absent: the activation dtype's width).
+ACTIVATION_BITS_FACT = "activation_bits"

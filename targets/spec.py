@@ -84,14 +84,18 @@ class OpRules:
 
 @dataclass(frozen=True)
 class BitRules:
-    """Weight bit-widths mixed precision may choose, and those the backend runs natively.
+    """Bit-widths mixed precision may choose, and those the backend runs natively.
 
-    A width that is not native is stored in the weight dtype's container with its values limited
-    to the narrower range, so the backend computes exactly what the quantizer meant.
+    A weight width that is not native is stored in the next wider native ONNX integer type with
+    its values limited to the narrower range, so the backend computes exactly what the quantizer
+    meant (a QuantizeLinear -> Clip folded into the constant). An activation narrower than the
+    activation dtype runs as QuantizeLinear -> Clip(b-bit range) -> DequantizeLinear.
     """
 
     allowed: tuple[int, ...] = (8,)
     native: tuple[int, ...] = (8,)
+    #: Activation widths a pipeline may ask for (assign-precision{activation-bits=N}).
+    activations: tuple[int, ...] = (8,)
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
         "integer_passthrough": (list, False),
     },
     "cost": {"source": (str, True), "mac": (dict, False)},
-    "bits": {"allowed": (list, False), "native": (list, False)},
+    "bits": {"allowed": (list, False), "native": (list, False), "activations": (list, False)},
 }
 
 
@@ -280,14 +284,16 @@ def load_target(name_or_path: str) -> TargetSpec:
             raise QCError(f"expected a positive number, got {value!r}", file=f"{path}:cost.mac.{dtype}")
     bits_data = data.get("bits", {})
     widths = {}
-    for key in ("allowed", "native"):
-        values = bits_data.get(key, [weights.bits])
-        if not all(isinstance(b, int) and not isinstance(b, bool) and b >= 2 for b in values):
+    for key, rule in (("allowed", weights), ("native", weights), ("activations", activations)):
+        values = bits_data.get(key, [rule.bits])
+        if not isinstance(values, list) or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 2 for b in values):
             raise QCError(f"expected integer bit-widths >= 2, got {values}", file=f"{path}:bits.{key}")
-        # Widths above the weight dtype's cannot be stored (e.g. inherited by a target that
-        # narrows weights to int4): they do not apply, and the dtype's own width always does.
-        widths[key] = tuple(sorted({b for b in values if b <= weights.bits})) or (weights.bits,)
+        # Widths above the dtype's cannot be stored (e.g. inherited by a target that narrows
+        # weights to int4): they do not apply, and the dtype's own width always does.
+        widths[key] = tuple(sorted({b for b in values if b <= rule.bits} | {rule.bits}))
     allowed, native = widths["allowed"], widths["native"]
+    if odd := [b for b in native if b not in (4, 8, 16)]:
+        raise QCError(f"native widths must be ONNX integer types (4, 8, 16 bits), got {odd[0]}", file=f"{path}:bits.native")
     # The pipeline is parsed here so a bad default pipeline is reported against the target file.
     from qcompiler.pipeline import split_pipeline
 
@@ -305,7 +311,7 @@ def load_target(name_or_path: str) -> TargetSpec:
         bias=bias,
         ops=ops,
         cost=CostModel(source=data["cost"]["source"], mac={k: float(v) for k, v in mac.items()}),
-        bits=BitRules(allowed=tuple(sorted(set(allowed))), native=tuple(sorted(set(native)))),
+        bits=BitRules(allowed=allowed, native=native, activations=widths["activations"]),
         path=str(path),
     )
 
@@ -341,6 +347,6 @@ def target_to_toml(spec: TargetSpec) -> str:
         lines += [f"[{section}]", f"dtype = {fmt(rule.dtype)}", f"symmetric = {fmt(rule.symmetric)}", f"granularity = {fmt(rule.granularity)}", f"narrow_range = {fmt(rule.narrow_range)}", ""]
     lines += ["[bias]", f"quantize = {fmt(spec.bias.quantize)}", f"dtype = {fmt(spec.bias.dtype)}", ""]
     lines += ["[ops]"] + [f"{k} = {fmt(getattr(spec.ops, k))}" for k in ("quantized", "passthrough", "fused_activations", "shared_scale", "quantize_graph_outputs", "integer_passthrough")] + [""]
-    lines += ["[bits]", f"allowed = {fmt(list(spec.bits.allowed))}", f"native = {fmt(list(spec.bits.native))}", ""]
+    lines += ["[bits]", f"allowed = {fmt(list(spec.bits.allowed))}", f"native = {fmt(list(spec.bits.native))}", f"activations = {fmt(list(spec.bits.activations))}", ""]
     lines += ["[cost]", f"source = {fmt(spec.cost.source)}", "", "[cost.mac]"] + [f"{key(k)} = {v}" for k, v in spec.cost.mac.items()]
     return "\n".join(lines) + "\n"
