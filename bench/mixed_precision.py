@@ -215,8 +215,9 @@ def time_ilp(layers: int = 100, bits: tuple[int, ...] = (2, 3, 4, 6, 8), seed: i
     sizes = rng.uniform(1e3, 1e5, layers).round()
     omega = -np.sort(-rng.uniform(1e-6, 1.0, (layers, len(bits))), axis=1)  # descending along widths
     budget = 0.5 * sizes.sum() * max(bits)
+    cost = sizes[:, None] * np.asarray(bits, dtype=np.float64)[None, :]  # the size resource, in weight bits
     start = time.perf_counter()
-    solve_ilp(omega, sizes, bits, budget)
+    solve_ilp(omega, cost, budget)
     return time.perf_counter() - start
 
 

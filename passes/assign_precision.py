@@ -8,6 +8,7 @@ with its defaults). ``method=ilp`` solves the assignment exactly; ``uniform``, `
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,7 +20,7 @@ from qcompiler.errors import QCError
 from qcompiler.hessian import HESSIAN_FACT, HessianTrace
 from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.precision import ACTIVATION_BITS_FACT, WEIGHT_BITS_FACT
-from qcompiler.precision_ilp import pareto_front, solve_greedy, solve_ilp, solve_random, solve_uniform
+from qcompiler.precision_ilp import pareto_front, smallest_feasible, solve_greedy, solve_ilp, solve_random, solve_uniform
 from qcompiler.registry import register_pass
 from qcompiler.sensitivity import WeightRange, layer_sensitivities
 
@@ -125,6 +126,11 @@ class AssignPrecision(Pass):
         full_width = float(resource_matrix(budget.kind, ctx.target, bits, sizes, macs)[:, full].sum())
         limit = budget.limit(full_width, sizes)
         unit = _UNITS[budget.kind]
+        smallest = smallest_feasible(cost)
+        if limit < smallest * (1 - 1e-9):
+            # Said in the budget's own terms, so the user can type the number back in.
+            least = smallest / float(sizes.sum()) if budget.kind == "bits" else smallest / full_width
+            raise QCError(f"no assignment meets {budget.kind}={budget.number:g}; the smallest feasible is {budget.kind}={math.ceil(least * 1000) / 1000:g} (every layer at its cheapest width)", pass_name=self.name, option="budget")
         method = self.options.method
         if method == "ilp":
             choice = solve_ilp(omega, cost, limit, unit)
