@@ -13,7 +13,7 @@ import onnx_ir as ir
 from qcompiler.calibration import CALIBRATION_FACT
 from qcompiler.data import DataSource, InputSpec
 from qcompiler.errors import QCError
-from qcompiler.ir import annotate_types, atomic_output_dir, load_model, model_bytes_on_disk, save_model, to_proto
+from qcompiler.ir import SOURCE_KEY, annotate_types, atomic_output_dir, load_model, model_bytes_on_disk, save_model, to_proto
 from qcompiler.pass_manager import Instrument, Pass, PassContext, PassManager, ProgressFactory, null_progress
 from qcompiler.pipeline import format_pipeline, parse_pipeline
 from qcompiler.report import KeptFloat, PassTiming, Report
@@ -97,6 +97,7 @@ def compile(  # noqa: A001 - the verb users expect: qcompiler.compile(...)
                 report.diagnostics.append({"pass": None, "node": None, "level": "warning", "message": "verified on the calibration data: figures are optimistic; pass --data with held-out samples"})
             report.verification = verify_models(float_proto, model_path if model_path else quant_proto, check, progress=progress, latency_runs=latency_runs)
             report.verification.size.float_bytes = _float_size(model, float_proto)
+            _attach_layer_sqnr(report, compiled)
         if folder is not None:
             (folder / "report.json").write_text(report.to_json())
         return CompileResult(compiled, report, Path(output_dir) if output_dir is not None else None)
@@ -106,6 +107,27 @@ def compile(  # noqa: A001 - the verb users expect: qcompiler.compile(...)
     inputs = tuple(str(p) for p in (model, calibration, verify_data, spec.path) if isinstance(p, (str, os.PathLike)) and p)
     with atomic_output_dir(output_dir, force=force, keep=inputs) as tmp:
         return run(tmp)
+
+
+def _attach_layer_sqnr(report: Report, compiled: ir.Model) -> None:
+    """Give each layer of assign-precision's stats the measured SQNR of its output tensor.
+
+    The precision pass ran before the rewrite, so it only knows weights; in the compiled graph a
+    weight's DequantizeLinear carries the weight's name (qc.source), and the node reading it
+    produces the tensor the verifier compared (renamed by folding and fusion to the float name).
+    """
+    stats = next((p.stats for p in reversed(report.passes) if p.name == "assign-precision"), None)
+    if not stats or "layers" not in stats or report.verification is None:
+        return
+    measured = {l.tensor: l.sqnr_db for l in report.verification.layers}
+    for node in compiled.graph:
+        if node.op_type != "DequantizeLinear" or node.metadata_props.get(SOURCE_KEY) not in stats["layers"]:
+            continue
+        layer = stats["layers"][node.metadata_props[SOURCE_KEY]]
+        for consumer in node.outputs[0].consumers():
+            name = consumer.outputs[0].name
+            if name in measured:
+                layer["output"], layer["sqnr_db"] = name, measured[name]
 
 
 def _float_size(model: str | os.PathLike | ir.Model, proto: onnx.ModelProto) -> int:

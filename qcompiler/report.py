@@ -208,13 +208,11 @@ def _render_precision(report: Report, console: Console) -> None:
     budget = stats.get("budget", {})
     spent = f"{budget['kind']}={budget['value']}: {budget['used']:.4g} of {budget['limit']:.4g} {budget['unit']}" if budget else ""
     table = Table(title=f"Weight bit-widths ({stats['method']}, {stats['average_bits']} bits on average; {spent})")
-    # The measured SQNR of each layer's output, where the verifier matched it.
-    sqnr = {l.node: l.sqnr_db for l in report.verification.layers} if report.verification else {}
     for col in ("node", "bits", "Tr(H) [95% CI]", "sensitivity", "SQNR"):
         table.add_column(col, justify="left" if col == "node" else "right")
     for weight, layer in stats["layers"].items():
         ci = traces.get(weight, {}).get("ci95")
         trace = f"{layer['trace']:.3g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
-        measured = sqnr.get(layer["node"])
+        measured = layer.get("sqnr_db")  # the verifier's, attached after compiling (compiler.py)
         table.add_row(layer["node"], str(layer["bits"]), trace, f"{layer['sensitivity']:.3g}", _db(measured) if measured is not None else "-")
     console.print(table)

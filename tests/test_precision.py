@@ -129,6 +129,10 @@ def test_assigned_widths_are_applied_by_insert_qdq() -> None:
         weight = node.inputs[1].producer().inputs[0].const_value.numpy()
         bits = next(l["bits"] for l in stats["layers"].values() if l["node"] == node.name)
         assert np.abs(weight).max() <= 2 ** (bits - 1) - 1  # the integers respect the assigned width
+    # The verifier's per-layer SQNR is attached to the layer (fc2 writes the graph output, which
+    # the per-layer comparison leaves to the output metrics).
+    fc1 = next(l for l in stats["layers"].values() if l["node"] == "fc1")
+    assert fc1["output"] == "a" and np.isfinite(fc1["sqnr_db"]) and fc1["sqnr_db"] > 5
 
 
 def test_bad_budget_text_names_the_option() -> None:
