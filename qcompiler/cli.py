@@ -163,11 +163,60 @@ def verify_cmd(
         tmp.replace(json_path)
 
 
+def _writable_file(path: Path, force: bool, option: str) -> None:
+    """Refuse to overwrite an existing file without --force, or to write into a missing folder."""
+    if path.is_dir():
+        raise QCError("is a folder, expected a file path", file=str(path), option=option)
+    if path.exists() and not force:
+        raise QCError("already exists (pass --force to replace it)", file=str(path), option=option)
+    if not path.parent.is_dir():
+        raise QCError("its folder does not exist", file=str(path), option=option)
+
+
+@app.command("pack")
+def pack_cmd(
+    model: Annotated[Path, typer.Argument(help="A compiled ONNX model with clustered weights (cluster-weights).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The .qcz file to write.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+) -> None:
+    """Write MODEL's clustered weights Huffman-coded into a .qcz file, and print its size."""
+    from qcompiler.codebook.qcz import pack
+    from qcompiler.ir import load_model
+
+    load_model(model)  # a missing or broken model gets the usual one-line error
+    _writable_file(output, force, "--output")
+    size = pack(model, output)
+    on_disk = output.stat().st_size
+    float_bytes = 4 * size.weights
+    out.print(f"wrote {output}: {on_disk:,} bytes; {size.weights:,} clustered weights in {size.total_bits / 8:,.0f} coded bytes "
+              f"(indices {size.index_bits / 8:,.0f}, gaps {size.gap_bits / 8:,.0f}, codebooks {size.codebook_bits / 8:,.0f}, tables {size.table_bits / 8:,.0f}): "
+              f"{size.ratio:.2f}x against float32 weights; the whole file is {float_bytes / on_disk:.2f}x smaller than those weights")
+
+
+@app.command("unpack")
+def unpack_cmd(
+    qcz: Annotated[Path, typer.Argument(help="A .qcz file written by qc pack.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The ONNX model to write.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+) -> None:
+    """Restore the ONNX model a .qcz file holds (same outputs as the packed model, bit for bit)."""
+    import onnx
+
+    from qcompiler.codebook.qcz import unpack
+
+    _writable_file(output, force, "--output")
+    model = unpack(qcz)
+    tmp = output.with_name(f".{output.name}.tmp")
+    onnx.save(model, str(tmp))
+    tmp.replace(output)
+    out.print(f"wrote {output}")
+
+
 @app.command("passes")
 def passes_cmd(plugin: PluginOpt = None) -> None:
     """List every registered pass with its summary and options."""
     from qcompiler.pass_manager import option_fields
-    from qcompiler.pipeline import describe_type, option_types
+    from qcompiler.pipeline import describe_type, option_key, option_types
     from qcompiler.registry import all_passes
 
     _load_plugins(plugin)
@@ -176,7 +225,7 @@ def passes_cmd(plugin: PluginOpt = None) -> None:
         table.add_column(col)
     for name, cls in all_passes().items():
         types = option_types(cls)
-        opts = [f"{f.name.replace('_', '-')}: {describe_type(types[f.name])} = {str(f.default).lower() if isinstance(f.default, bool) else f.default}" for f in option_fields(cls)]
+        opts = [f"{option_key(f.name)}: {describe_type(types[f.name])} = {str(f.default).lower() if isinstance(f.default, bool) else f.default}" for f in option_fields(cls)]
         table.add_row(name, cls.summary(), "\n".join(opts) or "-")
     out.print(table)
 

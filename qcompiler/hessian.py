@@ -207,14 +207,18 @@ class HessianDiagonal(Analysis[dict[str, np.ndarray]]):
 
     ``method=hutchinson``: E[v * (H v)] over Rademacher probes v (one Hessian-vector product per
     probe covers every layer: the diagonal needs no per-layer confinement, since E[v_i v_j] = 0
-    removes every off-diagonal term alike). ``method=fisher``: the empirical Fisher E[g_i^2], the
-    mean squared per-sample gradient: cheaper, no second derivatives, a positive approximation.
+    removes every off-diagonal term alike). ``method=fisher``: the second moment E[g_i^2] of
+    mini-batch gradients (what Adam's ``v`` tracks, Choi et al.'s cheap alternative): no second
+    derivatives, always positive, one backward pass per batch of ``fisher_batch_size``.
     """
 
     name = "hessian-diagonal"
     method: Literal["hutchinson", "fisher"] = "hutchinson"
     probes: int = 32
     batch_size: int = 128
+    # Small batches: more gradient samples per pass over the data, the noise term of E[g_B^2]
+    # (var/B) keeping the per-weight ordering of a per-sample Fisher.
+    fisher_batch_size: int = 16
     samples: int = 1000
     loss: LossName = "auto"
     seed: int = 0
@@ -222,7 +226,7 @@ class HessianDiagonal(Analysis[dict[str, np.ndarray]]):
     def compute(self, model: ir.Model, ctx: PassContext) -> dict[str, np.ndarray]:
         import torch
 
-        graph, weights, batches, loss_fn, _ = _loss_setup(model, ctx, self.samples, self.batch_size if self.method == "hutchinson" else 1, self.loss, "hessian-diagonal")
+        graph, weights, batches, loss_fn, _ = _loss_setup(model, ctx, self.samples, self.batch_size if self.method == "hutchinson" else self.fisher_batch_size, self.loss, "hessian-diagonal")
         params = graph.named_weights()
         names = list(weights)
         tensors = [params[n] for n in names]

@@ -127,16 +127,23 @@ def option_types(pass_type: type[Pass]) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in option_fields(pass_type)}
 
 
+def option_key(field_name: str) -> str:
+    """The pipeline name of an Options field: kebab-case, without the trailing underscore that
+    lets a field be named after a Python keyword (``lambda_`` is ``lambda=``)."""
+    return field_name.rstrip("_").replace("_", "-")
+
+
 def instantiate(spec: PassSpec) -> Pass:
     """Build a pass from a spec, validating every option against the pass's typed Options."""
     pass_type = get_pass(spec.name)
     types_by_name = option_types(pass_type)
     # Pipelines use kebab-case option names; Options fields are snake_case.
     kwargs: dict[str, Any] = {}
+    by_key = {option_key(name): name for name in types_by_name}
     for key, raw in spec.options:
-        field_name = key.replace("-", "_")
+        field_name = by_key.get(key, key.replace("-", "_"))
         if field_name not in types_by_name:
-            accepted = ", ".join(k.replace("_", "-") for k in types_by_name) or "none"
+            accepted = ", ".join(by_key) or "none"
             raise QCError(f"unknown option (accepted options: {accepted})", pass_name=spec.name, option=key)
         if field_name in kwargs:
             raise QCError("option given twice", pass_name=spec.name, option=key)
@@ -174,7 +181,7 @@ def format_pass(pass_: Pass) -> str:
         default = f.default if f.default is not dataclasses.MISSING else None
         if value != default:
             text = str(value).lower() if isinstance(value, bool) else str(value)
-            parts.append(f"{f.name.replace('_', '-')}={text}")
+            parts.append(f"{option_key(f.name)}={text}")
     return f"{pass_.name}{{{','.join(parts)}}}" if parts else pass_.name
 
 

@@ -115,7 +115,8 @@ def test_hutchinson_diagonal_matches_the_exact_diagonal() -> None:
         assert np.max(np.abs(estimate[name] - exact[name])) < 0.05 * np.max(np.abs(exact[name])) + 1e-3
 
 
-def test_fisher_diagonal_is_the_mean_squared_per_sample_gradient() -> None:
+@pytest.mark.parametrize("batch", [1, 4])
+def test_fisher_diagonal_is_the_mean_squared_batch_gradient(batch: int) -> None:
     from qcompiler.hessian import HessianDiagonal
 
     rng = np.random.default_rng(1)
@@ -125,11 +126,11 @@ def test_fisher_diagonal_is_the_mean_squared_per_sample_gradient() -> None:
     graph = TorchGraph(model, trainable=["w1", "w2"])
     w2 = graph.named_weights()["w2"]
     expected = np.zeros(w2.shape)
-    for i in range(12):
-        loss = torch.nn.functional.cross_entropy(graph(x=torch.from_numpy(x[i : i + 1]))[0], torch.from_numpy(labels[i : i + 1]))
-        expected += torch.autograd.grad(loss, w2)[0].numpy() ** 2 / 12
+    for i in range(0, 12, batch):
+        loss = torch.nn.functional.cross_entropy(graph(x=torch.from_numpy(x[i : i + batch]))[0], torch.from_numpy(labels[i : i + batch]))
+        expected += torch.autograd.grad(loss, w2)[0].numpy() ** 2 / (12 // batch)
     ctx = PassContext(target=load_target("ort-cpu"), data=DataSource({"x": x}, labels))
-    fisher = ctx.analyses.get(HessianDiagonal(method="fisher", samples=12), model, ctx)
+    fisher = ctx.analyses.get(HessianDiagonal(method="fisher", samples=12, fisher_batch_size=batch), model, ctx)
     np.testing.assert_allclose(fisher["w2"], expected, rtol=1e-4, atol=1e-8)
     assert np.all(fisher["w1"] >= 0)
 

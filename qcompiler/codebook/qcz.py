@@ -1,0 +1,246 @@
+"""Coded size of clustered weights, and the `.qcz` file that stores them Huffman-coded.
+
+A clustered weight is ``Gather(codebook, Cast(indices))`` (see passes/cluster_weights.py). Its
+indices are coded with one canonical Huffman code per codebook. A weight with pruned entries
+(the Gather's ``qc.codebook.zero_index`` metadata names the codebook slot holding them) is coded
+sparsely instead: the indices of its non-zeros, plus the gaps (zero runs) between them, each with
+its own Huffman code; a gap longer than `MAX_GAP` is split by an explicit zero entry, as in Deep
+Compression.
+
+`.qcz` layout: ``b"QCZ1"``, the SHA-256 of the rest, then the rest: an 8-byte header length, a
+JSON header, the zlib-compressed ONNX model without its index tensors (codebooks, biases and
+everything else stay in it), and the coded streams the header points at. Unpacking checks the
+digest first, so a truncated or altered file is refused before anything is decoded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from qcompiler.codebook import ZERO_INDEX_KEY
+from qcompiler.codebook.huffman import HuffmanCode
+from qcompiler.errors import QCError
+
+MAGIC = b"QCZ1"
+#: Longest zero run coded as one gap symbol; longer runs get an explicit zero entry.
+MAX_GAP = 255
+#: Bits per codebook entry (float32).
+CENTRE_BITS = 32
+
+
+@dataclass
+class ClusteredTensor:
+    """One clustered weight in a saved model: where its indices and codebook live."""
+
+    weight: str  # the original weight name (qc.source)
+    indices: str  # initializer holding the indices
+    codebook: str  # initializer holding the centres
+    zero_index: int | None  # codebook slot of pruned weights, if any
+
+
+@dataclass
+class CodedSize:
+    """Bits of the coded weights, split by what they pay for."""
+
+    weights: int = 0  # number of clustered weights
+    index_bits: int = 0
+    gap_bits: int = 0
+    codebook_bits: int = 0
+    table_bits: int = 0
+    per_tensor: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def total_bits(self) -> int:
+        return self.index_bits + self.gap_bits + self.codebook_bits + self.table_bits
+
+    @property
+    def ratio(self) -> float:
+        """32 x number of weights / coded bits (Choi et al.'s compression ratio)."""
+        return 32 * self.weights / self.total_bits if self.total_bits else float("nan")
+
+
+def clustered_tensors(model: onnx.ModelProto) -> list[ClusteredTensor]:
+    """The clustered weights of a saved model, found from their Gather/Cast pattern and metadata."""
+    initializers = {t.name for t in model.graph.initializer}
+    cast_input = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Cast"}
+    found = []
+    for node in model.graph.node:
+        meta = {p.key: p.value for p in node.metadata_props}
+        if node.op_type != "Gather" or ZERO_INDEX_KEY not in meta:
+            continue
+        codebook, index_input = node.input[0], node.input[1]
+        indices = cast_input.get(index_input, index_input)
+        if codebook not in initializers or indices not in initializers:
+            continue
+        zero = meta[ZERO_INDEX_KEY]
+        found.append(ClusteredTensor(meta.get("qc.source", indices), indices, codebook, int(zero) if zero else None))
+    return found
+
+
+def _sparse_streams(indices: np.ndarray, zero: int) -> tuple[np.ndarray, np.ndarray]:
+    """(gap symbols, index symbols) of a pruned tensor: zeros before each coded entry, entry."""
+    flat = indices.ravel()
+    positions = np.flatnonzero(flat != zero)
+    gaps = np.diff(np.concatenate([[-1], positions])) - 1
+    # A run longer than MAX_GAP: every (MAX_GAP + 1)-th zero is coded as an explicit entry.
+    fillers = gaps // (MAX_GAP + 1)
+    entries = np.repeat(np.arange(len(positions)), fillers + 1)
+    first_of_entry = np.concatenate([[0], np.cumsum(fillers + 1)[:-1]])
+    within = np.arange(len(entries)) - first_of_entry[entries]
+    is_real = within == fillers[entries]
+    gap_symbols = np.where(is_real, gaps[entries] - fillers[entries] * (MAX_GAP + 1), MAX_GAP)
+    index_symbols = np.where(is_real, flat[positions][entries], zero)
+    return gap_symbols.astype(np.int64), index_symbols.astype(np.int64)
+
+
+def _from_sparse(gaps: np.ndarray, entries: np.ndarray, size: int, zero: int, dtype: np.dtype) -> np.ndarray:
+    out = np.full(size, zero, dtype=dtype)
+    positions = np.cumsum(gaps + 1) - 1
+    out[positions] = entries
+    return out
+
+
+def _groups(model: onnx.ModelProto) -> tuple[dict[str, np.ndarray], dict[str, list[ClusteredTensor]]]:
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    groups: dict[str, list[ClusteredTensor]] = {}
+    for t in clustered_tensors(model):
+        groups.setdefault(t.codebook, []).append(t)
+    return arrays, groups
+
+
+def _group_codes(arrays: dict[str, np.ndarray], tensors: list[ClusteredTensor], alphabet: int) -> tuple[HuffmanCode, HuffmanCode | None, dict]:
+    """One index code and one gap code per codebook, fitted on all its tensors' streams."""
+    index_streams, gap_streams, streams = [], [], {}
+    for t in tensors:
+        idx = arrays[t.indices].astype(np.int64)
+        if t.zero_index is not None:
+            gaps, entries = _sparse_streams(idx, t.zero_index)
+            gap_streams.append(gaps)
+        else:
+            gaps, entries = None, idx.ravel()
+        index_streams.append(entries)
+        streams[t.indices] = (gaps, entries)
+    index_code = HuffmanCode.fit(np.concatenate(index_streams), alphabet)
+    gap_code = HuffmanCode.fit(np.concatenate(gap_streams), MAX_GAP + 1) if gap_streams else None
+    return index_code, gap_code, streams
+
+
+def coded_size(model: onnx.ModelProto) -> CodedSize:
+    """Exact bits of the Huffman-coded indices, gaps, codebooks and code tables."""
+    arrays, groups = _groups(model)
+    size = CodedSize()
+    for codebook, tensors in groups.items():
+        index_code, gap_code, streams = _group_codes(arrays, tensors, len(arrays[codebook]))
+        size.codebook_bits += CENTRE_BITS * len(arrays[codebook])
+        size.table_bits += index_code.table_bits() + (gap_code.table_bits() if gap_code else 0)
+        for t in tensors:
+            gaps, entries = streams[t.indices]
+            bits = index_code.coded_bits(entries)
+            gap_bits = gap_code.coded_bits(gaps) if gaps is not None else 0
+            size.index_bits += bits
+            size.gap_bits += gap_bits
+            size.weights += arrays[t.indices].size
+            size.per_tensor[t.weight] = bits + gap_bits
+    return size
+
+
+def pack(model_path: str | os.PathLike, out_path: str | os.PathLike) -> CodedSize:
+    """Write the `.qcz` of a clustered ONNX model (written to a temporary name, then renamed)."""
+    model = onnx.load(str(model_path))
+    arrays, groups = _groups(model)
+    if not groups:
+        raise QCError("no clustered weights to pack: compile with cluster-weights first", file=str(model_path))
+    blobs: list[bytes] = []
+    offset = 0
+
+    def add(data: bytes) -> list[int]:
+        nonlocal offset
+        blobs.append(data)
+        offset += len(data)
+        return [offset - len(data), len(data)]
+
+    header: dict = {"version": 1, "codebooks": []}
+    coded = set()
+    for codebook, tensors in groups.items():
+        index_code, gap_code, streams = _group_codes(arrays, tensors, len(arrays[codebook]))
+        entry = {"codebook": codebook, "index_lengths": index_code.lengths.tolist(), "gap_lengths": gap_code.lengths.tolist() if gap_code else None, "tensors": []}
+        for t in tensors:
+            gaps, entries = streams[t.indices]
+            data, bits = index_code.encode(entries)
+            record = {"name": t.indices, "dtype": str(arrays[t.indices].dtype), "shape": list(arrays[t.indices].shape), "zero_index": t.zero_index,
+                      "entries": int(len(entries)), "index_bits": bits, "index_blob": add(data)}
+            if gaps is not None:
+                gdata, gbits = gap_code.encode(gaps)
+                record.update(gap_bits=gbits, gap_blob=add(gdata))
+            entry["tensors"].append(record)
+            coded.add(t.indices)
+        header["codebooks"].append(entry)
+    skeleton = onnx.ModelProto()
+    skeleton.CopyFrom(model)
+    kept = [t for t in skeleton.graph.initializer if t.name not in coded]
+    del skeleton.graph.initializer[:]
+    skeleton.graph.initializer.extend(kept)
+    header["skeleton_blob"] = add(zlib.compress(skeleton.SerializeToString(), 9))
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    payload = struct.pack("<Q", len(header_bytes)) + header_bytes + b"".join(blobs)
+    target = Path(out_path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_bytes(MAGIC + hashlib.sha256(payload).digest() + payload)
+    tmp.replace(target)
+    return coded_size(model)
+
+
+def unpack(qcz_path: str | os.PathLike) -> onnx.ModelProto:
+    """The ONNX model a `.qcz` holds (index tensors decoded back to their exact values)."""
+    path = str(qcz_path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise QCError(f"cannot read: {exc.strerror or exc}", file=path) from None
+    if raw[:4] != MAGIC:
+        raise QCError("not a .qcz file (bad magic bytes)", file=path)
+    digest, payload = raw[4:36], raw[36:]
+    if len(digest) < 32 or hashlib.sha256(payload).digest() != digest:
+        raise QCError("checksum mismatch: the file is truncated or altered", file=path)
+    (length,) = struct.unpack("<Q", payload[:8])
+    try:
+        header = json.loads(payload[8 : 8 + length])
+    except ValueError:
+        raise QCError("corrupt header", file=path) from None
+    blobs = payload[8 + length :]
+
+    def blob(where: list[int]) -> bytes:
+        return blobs[where[0] : where[0] + where[1]]
+
+    try:
+        return _decode(header, blob)
+    except (ValueError, KeyError, TypeError, zlib.error) as exc:  # pragma: no cover - the digest matched
+        raise QCError(f"cannot decode: {exc}", file=path) from None
+
+
+def _decode(header: dict, blob) -> onnx.ModelProto:
+    model = onnx.ModelProto()
+    model.ParseFromString(zlib.decompress(blob(header["skeleton_blob"])))
+    for entry in header["codebooks"]:
+        index_code = HuffmanCode(np.asarray(entry["index_lengths"], dtype=np.int64))
+        gap_code = HuffmanCode(np.asarray(entry["gap_lengths"], dtype=np.int64)) if entry["gap_lengths"] is not None else None
+        for record in entry["tensors"]:
+            dtype, shape = np.dtype(record["dtype"]), record["shape"]
+            entries = index_code.decode(blob(record["index_blob"]), record["entries"], record["index_bits"])
+            if record["zero_index"] is None:
+                array = entries.astype(dtype).reshape(shape)
+            else:
+                gaps = gap_code.decode(blob(record["gap_blob"]), record["entries"], record["gap_bits"])
+                array = _from_sparse(gaps, entries, int(np.prod(shape)), record["zero_index"], dtype).reshape(shape)
+            model.graph.initializer.append(numpy_helper.from_array(array, record["name"]))
+    return model

@@ -1,0 +1,108 @@
+"""qc pack / qc unpack: the round trip restores bit-identical outputs; the size counted is the
+size written; truncated or altered files are refused with one line."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from qcompiler.codebook.qcz import MAX_GAP, coded_size, pack, unpack
+from qcompiler.errors import QCError
+from qcompiler.ir import to_proto
+from qcompiler.runtime import make_session
+from tests.passes.test_cluster_weights import _data, _net, _run
+from tests.test_cli_errors import assert_one_line_error, qc
+
+
+def _clustered(tmp_path: Path, pipeline: str) -> Path:
+    model, _ = _run(_net(np.random.default_rng(0)), pipeline)
+    path = tmp_path / "clustered.onnx"
+    onnx.save(to_proto(model), path)
+    return path
+
+
+PIPELINES = {
+    "dense-network": "cluster-weights{method=kmeans,clusters=8}",
+    "dense-layer": "cluster-weights{method=hessian-kmeans,clusters=5,scope=layer}",
+    "pruned": "prune-magnitude{ratio=0.6},cluster-weights{method=kmeans,clusters=6}",
+    # 99.5 % zeros: zero runs far longer than MAX_GAP need the explicit-zero entries.
+    "long-runs": "prune-magnitude{ratio=0.995,scope=network},cluster-weights{method=kmeans,clusters=2}",
+}
+
+
+@pytest.mark.parametrize("case", PIPELINES)
+def test_round_trip_gives_bit_identical_outputs(tmp_path: Path, case: str) -> None:
+    source = _clustered(tmp_path, PIPELINES[case])
+    qcz = tmp_path / "m.qcz"
+    size = pack(source, qcz)
+    restored = unpack(qcz)
+    original = onnx.load(source)
+    before = {t.name: numpy_helper.to_array(t) for t in original.graph.initializer}
+    after = {t.name: numpy_helper.to_array(t) for t in restored.graph.initializer}
+    assert before.keys() == after.keys()
+    for name in before:
+        assert before[name].dtype == after[name].dtype and np.array_equal(before[name], after[name]), name
+    x = _data().arrays["x"]
+    np.testing.assert_array_equal(make_session(original).run(None, {"x": x})[0], make_session(restored).run(None, {"x": x})[0])
+    assert size.weights == sum(before[n].size for n in before if n.endswith("_indices"))
+    if case == "long-runs":
+        w2 = before["w2_indices"]
+        assert np.max(np.diff(np.flatnonzero(w2.ravel() != 0), prepend=-1)) > MAX_GAP  # the case it is named for
+
+
+def test_coded_size_is_what_the_file_holds(tmp_path: Path) -> None:
+    source = _clustered(tmp_path, PIPELINES["pruned"])
+    qcz = tmp_path / "m.qcz"
+    size = pack(source, qcz)
+    raw = qcz.read_bytes()[36:]
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8 : 8 + length])
+    records = [r for entry in header["codebooks"] for r in entry["tensors"]]
+    assert size.index_bits == sum(r["index_bits"] for r in records)
+    assert size.gap_bits == sum(r.get("gap_bits", 0) for r in records) > 0
+    stream_bytes = sum(r["index_blob"][1] + r.get("gap_blob", [0, 0])[1] for r in records)
+    assert stream_bytes == sum((r["index_bits"] + 7) // 8 + (r.get("gap_bits", 0) + 7) // 8 for r in records)
+    assert size == coded_size(onnx.load(source)) and size.ratio > 4
+
+
+def test_altered_and_truncated_files_are_refused(tmp_path: Path) -> None:
+    qcz = tmp_path / "m.qcz"
+    pack(_clustered(tmp_path, PIPELINES["dense-network"]), qcz)
+    raw = qcz.read_bytes()
+    cases = {"truncated": raw[: len(raw) - 10], "altered": raw[:100] + bytes([raw[100] ^ 1]) + raw[101:], "short": raw[:20]}
+    for name, data in cases.items():
+        bad = tmp_path / f"{name}.qcz"
+        bad.write_bytes(data)
+        with pytest.raises(QCError, match="checksum"):
+            unpack(bad)
+    other = tmp_path / "model.onnx.qcz"
+    other.write_bytes(b"\x08\x07" + raw[2:])
+    with pytest.raises(QCError, match="magic"):
+        unpack(other)
+
+
+def test_cli_pack_unpack(tmp_path: Path) -> None:
+    source = _clustered(tmp_path, PIPELINES["pruned"])
+    result = qc("pack", source, "-o", "m.qcz", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "x against float32 weights" in result.stdout.replace("\n", " ")
+    assert_one_line_error(qc("pack", source, "-o", "m.qcz", cwd=tmp_path), "m.qcz", "--force")
+    assert qc("unpack", "m.qcz", "-o", "back.onnx", cwd=tmp_path).returncode == 0
+    x = _data().arrays["x"]
+    np.testing.assert_array_equal(make_session(str(source)).run(None, {"x": x})[0], make_session(str(tmp_path / "back.onnx")).run(None, {"x": x})[0])
+    (tmp_path / "cut.qcz").write_bytes((tmp_path / "m.qcz").read_bytes()[:-1])
+    assert_one_line_error(qc("unpack", "cut.qcz", "-o", "cut.onnx", cwd=tmp_path), "cut.qcz", "checksum")
+    assert not (tmp_path / "cut.onnx").exists() and not list(tmp_path.glob(".*tmp"))
+
+
+def test_pack_of_a_model_without_clustered_weights(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.onnx"
+    onnx.save(to_proto(_net(np.random.default_rng(0))), plain)
+    assert_one_line_error(qc("pack", plain, "-o", "m.qcz", cwd=tmp_path), "plain.onnx", "cluster-weights")
+    assert not (tmp_path / "m.qcz").exists()

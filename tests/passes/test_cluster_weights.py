@@ -1,0 +1,138 @@
+"""prune-magnitude and cluster-weights: what onnxruntime runs is exactly the codebook the pass
+chose; pruned weights stay zero; shared weights are clustered once; bad options name themselves."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper
+
+from qcompiler.codebook import PRUNED_FACT
+from qcompiler.codebook.clustering import entropy_bits
+from qcompiler.data import DataSource
+from qcompiler.errors import QCError
+from qcompiler.ir import annotate_types
+from qcompiler.pass_manager import PassContext
+from qcompiler.pipeline import parse_pipeline
+from qcompiler.targets.spec import load_target
+from tests.helpers import make_model, run, tensor_info
+
+
+def _net(rng: np.random.Generator, shared: bool = False, fp16_weight: bool = False):
+    w2 = rng.normal(0, 0.2, (8, 8, 3, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("Conv", ["r2", "w2" if shared else "w3"], ["c3"], name="conv3", pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["c3"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "w4"], ["y"], name="fc", transB=1),
+    ]
+    inits = {"w1": rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), "w2": w2, "w4": rng.normal(0, 0.3, (4, 8)).astype(np.float32)}
+    if not shared:
+        inits["w3"] = rng.normal(0, 0.2, (8, 8, 3, 3)).astype(np.float32)
+    model = make_model(nodes, [tensor_info("x", [None, 3, 6, 6])], [tensor_info("y", [None, 4])], inits)
+    annotate_types(model)
+    return model
+
+
+def _data() -> DataSource:
+    rng = np.random.default_rng(9)
+    return DataSource({"x": rng.normal(0, 1, (32, 3, 6, 6)).astype(np.float32)}, rng.integers(0, 4, 32))
+
+
+def _run(model: ir.Model, pipeline: str) -> tuple[ir.Model, PassContext]:
+    ctx = PassContext(target=load_target("ort-cpu"), data=_data())
+    return parse_pipeline(pipeline).run(model, ctx).model, ctx
+
+
+def _effective_weights(model: ir.Model) -> dict[str, np.ndarray]:
+    """Each clustered weight as the model computes it: codebook[indices], from the initializers."""
+    out = {}
+    for node in model.graph:
+        if node.op_type == "Gather" and "qc.source" in node.metadata_props:
+            codebook = node.inputs[0].const_value.numpy()
+            indices = node.inputs[1].producer().inputs[0].const_value.numpy()
+            out[node.metadata_props["qc.source"]] = codebook[indices.astype(np.int64)]
+    return out
+
+
+def test_onnxruntime_runs_exactly_the_codebook_values() -> None:
+    rng = np.random.default_rng(0)
+    model, _ = _run(_net(rng), "cluster-weights{method=kmeans,clusters=6,scope=layer}")
+    effective = _effective_weights(model)
+    assert set(effective) == {"w1", "w2", "w3", "w4"}
+    for name, w in effective.items():
+        assert len(np.unique(w)) <= 6
+    # The same network with the reconstructed weights as plain initializers gives identical outputs.
+    reference = _net(np.random.default_rng(0))
+    for name, w in effective.items():
+        reference.graph.initializers[name].const_value = ir.tensor(w.astype(np.float32), name=name)
+    x = _data().arrays["x"]
+    np.testing.assert_array_equal(run(model, {"x": x})[0], run(reference, {"x": x})[0])
+    indices = [n.inputs[0].const_value for n in model.graph if n.op_type == "Cast"]
+    assert {t.dtype for t in indices} == {ir.DataType.UINT8}
+
+
+def test_network_scope_shares_one_codebook() -> None:
+    model, ctx = _run(_net(np.random.default_rng(1)), "cluster-weights{method=kmeans,clusters=5}")
+    codebooks = {n.inputs[0].name for n in model.graph if n.op_type == "Gather"}
+    assert len(codebooks) == 1 and ctx.stats["cluster-weights"]["codebooks"] == 1
+
+
+def test_a_shared_weight_is_clustered_once_and_stays_shared() -> None:
+    model, ctx = _run(_net(np.random.default_rng(2), shared=True), "cluster-weights{method=kmeans,clusters=4,scope=layer}")
+    gathers = [n for n in model.graph if n.op_type == "Gather" and n.metadata_props.get("qc.source") == "w2"]
+    assert len(gathers) == 1
+    users = {u.node.name for u in gathers[0].outputs[0].uses()}
+    assert users == {"conv2", "conv3"}
+    assert ctx.stats["cluster-weights"]["clustered"] == 3
+
+
+def test_pruned_weights_stay_exactly_zero() -> None:
+    model, ctx = _run(_net(np.random.default_rng(3)), "prune-magnitude{ratio=0.7},cluster-weights{method=hessian-kmeans,clusters=4}")
+    masks = ctx.facts[PRUNED_FACT]
+    for name, w in _effective_weights(model).items():
+        assert np.all(w[masks[name]] == 0.0)
+        assert abs(masks[name].mean() - 0.7) < 0.05
+        assert np.count_nonzero(w[~masks[name]] == 0.0) == 0  # no unpruned weight became zero
+
+
+@pytest.mark.parametrize("method", ["uniform", "ecsq"])
+def test_target_bits_sets_the_index_entropy(method: str) -> None:
+    model, ctx = _run(_net(np.random.default_rng(4)), f"cluster-weights{{method={method},clusters=32,target-bits=2.5}}")
+    values = np.concatenate([w.ravel() for w in _effective_weights(model).values()])
+    _, assignment = np.unique(values, return_inverse=True)
+    assert abs(entropy_bits(assignment, assignment.max() + 1) - 2.5) < 0.1
+    assert abs(ctx.stats["cluster-weights"]["entropy_bits"] - 2.5) < 0.1
+
+
+def test_unreachable_target_rate_is_refused() -> None:
+    with pytest.raises(QCError) as info:
+        _run(_net(np.random.default_rng(5)), "cluster-weights{method=ecsq,clusters=4,target-bits=3}")
+    assert info.value.option == "target-bits" and "at most" in info.value.message
+
+
+def test_more_clusters_than_weights_is_refused() -> None:
+    with pytest.raises(QCError) as info:
+        _run(_net(np.random.default_rng(6)), "cluster-weights{method=kmeans,clusters=40,scope=layer}")
+    assert info.value.option == "clusters" and "w4" in info.value.message  # the 4x8 Gemm weight
+
+
+def test_a_weight_that_is_not_float32_is_skipped_and_reported() -> None:
+    rng = np.random.default_rng(7)
+    model = make_model(
+        [helper.make_node("Cast", ["x"], ["x16"], name="to16", to=TensorProto.FLOAT16), helper.make_node("MatMul", ["x16", "w16"], ["h"], name="mm16"),
+         helper.make_node("Cast", ["h"], ["h32"], name="to32", to=TensorProto.FLOAT), helper.make_node("MatMul", ["h32", "w"], ["y"], name="mm")],
+        [tensor_info("x", [None, 4])], [tensor_info("y", [None, 3])],
+        {"w16": rng.normal(0, 1, (4, 5)).astype(np.float16), "w": rng.normal(0, 1, (5, 3)).astype(np.float32)},
+    )
+    annotate_types(model)
+    ctx = PassContext(target=load_target("ort-cpu"), data=DataSource({"x": rng.normal(0, 1, (8, 4)).astype(np.float32)}))
+    result = parse_pipeline("cluster-weights{method=kmeans,clusters=3}").run(model, ctx)
+    assert ctx.stats["cluster-weights"]["skipped"] == ["w16"] and ctx.stats["cluster-weights"]["clustered"] == 1
+    assert any("w16" in d.message and "not float32" in d.message for d in ctx.diagnostics)
+    assert "w16" in result.model.graph.initializers
