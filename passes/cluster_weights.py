@@ -28,7 +28,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.codebook import PRUNED_FACT, ZERO_INDEX_KEY
+from qcompiler.codebook import FLOAT_WEIGHTS_FACT, PRUNED_FACT, ZERO_INDEX_KEY
 from qcompiler.codebook.clustering import ecsq, entropy_bits, kmeans, uniform
 from qcompiler.errors import QCError
 from qcompiler.hessian import HessianDiagonal, quantizable_weights
@@ -91,6 +91,9 @@ class ClusterWeights(Pass):
         importance = self._importance(model, ctx) if o.method != "kmeans" else None
         groups = self._groups(model, weights, masks, importance)
         names = NameAuthority(graph)
+        float_weights = ctx.facts.setdefault(FLOAT_WEIGHTS_FACT, {})
+        for name in weights:
+            float_weights.setdefault(name, graph.initializers[name].const_value.numpy().copy())
         stats_layers = {}
         total_values = coded_rate_bits = 0.0
         for group in groups:

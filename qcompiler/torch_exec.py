@@ -612,8 +612,12 @@ class TorchGraph(torch.nn.Module):
         """Trainable tensors by initializer name."""
         return {name: self.weights[key] for name, key in self._param_key.items()}
 
-    def run(self, feeds: Mapping[str, Any], outputs: Sequence[str] | None = None) -> dict[str, Tensor]:
-        """Evaluate the graph; return the requested values (default: the graph outputs) by name."""
+    def run(self, feeds: Mapping[str, Any], outputs: Sequence[str] | None = None, overrides: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        """Evaluate the graph; return the requested values (default: the graph outputs) by name.
+
+        ``overrides`` replaces intermediate values by name: a node whose outputs are all
+        overridden is skipped (e.g. a codebook lookup replaced by the float weight it stands for).
+        """
         env: dict[str, Tensor] = {}
         for name in self.input_names:
             if name not in feeds:
@@ -624,7 +628,11 @@ class TorchGraph(torch.nn.Module):
         env.update(self.constants)
         for name, key in self._param_key.items():
             env[name] = self.weights[key]
+        overrides = overrides or {}
+        env.update(overrides)
         for node in self.model.graph:
+            if node.outputs and all(v.name in overrides for v in node.outputs):
+                continue
             args = [env[v.name] if v is not None and v.name in env else None for v in node.inputs]
             results = OPS[node.op_type](node, args)
             for value, result in zip(node.outputs, results):

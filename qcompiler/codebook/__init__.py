@@ -11,3 +11,6 @@ PRUNED_FACT = "pruned"
 #: pruned zeros ("" when the weight has none). Lets size accounting and packing work from the
 #: saved model alone.
 ZERO_INDEX_KEY = "qc.codebook.zero_index"
+#: {weight initializer name: float array before clustering}, written by cluster-weights; the
+#: label-free loss of finetune-codebook compares against the network with these weights.
+FLOAT_WEIGHTS_FACT = "float_weights"

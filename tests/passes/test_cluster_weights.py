@@ -136,3 +136,49 @@ def test_a_weight_that_is_not_float32_is_skipped_and_reported() -> None:
     assert ctx.stats["cluster-weights"]["skipped"] == ["w16"] and ctx.stats["cluster-weights"]["clustered"] == 1
     assert any("w16" in d.message and "not float32" in d.message for d in ctx.diagnostics)
     assert "w16" in result.model.graph.initializers
+
+
+def test_finetune_moves_centres_keeps_indices_and_zeros() -> None:
+    model, ctx = _run(_net(np.random.default_rng(8)), "prune-magnitude{ratio=0.5},cluster-weights{method=kmeans,clusters=3}")
+    before = {n.inputs[1].producer().inputs[0].name: n.inputs[1].producer().inputs[0].const_value.numpy().copy() for n in model.graph if n.op_type == "Gather"}
+    codebook_before = next(n.inputs[0].const_value.numpy().copy() for n in model.graph if n.op_type == "Gather")
+    x = _data().arrays["x"]
+    loss_before = _cross_entropy(run(model, {"x": x})[0], _data().labels)
+    tuned = parse_pipeline("finetune-codebook{epochs=20,batch-size=8,lr=0.01}").run(model, ctx).model
+    after = {n.inputs[1].producer().inputs[0].name: n.inputs[1].producer().inputs[0].const_value.numpy() for n in tuned.graph if n.op_type == "Gather"}
+    codebook_after = next(n.inputs[0].const_value.numpy() for n in tuned.graph if n.op_type == "Gather")
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert codebook_after[0] == 0.0 and not np.allclose(codebook_after[1:], codebook_before[1:])
+    assert _cross_entropy(run(tuned, {"x": x})[0], _data().labels) < loss_before
+    assert ctx.stats["finetune-codebook"]["loss"] == "cross-entropy"
+
+
+def test_finetune_without_labels_matches_the_float_network() -> None:
+    rng = np.random.default_rng(10)
+    model, ctx = _run(_net(rng), "cluster-weights{method=kmeans,clusters=3}")
+    ctx.data = DataSource({"x": _data().arrays["x"]})  # no labels: KL to the float weights
+    x = _data().arrays["x"]
+    float_out = run(_net(np.random.default_rng(10)), {"x": x})[0]
+    gap_before = _kl(float_out, run(model, {"x": x})[0])
+    tuned = parse_pipeline("finetune-codebook{epochs=20,batch-size=8,lr=0.01}").run(model, ctx).model
+    assert ctx.stats["finetune-codebook"]["loss"] == "kl"
+    assert _kl(float_out, run(tuned, {"x": x})[0]) < 0.8 * gap_before
+
+
+def test_finetune_needs_clustered_weights() -> None:
+    with pytest.raises(QCError, match="cluster-weights"):
+        _run(_net(np.random.default_rng(11)), "finetune-codebook")
+
+
+def _cross_entropy(logits: np.ndarray, labels: np.ndarray) -> float:
+    shifted = logits - logits.max(axis=1, keepdims=True)
+    log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    return float(-log_p[np.arange(len(labels)), labels].mean())
+
+
+def _kl(reference_logits: np.ndarray, logits: np.ndarray) -> float:
+    def log_softmax(z):
+        z = z - z.max(axis=1, keepdims=True)
+        return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    p_log = log_softmax(reference_logits)
+    return float((np.exp(p_log) * (p_log - log_softmax(logits))).sum(axis=1).mean())
