@@ -1,0 +1,219 @@
+"""Codebook compression (Choi et al. 2017) on CIFAR-10 ResNet-32 and MNIST LeNet-5, in one run.
+
+    python bench/codebook.py                 # full: ResNet-32 and LeNet-5, whole test sets
+    python bench/codebook.py --quick         # 2,000 test images, fewer rates, LeNet-5 and ResNet-32
+    python bench/codebook.py --models lenet5
+
+Every row is one `qc compile` (prune-magnitude / cluster-weights / finetune-codebook, network
+scope, BatchNorm left unfolded so all layers share one weight scale) followed by `qc pack`; the
+row prints both commands. Columns: the paper's compression ratio (32 x weights / coded bits:
+Huffman-coded indices and zero runs, codebook, code tables), the ratio of the whole `.qcz` file
+against the float32 weights, and top-1 accuracy measured by qc in onnxruntime on the test set
+(training images only for Hessians, calibration and fine-tuning).
+
+Bars (the issue's): Hessian-weighted k-means at least as accurate as plain k-means at every
+cluster count without fine-tuning; ResNet-32 with pruning + quantization + fine-tuning + Huffman
+>= 22x with at most 0.5 points lost; LeNet-5 >= 40x with at most 0.1 points lost; clustering
+ResNet-32 at network scope in under 60 s. Choi et al.'s published figures are printed beside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_ort import REPO, RESULTS, SHARED, Bars, _f, _tail, cifar, rel  # noqa: E402
+
+sys.path.insert(0, str(REPO / "models"))
+import train_lenet5_mnist as mnist  # noqa: E402
+
+QC = str(Path(sys.executable).parent / "qc")
+LENET = REPO / "models" / "mnist_lenet5.onnx"
+RESNET32 = SHARED / "models" / "cifar10_resnet32.onnx"
+
+# The issue's bars.
+RESNET_RATIO_MIN, RESNET_DROP_MAX = 22.0, 0.5
+LENET_RATIO_MIN, LENET_DROP_MAX = 40.0, 0.1
+CLUSTER_SECONDS_MAX = 60.0
+
+# Choi et al. 2017, Table 1 (pruning + quantization + fine-tuning + Huffman), as published.
+PUBLISHED = (("LeNet-5 MNIST", "51.25x", "99.27 % (float 99.25 %)"), ("ResNet-32 CIFAR-10", "22.17x", "92.41 % (float 92.58 %)"))
+
+
+@dataclass
+class Setup:
+    name: str
+    model: Path
+    train: Path
+    test: Path
+
+
+@dataclass
+class Row:
+    model: str
+    label: str
+    pipeline: str
+    commands: list[str]
+    ratio: float | None = None  # 32 x weights / coded bits
+    file_ratio: float | None = None  # float32 weight bytes / .qcz bytes
+    entropy_bits: float | None = None
+    accuracy_float: float | None = None
+    accuracy: float | None = None
+    cluster_seconds: float | None = None
+    finetune_seconds: float | None = None
+    error: str | None = None
+
+    @property
+    def drop_pts(self) -> float | None:
+        return None if self.accuracy is None else 100 * (self.accuracy_float - self.accuracy)
+
+
+def prepare(names: list[str], quick: bool) -> list[Setup]:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    setups = []
+    test_count = 2000 if quick else None
+    if "lenet5" in names:
+        if not LENET.exists():
+            raise SystemExit(f"{rel(LENET)} is missing: run python models/train_lenet5_mnist.py")
+        train, test = RESULTS / "cb_mnist_train.npz", RESULTS / "cb_mnist_test.npz"
+        if not train.exists():
+            np.savez(train, **mnist.make_npz("train", 10000))
+        np.savez(test, **mnist.make_npz("test", test_count))
+        setups.append(Setup("lenet5", LENET, train, test))
+    if "resnet32" in names:
+        train, test = RESULTS / "cb_cifar_train.npz", RESULTS / "cb_cifar_test.npz"
+        if not train.exists():
+            np.savez(train, **cifar.make(SHARED / "data" / "cifar10_train_subset.npz", 5000, shuffle=True, seed=0))
+        np.savez(test, **cifar.make(SHARED / "data" / "cifar10_test.npz", test_count))
+        setups.append(Setup("resnet32", RESNET32, train, test))
+    return setups
+
+
+def configurations(model: str, quick: bool) -> list[tuple[str, str]]:
+    """(label, passes after infer-shapes,fold-constants) of every row of a model."""
+    ks = (4, 8, 16) if quick else (4, 8, 16, 32)
+    rates = (2.0, 3.0) if quick else (1.5, 2.0, 2.5, 3.0)
+    rows = []
+    for k in ks:
+        rows.append((f"k-means K={k}", f"cluster-weights{{method=kmeans,clusters={k}}}"))
+        rows.append((f"Hessian k-means K={k}", f"cluster-weights{{method=hessian-kmeans,clusters={k}}}"))
+    for bits in rates:
+        rows.append((f"uniform {bits} bits", f"cluster-weights{{method=uniform,target-bits={bits}}}"))
+        rows.append((f"ECSQ {bits} bits", f"cluster-weights{{method=ecsq,clusters=64,target-bits={bits}}}"))
+    prune = 0.9 if model == "lenet5" else 0.7
+    epochs = 3 if quick else (5 if model == "lenet5" else 8)
+    for k in (8, 16) if not quick else (16,):
+        rows.append((f"prune {prune} + Hessian k-means K={k}", f"prune-magnitude{{ratio={prune}}},cluster-weights{{method=hessian-kmeans,clusters={k}}}"))
+        rows.append((f"prune {prune} + Hessian k-means K={k} + fine-tune", f"prune-magnitude{{ratio={prune}}},cluster-weights{{method=hessian-kmeans,clusters={k}}},finetune-codebook{{epochs={epochs},lr=1e-4}}"))
+    return rows
+
+
+def run_row(setup: Setup, label: str, passes: str) -> Row:
+    slug = "".join(c if c.isalnum() else "_" for c in label).strip("_").lower()
+    out = RESULTS / f"cb_{setup.name}_{slug}"
+    pipeline = f"infer-shapes,fold-constants,{passes}"
+    compile_argv = ["qc", "compile", rel(setup.model), "--calib", rel(setup.train), "--data", rel(setup.test), "-o", rel(out), "--force", "--latency-runs", "0", "--pipeline", pipeline]
+    pack_argv = ["qc", "pack", rel(out / "model.onnx"), "-o", rel(out / "model.qcz"), "--force"]
+    show = [" ".join(f'"{a}"' if "{" in a else a for a in argv) for argv in (compile_argv, pack_argv)]
+    row = Row(setup.name, label, pipeline, show)
+    print(f"[{setup.name}] {label}\n    $ {show[0]}\n    $ {show[1]}", flush=True)
+    log = RESULTS / "logs" / f"cb_{setup.name}_{slug}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("wb") as fh:
+        for argv in (compile_argv, pack_argv):
+            status = subprocess.run([QC, *argv[1:]], cwd=REPO, stdout=fh, stderr=fh).returncode
+            if status:
+                row.error = f"exit {status}: {_tail(log)}"
+                print(f"    FAILED ({rel(log)}): {row.error}", flush=True)
+                return row
+    report = json.loads((out / "report.json").read_text())
+    v = report["verification"]
+    row.accuracy_float, row.accuracy = v.get("accuracy_float"), v.get("accuracy_quantized")
+    for p in report["passes"]:
+        if p["name"] == "cluster-weights":
+            row.cluster_seconds, row.entropy_bits = p["seconds"], p["stats"].get("entropy_bits")
+        elif p["name"] == "finetune-codebook":
+            row.finetune_seconds = p["seconds"]
+    import onnx
+
+    from qcompiler.codebook.qcz import coded_size
+
+    size = coded_size(onnx.load(str(out / "model.onnx")))
+    row.ratio = size.ratio
+    row.file_ratio = 4 * size.weights / (out / "model.qcz").stat().st_size
+    print(f"    {row.ratio:.2f}x (file {row.file_ratio:.2f}x), top-1 {100 * row.accuracy:.2f} % (float {100 * row.accuracy_float:.2f} %)", flush=True)
+    return row
+
+
+def print_table(rows: list[Row]) -> None:
+    head = f"{'model':<9} {'configuration':<46} {'ratio':>7} {'file':>7} {'H bits':>6} {'top-1 %':>7} {'Δ pts':>6}"
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in rows:
+        if r.error:
+            print(f"{r.model:<9} {r.label:<46} FAILED: {r.error}")
+        else:
+            print(f"{r.model:<9} {r.label:<46} {_f(r.ratio, '7.2f')} {_f(r.file_ratio, '7.2f')} {_f(r.entropy_bits, '6.2f')} {_f(100 * r.accuracy, '7.2f')} {_f(-r.drop_pts, '+6.2f')}")
+        for c in r.commands:
+            print(f"    $ {c}")
+    print("ratio: 32 x weights / coded bits (Huffman indices + zero runs + codebook + tables); file: float32 weight bytes / .qcz bytes\n"
+          "(the .qcz also holds biases, BatchNorm parameters and the graph). H bits: entropy of the indices per unpruned weight.")
+
+
+def checks(rows: list[Row]) -> list[dict]:
+    bars = Bars("model")
+    print("\nbars:")
+    for model in dict.fromkeys(r.model for r in rows):
+        mine = {r.label: r for r in rows if r.model == model and not r.error}
+        for label, plain in mine.items():
+            if label.startswith("k-means K="):
+                hessian = mine.get("Hessian " + label)
+                if hessian is not None:
+                    diff = 100 * (hessian.accuracy - plain.accuracy)
+                    bars.add(model, f"hessian>=kmeans@{label[10:]}", diff, diff >= 0, f"{label}: Hessian k-means {100 * hessian.accuracy:.2f} % vs k-means {100 * plain.accuracy:.2f} % ({diff:+.2f} pts)")
+        ratio_min, drop_max = (LENET_RATIO_MIN, LENET_DROP_MAX) if model == "lenet5" else (RESNET_RATIO_MIN, RESNET_DROP_MAX)
+        tuned = [r for r in mine.values() if "fine-tune" in r.label]
+        ok = [r for r in tuned if r.ratio >= ratio_min and r.drop_pts <= drop_max]
+        best = max(ok or tuned, key=lambda r: (r in ok, r.ratio if r in ok else -r.drop_pts), default=None)
+        if best is None:
+            bars.add(model, "ratio_at_accuracy", None, None, "no pruned + fine-tuned row")
+        else:
+            bars.add(model, "ratio_at_accuracy", best.ratio, bool(ok),
+                     f"{best.label}: {best.ratio:.2f}x at {best.drop_pts:.2f} pts lost (bar >= {ratio_min:.0f}x within {drop_max} pts)")
+        if model == "resnet32":
+            timed = [r.cluster_seconds for r in mine.values() if r.label.startswith("k-means") and r.cluster_seconds is not None]
+            if timed:
+                bars.add(model, "cluster_seconds", max(timed), max(timed) <= CLUSTER_SECONDS_MAX, f"cluster-weights k-means, network scope: at most {max(timed):.1f} s per run (bar <= {CLUSTER_SECONDS_MAX:.0f} s)")
+    print("\npublished (Choi et al. 2017, pruning + quantization + fine-tuning + Huffman), not measured here:")
+    for name, ratio, acc in PUBLISHED:
+        print(f"  {name:<20} {ratio:>7}  top-1 {acc}")
+    return bars.results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--models", default="lenet5,resnet32")
+    parser.add_argument("--json", type=Path, default=RESULTS / "codebook.json")
+    args = parser.parse_args()
+    start = time.perf_counter()
+    rows = []
+    for setup in prepare([m.strip() for m in args.models.split(",")], args.quick):
+        for label, passes in configurations(setup.name, args.quick):
+            rows.append(run_row(setup, label, passes))
+    print_table(rows)
+    results = checks(rows)
+    print(f"\ntotal run time {time.perf_counter() - start:.0f} s")
+    args.json.write_text(json.dumps({"rows": [asdict(r) | {"drop_pts": r.drop_pts} for r in rows], "checks": results}, indent=2))
+    print(f"wrote {rel(args.json)}")
+
+
+if __name__ == "__main__":
+    main()
