@@ -79,13 +79,18 @@ class LayerSensitivity:
     omega: dict[int, float]
 
 
+def _omega(trace: float, w: np.ndarray, rule: TensorRule, bits: int, axis: int | None, weight_range: str) -> float:
+    """Tr(H) / n x ||Q_b(W) - W||^2 for one weight at one width."""
+    q, scale, zp = quantize_weight(w, rule, bits, axis, weight_range)
+    err = float(np.sum((dequantize(q, scale, zp, axis=axis) - w).astype(np.float64) ** 2))
+    # A negative trace estimate (noise around a flat direction) means no measurable curvature.
+    return max(trace, 0.0) / w.size * err
+
+
 def weight_sensitivity(model: ir.Model, layer: LayerSensitivity, rule: TensorRule, bits: int, weight_range: str = "auto") -> float:
     """Omega_l(bits) for a width outside the candidates the layer was scored at."""
     w = model.graph.initializers[layer.weight].const_value.numpy().astype(np.float32)
-    axis = weight_axis(model, layer.weight, rule)
-    q, scale, zp = quantize_weight(w, rule, bits, axis, weight_range)
-    err = float(np.sum((dequantize(q, scale, zp, axis=axis) - w).astype(np.float64) ** 2))
-    return max(layer.trace, 0.0) / w.size * err
+    return _omega(layer.trace, w, rule, bits, weight_axis(model, layer.weight, rule), weight_range)
 
 
 def layer_sensitivities(model: ir.Model, traces: HessianTraceResult, rule: TensorRule, bits: tuple[int, ...], weight_range: str = "auto") -> list[LayerSensitivity]:
@@ -94,12 +99,7 @@ def layer_sensitivities(model: ir.Model, traces: HessianTraceResult, rule: Tenso
     for name, estimate in traces.estimates.items():
         w = model.graph.initializers[name].const_value.numpy().astype(np.float32)
         axis = weight_axis(model, name, rule)
-        omega = {}
-        for b in bits:
-            q, scale, zp = quantize_weight(w, rule, b, axis, weight_range)
-            err = float(np.sum((dequantize(q, scale, zp, axis=axis) - w).astype(np.float64) ** 2))
-            # A negative trace estimate (noise around a flat direction) means no measurable curvature.
-            omega[b] = max(estimate.trace, 0.0) / w.size * err
+        omega = {b: _omega(estimate.trace, w, rule, b, axis, weight_range) for b in bits}
         out.append(LayerSensitivity(name, estimate.node, int(w.size), estimate.trace, omega))
     return out
 
