@@ -33,6 +33,7 @@ from qcompiler.codebook.clustering import ecsq, entropy_bits, kmeans, uniform
 from qcompiler.errors import QCError
 from qcompiler.hessian import HessianDiagonal, quantizable_weights
 from qcompiler.ir import SOURCE_KEY, NameAuthority, add_initializer
+from qcompiler.op_roles import input_roles
 from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.registry import register_pass
 
@@ -148,13 +149,13 @@ class ClusterWeights(Pass):
             if not o.target_bits:
                 span = float(w.max() - w.min())
                 return uniform(w, h, span / max(o.clusters - 1, 1) if span > 0 else 1.0)
-            return _search(lambda step: uniform(w, h, step), o.target_bits, lo=1e-6 * float(np.ptp(w) or 1.0), hi=float(np.ptp(w) or 1.0) * 2, decreasing=True, pass_name=self.name)
+            return _search(lambda step: uniform(w, h, step), o.target_bits, lo=1e-6 * float(np.ptp(w) or 1.0), hi=float(np.ptp(w) or 1.0) * 2, pass_name=self.name)
         if not o.target_bits:
             return ecsq(w, h, o.clusters, o.lambda_, iterations=o.iterations)
         top = ecsq(w, h, o.clusters, 0.0, iterations=o.iterations)
         if entropy_bits(top[1], len(top[0])) < o.target_bits - 0.01:
             raise QCError(f"target-bits={o.target_bits} is out of reach: {o.clusters} clusters give at most {entropy_bits(top[1], len(top[0])):.3f} bits per weight (raise 'clusters')", pass_name=self.name, option="target-bits")
-        return _search(lambda lam: ecsq(w, h, o.clusters, lam, iterations=o.iterations), o.target_bits, lo=0.0, hi=10.0, decreasing=True, pass_name=self.name)
+        return _search(lambda lam: ecsq(w, h, o.clusters, lam, iterations=o.iterations), o.target_bits, lo=0.0, hi=10.0, pass_name=self.name)
 
     def _rewrite(self, model: ir.Model, names: NameAuthority, group: _Group, centres: np.ndarray, assignment: np.ndarray) -> None:
         graph = model.graph
@@ -186,8 +187,9 @@ class ClusterWeights(Pass):
             graph.initializers.pop(name)
 
 
-def _search(quantize, target: float, *, lo: float, hi: float, decreasing: bool, pass_name: str, steps: int = 40):
-    """Bisection on a quantizer's knob (a step or lambda) until the index entropy is ``target`` bits."""
+def _search(quantize, target: float, *, lo: float, hi: float, pass_name: str, steps: int = 40):
+    """Bisection on a quantizer's knob (a step or lambda; larger means fewer bits) until the index
+    entropy is ``target`` bits."""
     best = None
     for _ in range(steps):
         mid = (lo + hi) / 2
@@ -197,8 +199,7 @@ def _search(quantize, target: float, *, lo: float, hi: float, decreasing: bool, 
             best = (rate, centres, assignment)
         if abs(rate - target) < 0.005:
             break
-        # A larger knob means a lower rate.
-        if (rate > target) == decreasing:
+        if rate > target:
             lo = mid
         else:
             hi = mid
@@ -209,7 +210,5 @@ def _search(quantize, target: float, *, lo: float, hi: float, decreasing: bool, 
 
 def _feeds_weight_slot(model: ir.Model, name: str) -> bool:
     """Whether initializer ``name`` is the weight input of a Conv/Gemm/MatMul (whatever its dtype)."""
-    from qcompiler.op_roles import input_roles
-
     value = model.graph.initializers[name]
     return any(input_roles(use.node).weight == use.idx for use in value.uses())

@@ -135,12 +135,15 @@ def _group_codes(arrays: dict[str, np.ndarray], tensors: list[ClusteredTensor], 
     return index_code, gap_code, streams
 
 
-def coded_size(model: onnx.ModelProto) -> CodedSize:
-    """Exact bits of the Huffman-coded indices, gaps, codebooks and code tables."""
-    arrays, groups = _groups(model)
+def _coded_groups(arrays: dict[str, np.ndarray], groups: dict[str, list[ClusteredTensor]]) -> list[tuple]:
+    """(codebook, tensors, index code, gap code, streams) per codebook: fitted once, then counted
+    by `coded_size` or written by `pack`."""
+    return [(codebook, tensors, *_group_codes(arrays, tensors, len(arrays[codebook]))) for codebook, tensors in groups.items()]
+
+
+def _size_of(arrays: dict[str, np.ndarray], coded: list[tuple]) -> CodedSize:
     size = CodedSize()
-    for codebook, tensors in groups.items():
-        index_code, gap_code, streams = _group_codes(arrays, tensors, len(arrays[codebook]))
+    for codebook, tensors, index_code, gap_code, streams in coded:
         size.codebook_bits += CENTRE_BITS * len(arrays[codebook])
         size.table_bits += index_code.table_bits() + (gap_code.table_bits() if gap_code else 0)
         for t in tensors:
@@ -152,6 +155,12 @@ def coded_size(model: onnx.ModelProto) -> CodedSize:
             size.weights += arrays[t.indices].size
             size.per_tensor[t.weight] = bits + gap_bits
     return size
+
+
+def coded_size(model: onnx.ModelProto) -> CodedSize:
+    """Exact bits of the Huffman-coded indices, gaps, codebooks and code tables."""
+    arrays, groups = _groups(model)
+    return _size_of(arrays, _coded_groups(arrays, groups))
 
 
 def pack(model_path: str | os.PathLike, out_path: str | os.PathLike) -> CodedSize:
@@ -171,8 +180,8 @@ def pack(model_path: str | os.PathLike, out_path: str | os.PathLike) -> CodedSiz
 
     header: dict = {"version": 1, "codebooks": []}
     coded = set()
-    for codebook, tensors in groups.items():
-        index_code, gap_code, streams = _group_codes(arrays, tensors, len(arrays[codebook]))
+    groups_coded = _coded_groups(arrays, groups)
+    for codebook, tensors, index_code, gap_code, streams in groups_coded:
         entry = {"codebook": codebook, "index_lengths": index_code.lengths.tolist(), "gap_lengths": gap_code.lengths.tolist() if gap_code else None, "tensors": []}
         for t in tensors:
             gaps, entries = streams[t.indices]
@@ -197,7 +206,7 @@ def pack(model_path: str | os.PathLike, out_path: str | os.PathLike) -> CodedSiz
     tmp = target.with_name(f".{target.name}.tmp")
     tmp.write_bytes(MAGIC + hashlib.sha256(payload).digest() + payload)
     tmp.replace(target)
-    return coded_size(model)
+    return _size_of(arrays, groups_coded)
 
 
 def unpack(qcz_path: str | os.PathLike) -> onnx.ModelProto:
