@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_ort import REPO, RESULTS, SHARED, Bars, _f, _tail, cifar, rel  # noqa: E402
+from compare_ort import REPO, RESULTS, SHARED, Bars, _f, _tail, cifar, rel, shell_line  # noqa: E402
 
 sys.path.insert(0, str(REPO / "models"))
 import train_lenet5_mnist as mnist  # noqa: E402
@@ -122,7 +122,7 @@ def run_row(setup: Setup, label: str, passes: str) -> Row:
     pipeline = f"infer-shapes,fold-constants,{passes}"
     compile_argv = ["qc", "compile", rel(setup.model), "--calib", rel(setup.train), "--data", rel(setup.test), "-o", rel(out), "--force", "--latency-runs", "0", "--pipeline", pipeline]
     pack_argv = ["qc", "pack", rel(out / "model.onnx"), "-o", rel(out / "model.qcz"), "--force"]
-    show = [" ".join(f'"{a}"' if "{" in a else a for a in argv) for argv in (compile_argv, pack_argv)]
+    show = [shell_line(argv) for argv in (compile_argv, pack_argv)]
     row = Row(setup.name, label, pipeline, show)
     print(f"[{setup.name}] {label}\n    $ {show[0]}\n    $ {show[1]}", flush=True)
     log = RESULTS / "logs" / f"cb_{setup.name}_{slug}.log"

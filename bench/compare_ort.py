@@ -181,6 +181,11 @@ def run_measured(argv: list[str], log: Path) -> tuple[int, float, float | None]:
     return status, wall, peak
 
 
+def shell_line(argv: list[str]) -> str:
+    """``argv`` as a line to paste into a shell: arguments holding pipeline braces are quoted."""
+    return " ".join(f'"{a}"' if "{" in a else a for a in argv)
+
+
 def _tail(log: Path, lines: int = 3) -> str:
     text = log.read_text(errors="replace").strip().splitlines() if log.exists() else []
     return " | ".join(line.strip() for line in text[-lines:]) or "(no output)"

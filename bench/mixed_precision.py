@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # Shared helpers of the other bench: paths, the CIFAR-10 preprocessing module, log tail, formatting.
-from compare_ort import RESULTS, SHARED, Bars, _f, _tail, cifar, rel  # noqa: E402
+from compare_ort import RESULTS, SHARED, Bars, _f, _tail, cifar, rel, shell_line  # noqa: E402
 
 MODELS = {"resnet20": "cifar10_resnet20.onnx", "resnet56": "cifar10_resnet56.onnx"}
 BUDGETS = (0.35, 0.5, 0.6, 0.75)
@@ -128,8 +128,7 @@ def compile_row(model: str, budget: float | None, method: str, assign: str | Non
             "--data", rel(TEST_NPZ), "-o", rel(out), "--force", "--latency-runs", "0"]
     if assign is not None:  # None: the target's default pipeline (uniform 8-bit)
         argv += ["--pipeline", pipeline(model, assign)]
-    # Quote the pipeline so the printed command can be pasted into a shell as is.
-    command = " ".join(f'"{a}"' if "{" in a else a for a in argv)
+    command = shell_line(argv)
     row = Row(model, budget, method, command)
     print(f"[{model}] {method} {'' if budget is None else budget}: {command}", flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
