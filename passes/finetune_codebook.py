@@ -17,10 +17,10 @@ import onnx_ir as ir
 
 from qcompiler.codebook import FLOAT_WEIGHTS_FACT, ZERO_INDEX_KEY
 from qcompiler.errors import QCError
-from qcompiler.hessian import LossName, choose_loss
-from qcompiler.ir import SOURCE_KEY, is_float_tensor
+from qcompiler.ir import SOURCE_KEY
 from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.registry import register_pass
+from qcompiler.training import TrainSettings, fit, output_value, resolve_loss
 
 
 @register_pass
@@ -30,17 +30,9 @@ class FinetuneCodebook(Pass):
     name = "finetune-codebook"
 
     @dataclass(frozen=True)
-    class Options:
-        #: Passes over the data.
-        epochs: int = 3
-        batch_size: int = 64
-        #: Adam learning rate on the centres.
-        lr: float = 1e-4
-        loss: LossName = "auto"
-
+    class Options(TrainSettings):
         def __post_init__(self) -> None:
-            if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
-                raise ValueError("options 'epochs' and 'batch-size' must be >= 1 and 'lr' > 0")
+            self.check()
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         import torch
@@ -52,9 +44,7 @@ class FinetuneCodebook(Pass):
         lookups = [n for n in model.graph if n.op_type == "Gather" and ZERO_INDEX_KEY in n.metadata_props]
         if not lookups:
             raise QCError("no clustered weights to fine-tune: run cluster-weights first", pass_name=self.name)
-        out_value = model.graph.outputs[0]
-        if not is_float_tensor(out_value):
-            raise QCError(f"the loss cannot be defined: output '{out_value.name}' is not float", pass_name=self.name)
+        out_value = output_value(model, self.name)
         codebooks = sorted({n.inputs[0].name for n in lookups})
         graph = TorchGraph(model, trainable=codebooks)
         params = graph.named_weights()
@@ -63,46 +53,19 @@ class FinetuneCodebook(Pass):
             zero = node.metadata_props[ZERO_INDEX_KEY]
             if zero:
                 frozen[node.inputs[0].name][int(zero)] = True
-        for name, p in params.items():
-            keep = torch.from_numpy(~frozen[name]).to(p.dtype)
-            p.register_hook(lambda g, keep=keep: g * keep)
         float_weights = ctx.facts.get(FLOAT_WEIGHTS_FACT, {})
+        # The float network: each lookup replaced by the weight it stands for, and any other
+        # tensor an earlier pass retrained (finetune-weights' biases) back at its float value.
         overrides = {n.outputs[0].name: torch.from_numpy(np.asarray(float_weights[n.metadata_props[SOURCE_KEY]], np.float32))
                      for n in lookups if n.metadata_props.get(SOURCE_KEY) in float_weights}
-        labels = ctx.data.labels
-        first = next(ctx.data.batches(self.options.batch_size))
-        loss_name = choose_loss(self.options.loss, tuple(graph.run(first, [out_value.name])[out_value.name].shape), labels is not None)
-        if loss_name in ("kl", "mse") and len(overrides) < len(lookups):
+        overrides.update({name: torch.from_numpy(np.asarray(v, np.float32)) for name, v in float_weights.items() if name in model.graph.initializers})
+        loss_name = resolve_loss(graph, ctx.data, out_value.name, self.options.loss, self.options.batch_size, self.name)
+        if loss_name in ("kl", "mse") and len({n.outputs[0].name for n in lookups} & set(overrides)) < len(lookups):
             raise QCError("the label-free loss needs the float weights from cluster-weights in this same pipeline (or data with labels)", pass_name=self.name, option="loss")
-        optimizer = torch.optim.Adam(list(params.values()), lr=self.options.lr)
-        step = ctx.data.fixed_batch or self.options.batch_size
-        batches = ctx.data.usable_samples // step or 1
-        losses = []
-        with ctx.progress("fine-tuning centres", self.options.epochs * batches) as progress:
-            for _ in range(self.options.epochs):
-                epoch_loss = 0.0
-                for i, batch in enumerate(ctx.data.batches(self.options.batch_size)):
-                    out = graph.run(batch, [out_value.name])[out_value.name]
-                    if loss_name == "cross-entropy":
-                        target = torch.from_numpy(np.asarray(labels[i * step : i * step + len(out)], dtype=np.int64))
-                        loss = torch.nn.functional.cross_entropy(out, target)
-                    else:
-                        with torch.no_grad():
-                            reference = graph.run(batch, [out_value.name], overrides=overrides)[out_value.name]
-                        if loss_name == "kl":
-                            loss = torch.nn.functional.kl_div(torch.log_softmax(out, -1), torch.log_softmax(reference, -1), log_target=True, reduction="batchmean")
-                        else:
-                            loss = 0.5 * torch.mean((out - reference) ** 2)
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                    epoch_loss += loss.item()
-                    progress.advance()
-                losses.append(epoch_loss / batches)
+        losses = fit(graph, ctx, params, frozen, loss_name=loss_name, out_name=out_value.name, reference_overrides=overrides, settings=self.options, label="fine-tuning centres")
         moved = {}
         for name, p in params.items():
             values = p.detach().numpy().astype(np.float32)
-            values[frozen[name]] = 0.0  # exact zeros, whatever rounding the optimizer did
             before = model.graph.initializers[name].const_value.numpy()
             moved[name] = float(np.max(np.abs(values - before)))
             model.graph.initializers[name].const_value = ir.tensor(values, name=name)

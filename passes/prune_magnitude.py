@@ -14,7 +14,7 @@ from typing import Literal
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.codebook import PRUNED_FACT
+from qcompiler.codebook import FLOAT_WEIGHTS_FACT, PRUNED_FACT
 from qcompiler.hessian import quantizable_weights
 from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.registry import register_pass
@@ -47,6 +47,8 @@ class PruneMagnitude(Pass):
             everything = np.concatenate([np.abs(w).ravel() for w in weights.values()])
             threshold = _threshold(everything, self.options.ratio)
         masks = ctx.facts.setdefault(PRUNED_FACT, {})
+        # The unpruned values are the float reference of the label-free fine-tuning losses.
+        float_weights = ctx.facts.setdefault(FLOAT_WEIGHTS_FACT, {})
         pruned_total = 0
         per_layer = {}
         for name, w in weights.items():
@@ -55,6 +57,7 @@ class PruneMagnitude(Pass):
             # Earlier pruning stays pruned: a second pass can only add zeros.
             mask = (magnitude < cut) | masks.get(name, np.zeros(w.shape, bool))
             masks[name] = mask
+            float_weights.setdefault(name, w.copy())
             model.graph.initializers[name].const_value = ir.tensor(np.where(mask, 0, w).astype(w.dtype), name=name)
             pruned_total += int(mask.sum())
             per_layer[name] = round(float(mask.mean()), 4)
