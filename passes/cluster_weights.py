@@ -11,7 +11,9 @@ Methods (see `qcompiler.codebook.clustering`):
 - ``kmeans``: plain k-means on the values;
 - ``hessian-kmeans``: k-means weighted by the Hessian diagonal h_ii (`hessian-diagonal` analysis,
   Hutchinson or the gradient second moment), so sensitive weights get the resolution;
-- ``uniform``: equally spaced bins, each centre moved to the Hessian-weighted mean of its bin;
+- ``uniform``: equally spaced bins, each centre moved to the Hessian-weighted mean of its bin
+  (``centres=weighted``), or left on the grid (``centres=grid``): then the weight is stored as
+  ``DequantizeLinear(uint8 indices, step, zero point)``, the standard ONNX form every QDQ tool reads;
 - ``ecsq``: iterative entropy-constrained scalar quantization, Hessian-weighted.
 
 ``scope=network`` clusters all weights together with one codebook, as the paper does; ``layer``
@@ -70,6 +72,9 @@ class ClusterWeights(Pass):
         #: Average coded bits per (unpruned) weight to hit, for uniform and ecsq (0: off).
         target_bits: float = 0.0
         iterations: int = 100
+        #: uniform only. weighted: each bin's centre at the Hessian-weighted mean of its members
+        #: (Choi et al.); grid: centres stay at step x integer, lowered to DequantizeLinear.
+        centres: Literal["weighted", "grid"] = "weighted"
 
         def __post_init__(self) -> None:
             if self.clusters < 1:
@@ -78,6 +83,8 @@ class ClusterWeights(Pass):
                 raise ValueError("options 'lambda' and 'target-bits' must be >= 0")
             if self.target_bits and self.method in ("kmeans", "hessian-kmeans"):
                 raise ValueError("option 'target-bits' applies to method=uniform or ecsq (k-means sets its rate by 'clusters')")
+            if self.centres == "grid" and self.method != "uniform":
+                raise ValueError("option 'centres=grid' applies to method=uniform only")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         o = self.options
@@ -98,11 +105,14 @@ class ClusterWeights(Pass):
         stats_layers = {}
         total_values = coded_rate_bits = 0.0
         for group in groups:
-            centres, assignment = self._cluster(group)
+            centres, assignment, step = self._cluster(group)
             rate = entropy_bits(assignment, len(centres))
             total_values += len(group.values)
             coded_rate_bits += rate * len(group.values)
-            self._rewrite(model, names, group, centres, assignment)
+            if o.centres == "grid":
+                self._rewrite_grid(model, names, group, np.rint(centres / step).astype(np.int64), step, assignment)
+            else:
+                self._rewrite(model, names, group, centres, assignment)
             for name, mask in zip(group.names, group.masks):
                 stats_layers[name] = {"clusters": len(centres), "pruned": round(float(mask.mean()), 4)}
         return PassResult(model, True, {
@@ -140,22 +150,26 @@ class ClusterWeights(Pass):
                 raise QCError(f"{self.options.clusters} clusters for {len(g.values)} unpruned values of {where}", pass_name=self.name, option="clusters")
         return groups
 
-    def _cluster(self, group: _Group) -> tuple[np.ndarray, np.ndarray]:
+    def _cluster(self, group: _Group) -> tuple[np.ndarray, np.ndarray, float]:
+        """(centres, assignment, the uniform step or 0)."""
         o = self.options
         w, h = group.values, group.importance
         if o.method in ("kmeans", "hessian-kmeans"):
-            return kmeans(w, h, o.clusters, iterations=o.iterations)
+            return (*kmeans(w, h, o.clusters, iterations=o.iterations), 0.0)
         if o.method == "uniform":
+            grid = o.centres == "grid"
             if not o.target_bits:
                 span = float(w.max() - w.min())
-                return uniform(w, h, span / max(o.clusters - 1, 1) if span > 0 else 1.0)
-            return _search(lambda step: uniform(w, h, step), o.target_bits, lo=1e-6 * float(np.ptp(w) or 1.0), hi=float(np.ptp(w) or 1.0) * 2, pass_name=self.name)
+                step = span / max(o.clusters - 1, 1) if span > 0 else 1.0
+                return (*uniform(w, h, step, grid=grid), step)
+            return _search(lambda step: uniform(w, h, step, grid=grid), o.target_bits, lo=1e-6 * float(np.ptp(w) or 1.0), hi=float(np.ptp(w) or 1.0) * 2, pass_name=self.name)
         if not o.target_bits:
-            return ecsq(w, h, o.clusters, o.lambda_, iterations=o.iterations)
+            return (*ecsq(w, h, o.clusters, o.lambda_, iterations=o.iterations), 0.0)
         top = ecsq(w, h, o.clusters, 0.0, iterations=o.iterations)
         if entropy_bits(top[1], len(top[0])) < o.target_bits - 0.01:
             raise QCError(f"target-bits={o.target_bits} is out of reach: {o.clusters} clusters give at most {entropy_bits(top[1], len(top[0])):.3f} bits per weight (raise 'clusters')", pass_name=self.name, option="target-bits")
-        return _search(lambda lam: ecsq(w, h, o.clusters, lam, iterations=o.iterations), o.target_bits, lo=0.0, hi=10.0, pass_name=self.name)
+        centres, assignment, _ = _search(lambda lam: ecsq(w, h, o.clusters, lam, iterations=o.iterations), o.target_bits, lo=0.0, hi=10.0, pass_name=self.name)
+        return centres, assignment, 0.0
 
     def _rewrite(self, model: ir.Model, names: NameAuthority, group: _Group, centres: np.ndarray, assignment: np.ndarray) -> None:
         graph = model.graph
@@ -186,17 +200,52 @@ class ClusterWeights(Pass):
             weight.replace_all_uses_with(out)
             graph.initializers.pop(name)
 
+    def _rewrite_grid(self, model: ir.Model, names: NameAuthority, group: _Group, levels: np.ndarray, step: float, assignment: np.ndarray) -> None:
+        """Each weight as DequantizeLinear(uint8 index, step, zero point): centre j is step x (j - zp).
+
+        The grid runs from the lowest used level to the highest, through 0 so that the zero point
+        is an exact zero (pruned weights point at it); unused levels in between cost nothing.
+        """
+        graph = model.graph
+        pruned = any(m.any() for m in group.masks)
+        low, high = min(int(levels.min()), 0), max(int(levels.max()), 0)
+        if high - low + 1 > 256:
+            raise QCError(f"the uniform grid has {high - low + 1} levels, more than a uint8 index holds (256): lower target-bits or clusters", pass_name=self.name)
+        zero_point = -low
+        base = group.names[0] if len(group.names) == 1 else "codebook"
+        scale = add_initializer(graph, names, f"{base}_step", np.array(step, dtype=np.float32))
+        zp = add_initializer(graph, names, f"{base}_zero_point", np.array(zero_point, dtype=np.uint8))
+        # The grid centres as float32 computes them, so the clustering's error is what ships.
+        codes = (levels - low).astype(np.uint8)
+        start = 0
+        for name, mask in zip(group.names, group.masks):
+            weight = graph.initializers[name]
+            count = int((~mask).sum())
+            indices = np.full(mask.shape, zero_point, dtype=np.uint8)
+            indices[~mask] = codes[assignment[start : start + count]]
+            start += count
+            index_value = add_initializer(graph, names, f"{name}_indices", indices)
+            dq = ir.Node("", "DequantizeLinear", [index_value, scale, zp], name=names.fresh(f"{name}_DequantizeLinear"))
+            out = dq.outputs[0]
+            out.name = names.fresh(f"{name}_clustered")
+            out.dtype, out.shape = ir.DataType.FLOAT, ir.Shape(list(mask.shape))
+            dq.metadata_props[SOURCE_KEY] = name
+            dq.metadata_props[ZERO_INDEX_KEY] = str(zero_point) if pruned else ""
+            graph.insert_before(graph[0], [dq])
+            weight.replace_all_uses_with(out)
+            graph.initializers.pop(name)
+
 
 def _search(quantize, target: float, *, lo: float, hi: float, pass_name: str, steps: int = 40):
     """Bisection on a quantizer's knob (a step or lambda; larger means fewer bits) until the index
-    entropy is ``target`` bits."""
+    entropy is ``target`` bits. Returns (centres, assignment, knob)."""
     best = None
     for _ in range(steps):
         mid = (lo + hi) / 2
         centres, assignment = quantize(mid)
         rate = entropy_bits(assignment, len(centres))
         if best is None or abs(rate - target) < abs(best[0] - target):
-            best = (rate, centres, assignment)
+            best = (rate, centres, assignment, mid)
         if abs(rate - target) < 0.005:
             break
         if rate > target:
@@ -205,7 +254,7 @@ def _search(quantize, target: float, *, lo: float, hi: float, pass_name: str, st
             hi = mid
     if abs(best[0] - target) > 0.1:
         raise QCError(f"target-bits={target} is out of reach (closest rate {best[0]:.3f} bits per weight)", pass_name=pass_name, option="target-bits")
-    return best[1], best[2]
+    return best[1], best[2], best[3]
 
 
 def _feeds_weight_slot(model: ir.Model, name: str) -> bool:

@@ -4,7 +4,8 @@ The network runs in torch (`TorchGraph`) with every codebook as a parameter, so 
 gradient is the sum of its members' weight gradients. The paper averages them per cluster; Adam,
 used here because it needs no per-model learning-rate tuning, normalises each centre's step by its
 own gradient history, which makes the sum and the average the same update. The pruned zero slot
-gets no gradient and never moves. Loss: cross-entropy with labels, else KL to the float network's outputs
+gets no gradient and never moves. A uniform grid (``centres=grid``, stored as DequantizeLinear)
+trains its one step instead, so it stays a grid and keeps its standard ONNX form. Loss: cross-entropy with labels, else KL to the float network's outputs
 (the weights cluster-weights replaced, substituted back for the lookup).
 """
 
@@ -41,18 +42,20 @@ class FinetuneCodebook(Pass):
 
         if ctx.data is None:
             raise QCError("fine-tuning needs data: pass --calib FILE.npz", pass_name=self.name)
-        lookups = [n for n in model.graph if n.op_type == "Gather" and ZERO_INDEX_KEY in n.metadata_props]
+        lookups = [n for n in model.graph if n.op_type in ("Gather", "DequantizeLinear") and ZERO_INDEX_KEY in n.metadata_props]
         if not lookups:
             raise QCError("no clustered weights to fine-tune: run cluster-weights first", pass_name=self.name)
         out_value = output_value(model, self.name)
-        codebooks = sorted({n.inputs[0].name for n in lookups})
-        graph = TorchGraph(model, trainable=codebooks)
+        # A Gather's centres each train; a grid (DequantizeLinear) trains its step, so it stays a grid.
+        trained = sorted({(n.inputs[0] if n.op_type == "Gather" else n.inputs[1]).name for n in lookups})
+        graph = TorchGraph(model, trainable=trained)
         params = graph.named_weights()
-        frozen = {name: np.zeros(len(params[name]), dtype=bool) for name in codebooks}
+        frozen = {}
         for node in lookups:
             zero = node.metadata_props[ZERO_INDEX_KEY]
-            if zero:
-                frozen[node.inputs[0].name][int(zero)] = True
+            if node.op_type == "Gather" and zero:
+                name = node.inputs[0].name
+                frozen.setdefault(name, np.zeros(len(params[name]), dtype=bool))[int(zero)] = True
         float_weights = ctx.facts.get(FLOAT_WEIGHTS_FACT, {})
         # The float network: each lookup replaced by the weight it stands for, and any other
         # tensor an earlier pass retrained (finetune-weights' biases) back at its float value.

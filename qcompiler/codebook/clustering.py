@@ -69,13 +69,16 @@ def kmeans(w: np.ndarray, h: np.ndarray, clusters: int, *, iterations: int = 100
     return centres, _nearest(w, centres)
 
 
-def uniform(w: np.ndarray, h: np.ndarray, step: float, *, fixed_zero: bool = False) -> tuple[np.ndarray, np.ndarray]:
+def uniform(w: np.ndarray, h: np.ndarray, step: float, *, fixed_zero: bool = False, grid: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """Uniform quantization with step ``step`` on a grid through 0, then each used bin's centre
-    moved to the importance-weighted mean of its members (Choi et al.'s ECSQ solution (a))."""
+    moved to the importance-weighted mean of its members (Choi et al.'s ECSQ solution (a)), or,
+    with ``grid``, left at step x its integer level."""
     w = np.asarray(w, dtype=np.float64)
     h = np.asarray(h, dtype=np.float64)
     bins = np.rint(w / step).astype(np.int64)
     used, assignment = np.unique(bins, return_inverse=True)
+    if grid:
+        return used * step, assignment
     centres = _weighted_means(w, h, assignment, used * step)
     if fixed_zero and np.any(used == 0):
         centres[used == 0] = 0.0

@@ -1,8 +1,9 @@
 """Coded size of clustered weights, and the `.qcz` file that stores them Huffman-coded.
 
-A clustered weight is ``Gather(codebook, Cast(indices))`` (see passes/cluster_weights.py). Its
-indices are coded with one canonical Huffman code per codebook. A weight with pruned entries
-(the Gather's ``qc.codebook.zero_index`` metadata names the codebook slot holding them) is coded
+A clustered weight is ``Gather(codebook, Cast(indices))``, or ``DequantizeLinear(indices, step,
+zero point)`` for centres on a uniform grid (see passes/cluster_weights.py). Its indices are coded
+with one canonical Huffman code per codebook (or grid). A weight with pruned entries (the lookup
+node's ``qc.codebook.zero_index`` metadata names the index holding them) is coded
 sparsely instead: the indices of its non-zeros, plus the gaps (zero runs) between them, each with
 its own Huffman code; a gap longer than `MAX_GAP` is split by an explicit zero entry, as in Deep
 Compression.
@@ -44,8 +45,10 @@ class ClusteredTensor:
 
     weight: str  # the original weight name (qc.source)
     indices: str  # initializer holding the indices
-    codebook: str  # initializer holding the centres
+    codebook: str  # initializer holding the centres (Gather) or the grid step (DequantizeLinear)
     zero_index: int | None  # codebook slot of pruned weights, if any
+    #: "gather": centres looked up by index; "grid": DequantizeLinear(index, step, zero point).
+    lookup: str = "gather"
 
 
 @dataclass
@@ -70,20 +73,23 @@ class CodedSize:
 
 
 def clustered_tensors(model: onnx.ModelProto) -> list[ClusteredTensor]:
-    """The clustered weights of a saved model, found from their Gather/Cast pattern and metadata."""
+    """The clustered weights of a saved model, found from their Gather/Cast or DequantizeLinear
+    pattern and metadata."""
     initializers = {t.name for t in model.graph.initializer}
     cast_input = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Cast"}
     found = []
     for node in model.graph.node:
         meta = {p.key: p.value for p in node.metadata_props}
-        if node.op_type != "Gather" or ZERO_INDEX_KEY not in meta:
+        if node.op_type not in ("Gather", "DequantizeLinear") or ZERO_INDEX_KEY not in meta:
             continue
-        codebook, index_input = node.input[0], node.input[1]
-        indices = cast_input.get(index_input, index_input)
+        if node.op_type == "Gather":
+            codebook, indices, lookup = node.input[0], cast_input.get(node.input[1], node.input[1]), "gather"
+        else:
+            codebook, indices, lookup = node.input[1], node.input[0], "grid"
         if codebook not in initializers or indices not in initializers:
             continue
         zero = meta[ZERO_INDEX_KEY]
-        found.append(ClusteredTensor(meta.get("qc.source", indices), indices, codebook, int(zero) if zero else None))
+        found.append(ClusteredTensor(meta.get("qc.source", indices), indices, codebook, int(zero) if zero else None, lookup))
     return found
 
 
@@ -138,13 +144,25 @@ def _group_codes(arrays: dict[str, np.ndarray], tensors: list[ClusteredTensor], 
 def _coded_groups(arrays: dict[str, np.ndarray], groups: dict[str, list[ClusteredTensor]]) -> list[tuple]:
     """(codebook, tensors, index code, gap code, streams) per codebook: fitted once, then counted
     by `coded_size` or written by `pack`."""
-    return [(codebook, tensors, *_group_codes(arrays, tensors, len(arrays[codebook]))) for codebook, tensors in groups.items()]
+    return [(codebook, tensors, *_group_codes(arrays, tensors, _alphabet(arrays, codebook, tensors))) for codebook, tensors in groups.items()]
+
+
+def _alphabet(arrays: dict[str, np.ndarray], codebook: str, tensors: list[ClusteredTensor]) -> int:
+    """Index symbols of a codebook: its centres, or the grid levels its tensors reach."""
+    if tensors[0].lookup == "gather":
+        return len(arrays[codebook])
+    return int(max(arrays[t.indices].max() for t in tensors)) + 1
+
+
+def _codebook_bits(arrays: dict[str, np.ndarray], codebook: str, tensors: list[ClusteredTensor]) -> int:
+    """A float32 per centre; a grid is its float32 step and uint8 zero point."""
+    return CENTRE_BITS * len(arrays[codebook]) if tensors[0].lookup == "gather" else CENTRE_BITS + 8
 
 
 def _size_of(arrays: dict[str, np.ndarray], coded: list[tuple]) -> CodedSize:
     size = CodedSize()
     for codebook, tensors, index_code, gap_code, streams in coded:
-        size.codebook_bits += CENTRE_BITS * len(arrays[codebook])
+        size.codebook_bits += _codebook_bits(arrays, codebook, tensors)
         size.table_bits += index_code.table_bits() + (gap_code.table_bits() if gap_code else 0)
         for t in tensors:
             gaps, entries = streams[t.indices]

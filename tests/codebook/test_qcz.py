@@ -33,6 +33,8 @@ PIPELINES = {
     "pruned": "prune-magnitude{ratio=0.6},cluster-weights{method=kmeans,clusters=6}",
     # 99.5 % zeros: zero runs far longer than MAX_GAP need the explicit-zero entries.
     "long-runs": "prune-magnitude{ratio=0.995,scope=network},cluster-weights{method=kmeans,clusters=2}",
+    "grid": "cluster-weights{method=uniform,target-bits=2.5,centres=grid}",
+    "pruned-grid": "prune-magnitude{ratio=0.6},cluster-weights{method=uniform,clusters=9,centres=grid}",
 }
 
 

@@ -50,13 +50,17 @@ def _run(model: ir.Model, pipeline: str) -> tuple[ir.Model, PassContext]:
 
 
 def _effective_weights(model: ir.Model) -> dict[str, np.ndarray]:
-    """Each clustered weight as the model computes it: codebook[indices], from the initializers."""
+    """Each clustered weight as the model computes it: codebook[indices], or step x (index - zero
+    point) for a grid, from the initializers."""
     out = {}
     for node in model.graph:
         if node.op_type == "Gather" and "qc.source" in node.metadata_props:
             codebook = node.inputs[0].const_value.numpy()
             indices = node.inputs[1].producer().inputs[0].const_value.numpy()
             out[node.metadata_props["qc.source"]] = codebook[indices.astype(np.int64)]
+        elif node.op_type == "DequantizeLinear" and "qc.source" in node.metadata_props:
+            q, step, zp = (v.const_value.numpy() for v in node.inputs)
+            out[node.metadata_props["qc.source"]] = (q.astype(np.float32) - np.float32(zp)) * step
     return out
 
 
@@ -108,6 +112,46 @@ def test_target_bits_sets_the_index_entropy(method: str) -> None:
     _, assignment = np.unique(values, return_inverse=True)
     assert abs(entropy_bits(assignment, assignment.max() + 1) - 2.5) < 0.1
     assert abs(ctx.stats["cluster-weights"]["entropy_bits"] - 2.5) < 0.1
+
+
+@pytest.mark.parametrize("prune", [0.0, 0.6])
+def test_grid_centres_are_stored_as_dequantize_linear_that_onnxruntime_runs_exactly(prune: float) -> None:
+    pipeline = (f"prune-magnitude{{ratio={prune}}}," if prune else "") + "cluster-weights{method=uniform,target-bits=2.5,centres=grid}"
+    model, ctx = _run(_net(np.random.default_rng(12)), pipeline)
+    assert not [n for n in model.graph if n.op_type == "Gather"]
+    lookups = [n for n in model.graph if n.op_type == "DequantizeLinear"]
+    assert len(lookups) == 4 and len({n.inputs[1].name for n in lookups}) == 1  # network scope: one step
+    step = float(lookups[0].inputs[1].const_value.numpy())
+    effective = _effective_weights(model)
+    for name, w in effective.items():
+        levels = w / step
+        np.testing.assert_allclose(levels, np.rint(levels), atol=1e-4)  # every value on the grid
+        if prune:
+            assert np.all(w[ctx.facts[PRUNED_FACT][name]] == 0.0)
+            assert lookups[0].metadata_props["qc.codebook.zero_index"] == str(int(lookups[0].inputs[2].const_value.numpy()))
+    reference = _net(np.random.default_rng(12))
+    for name, w in effective.items():
+        reference.graph.initializers[name].const_value = ir.tensor(w.astype(np.float32), name=name)
+    x = _data().arrays["x"]
+    np.testing.assert_array_equal(run(model, {"x": x})[0], run(reference, {"x": x})[0])
+
+
+def test_grid_centres_need_the_uniform_method() -> None:
+    with pytest.raises(QCError, match="centres=grid"):
+        parse_pipeline("cluster-weights{method=kmeans,centres=grid}")
+
+
+def test_finetuning_a_grid_trains_its_step_and_keeps_it_a_grid() -> None:
+    model, ctx = _run(_net(np.random.default_rng(13)), "prune-magnitude{ratio=0.5},cluster-weights{method=uniform,clusters=7,centres=grid}")
+    indices_before = {n.inputs[0].name: n.inputs[0].const_value.numpy().copy() for n in model.graph if n.op_type == "DequantizeLinear"}
+    step_before = float(next(n for n in model.graph if n.op_type == "DequantizeLinear").inputs[1].const_value.numpy())
+    x, labels = _data().arrays["x"], _data().labels
+    loss_before = _cross_entropy(run(model, {"x": x})[0], labels)
+    tuned = parse_pipeline("finetune-codebook{epochs=20,batch-size=8,lr=0.01}").run(model, ctx).model
+    lookups = [n for n in tuned.graph if n.op_type == "DequantizeLinear"]
+    assert all(np.array_equal(n.inputs[0].const_value.numpy(), indices_before[n.inputs[0].name]) for n in lookups)
+    assert float(lookups[0].inputs[1].const_value.numpy()) != step_before
+    assert _cross_entropy(run(tuned, {"x": x})[0], labels) < loss_before
 
 
 def test_unreachable_target_rate_is_refused() -> None:

@@ -61,5 +61,5 @@ def test_retraining_needs_data() -> None:
 
 
 def test_options_are_checked() -> None:
-    with pytest.raises(Exception, match="epochs"):
+    with pytest.raises(QCError, match="epochs"):
         parse_pipeline("finetune-weights{epochs=0}")
