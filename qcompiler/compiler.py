@@ -152,7 +152,7 @@ def _report(float_name: str, manager: PassManager, spec: TargetSpec, ctx: PassCo
         target=spec.name,
         pipeline=format_pipeline(manager.passes),
         calibration=calibration,
-        passes=[PassTiming(name, seconds, modified, ctx.stats.get(name, {})) for name, seconds, modified in ctx.timings],
+        passes=[PassTiming(name, seconds, modified, stats) for name, seconds, modified, stats in ctx.timings],
         kept_float=kept,
         diagnostics=diagnostics,
     )

@@ -83,8 +83,8 @@ class PassContext:
     diagnostics: list[Diagnostic] = field(default_factory=list)
     progress: ProgressFactory = null_progress
     instruments: list[Instrument] = field(default_factory=list)
-    #: (pass name, seconds, modified) for every pass run, in order.
-    timings: list[tuple[str, float, bool]] = field(default_factory=list)
+    #: (pass name, seconds, modified, stats) for every pass run, in order.
+    timings: list[tuple[str, float, bool, dict[str, Any]]] = field(default_factory=list)
     #: per-pass statistics, keyed by pass name (a pass run twice keeps its last stats).
     stats: dict[str, dict[str, Any]] = field(default_factory=dict)
     #: Facts later passes or the report need (e.g. the calibration settings a pipeline chose).
@@ -173,7 +173,8 @@ class PassManager(Pass):
             _tag_new_nodes(result.model, before_nodes, pass_.name)
             ctx.analyses.invalidate(pass_.preserves)
         if not isinstance(pass_, PassManager):
-            ctx.timings.append((pass_.name, seconds, result.modified))
+            # Each run keeps its own stats here (a pass may appear twice in a pipeline).
+            ctx.timings.append((pass_.name, seconds, result.modified, dict(result.stats)))
             if result.stats:
                 ctx.stats[pass_.name] = dict(result.stats)
         for instrument in ctx.instruments:

@@ -39,8 +39,9 @@ class ReadsCount(Pass):
     preserves = "all"
 
     def run(self, model, ctx):
-        ctx.facts.setdefault("seen", []).append(ctx.analyses.get(NodeCount(), model, ctx))
-        return PassResult(model, False)
+        count = ctx.analyses.get(NodeCount(), model, ctx)
+        ctx.facts.setdefault("seen", []).append(count)
+        return PassResult(model, False, {"count": count})
 
 
 class AddsIdentity(Pass):
@@ -133,8 +134,16 @@ def test_new_nodes_get_unique_names_and_provenance() -> None:
 def test_timings_record_every_pass() -> None:
     ctx = _ctx()
     PassManager([ReadsCount(), AddsIdentity()]).run(_model(), ctx)
-    assert [(name, modified) for name, _, modified in ctx.timings] == [("reads-count", False), ("adds-identity", True)]
-    assert all(seconds >= 0 for _, seconds, _ in ctx.timings)
+    assert [(name, modified) for name, _, modified, _ in ctx.timings] == [("reads-count", False), ("adds-identity", True)]
+    assert all(seconds >= 0 for _, seconds, _, _ in ctx.timings)
+
+
+def test_a_pass_run_twice_keeps_the_stats_of_each_run() -> None:
+    ctx = _ctx()
+    PassManager([ReadsCount(), AddsIdentity(), ReadsCount()]).run(_model(), ctx)
+    runs = [stats["count"] for name, _, _, stats in ctx.timings if name == "reads-count"]
+    assert runs == [ctx.facts["seen"][0], ctx.facts["seen"][0] + 1]  # one Identity more the second time
+    assert ctx.stats["reads-count"]["count"] == runs[1]
 
 
 def test_pass_manager_is_itself_a_pass_and_nests() -> None:
