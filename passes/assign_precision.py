@@ -22,7 +22,7 @@ from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.precision import ACTIVATION_BITS_FACT, WEIGHT_BITS_FACT
 from qcompiler.precision_ilp import pareto_front, smallest_feasible, solve_greedy, solve_ilp, solve_random, solve_uniform
 from qcompiler.registry import register_pass
-from qcompiler.sensitivity import WeightRange, layer_sensitivities
+from qcompiler.sensitivity import TraceBound, WeightRange, layer_sensitivities
 
 #: Budget kinds and what their number means. Fractions are of the model with every weight at the
 #: target's full weight width (int8 on ort-cpu), measured in the same resource.
@@ -101,13 +101,16 @@ class AssignPrecision(Pass):
         #: activation dtype's own). Below the dtype's width insert-qdq lowers each activation
         #: quantizer as QuantizeLinear -> Clip -> DequantizeLinear; bops budgets count it.
         activation_bits: int = 0
+        #: The value of each trace estimate Omega uses: its mean, or the upper end of its 95 %
+        #: interval, so a layer whose trace the probes left uncertain is not spent as if flat.
+        trace: TraceBound = "mean"
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         # The traces the pipeline's hessian-trace pass computed (same options), else its defaults.
         analysis = ctx.facts.get(HESSIAN_FACT, HessianTrace(seed=ctx.seed))
         traces = ctx.analyses.get(analysis, model, ctx)
         bits = ctx.target.bits.allowed
-        layers = layer_sensitivities(model, traces, ctx.target.weights, bits, self.options.weight_range)
+        layers = layer_sensitivities(model, traces, ctx.target.weights, bits, self.options.weight_range, self.options.trace)
         sizes = np.array([l.parameters for l in layers], dtype=np.float64)
         omega = np.array([[l.omega[b] for b in bits] for l in layers])
         budget = Budget.parse(self.options.budget)

@@ -19,7 +19,8 @@ Methods (see `qcompiler.codebook.clustering`):
 ``scope=network`` clusters all weights together with one codebook, as the paper does; ``layer``
 gives each weight its own. ``target-bits`` (uniform, ecsq) searches the step or lambda that makes
 the entropy of the indices, the rate Huffman coding approaches, hit that many bits per weight.
-Pruned weights (`prune-magnitude`) are kept out of the clustering and point at an exact zero.
+Pruned weights (`prune-magnitude`'s masks, and by default any weight that is exactly zero) are
+kept out of the clustering and point at an exact zero.
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ class ClusterWeights(Pass):
         #: uniform only. weighted: each bin's centre at the Hessian-weighted mean of its members
         #: (Choi et al.); grid: centres stay at step x integer, lowered to DequantizeLinear.
         centres: Literal["weighted", "grid"] = "weighted"
+        #: Treat weights that are exactly zero as pruned (kept at zero, coded as zero runs), as
+        #: in a model pruned by an earlier compile or another tool; prune-magnitude's masks count anyway.
+        keep_zeros: bool = True
 
         def __post_init__(self) -> None:
             if self.clusters < 1:
@@ -137,6 +141,8 @@ class ClusterWeights(Pass):
         for name in weights:
             w = model.graph.initializers[name].const_value.numpy().astype(np.float64)
             mask = masks.get(name, np.zeros(w.shape, bool))
+            if self.options.keep_zeros:
+                mask = mask | (w == 0.0)
             h = importance[name] if importance is not None else np.ones(w.shape)
             per_weight.append(_Group([name], w[~mask], np.asarray(h)[~mask], [mask]))
         if self.options.scope == "layer":

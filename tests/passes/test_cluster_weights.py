@@ -226,3 +226,17 @@ def _kl(reference_logits: np.ndarray, logits: np.ndarray) -> float:
         return z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     p_log = log_softmax(reference_logits)
     return float((np.exp(p_log) * (p_log - log_softmax(logits))).sum(axis=1).mean())
+
+
+def test_exact_zeros_of_an_already_pruned_model_are_kept_as_pruned() -> None:
+    # Pruned in one compile, clustered in the next: the masks are gone, the zeros are not.
+    pruned, _ = _run(_net(np.random.default_rng(14)), "prune-magnitude{ratio=0.7}")
+    zeros = {n: pruned.graph.initializers[n].const_value.numpy() == 0 for n in ("w1", "w2", "w3", "w4")}
+    model, ctx = _run(pruned, "cluster-weights{method=kmeans,clusters=4}")
+    assert PRUNED_FACT not in ctx.facts
+    for name, w in _effective_weights(model).items():
+        assert np.array_equal(w == 0.0, zeros[name]), name
+    assert next(n for n in model.graph if n.op_type == "Gather").metadata_props["qc.codebook.zero_index"] == "0"
+    again, _ = _run(_net(np.random.default_rng(14)), "prune-magnitude{ratio=0.7}")
+    kept, _ = _run(again, "cluster-weights{method=kmeans,clusters=4,keep-zeros=false}")
+    assert next(n for n in kept.graph if n.op_type == "Gather").metadata_props["qc.codebook.zero_index"] == ""
