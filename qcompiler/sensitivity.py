@@ -93,14 +93,20 @@ def weight_sensitivity(model: ir.Model, layer: LayerSensitivity, rule: TensorRul
     return _omega(layer.trace, w, rule, bits, weight_axis(model, layer.weight, rule), weight_range)
 
 
-def layer_sensitivities(model: ir.Model, traces: HessianTraceResult, rule: TensorRule, bits: tuple[int, ...], weight_range: str = "auto") -> list[LayerSensitivity]:
+#: Which value of a trace estimate the sensitivities use: its mean, or the upper end of its 95 %
+#: interval (a trace the probes could not pin down is not taken as evidence of flatness).
+TraceBound = Literal["mean", "upper"]
+
+
+def layer_sensitivities(model: ir.Model, traces: HessianTraceResult, rule: TensorRule, bits: tuple[int, ...], weight_range: str = "auto", bound: TraceBound = "mean") -> list[LayerSensitivity]:
     """Omega_l(b) for every weight with a trace estimate and every candidate width."""
     out = []
     for name, estimate in traces.estimates.items():
         w = model.graph.initializers[name].const_value.numpy().astype(np.float32)
         axis = weight_axis(model, name, rule)
-        omega = {b: _omega(estimate.trace, w, rule, b, axis, weight_range) for b in bits}
-        out.append(LayerSensitivity(name, estimate.node, int(w.size), estimate.trace, omega))
+        trace = estimate.trace if bound == "mean" else estimate.ci95[1]
+        omega = {b: _omega(trace, w, rule, b, axis, weight_range) for b in bits}
+        out.append(LayerSensitivity(name, estimate.node, int(w.size), trace, omega))
     return out
 
 

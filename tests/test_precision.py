@@ -171,3 +171,22 @@ def test_empirical_check_reports_the_rank_correlation() -> None:
                                pipeline="hessian-trace{max-probes=16},assign-precision{budget=bits=5,check-bits=3,pareto-points=0}")
     check = next(p for p in result.report.passes if p.name == "assign-precision").stats["check"]
     assert check["bits"] == 3 and -1 <= check["spearman"] <= 1 and set(check["measured_loss_increase"]) == {"w1", "w2", "w3"}
+
+
+def test_upper_trace_bound_uses_the_top_of_each_interval() -> None:
+    import onnx_ir as ir
+
+    from qcompiler.hessian import HessianTraceResult, TraceEstimate
+    from qcompiler.sensitivity import layer_sensitivities
+
+    rng = np.random.default_rng(1)
+    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")], [tensor_info("x", [None, 8])], [tensor_info("y", [None, 4])],
+                       {"w": rng.normal(0, 1, (8, 4)).astype(np.float32)})
+    rule = TensorRule("int8", symmetric=True, granularity="per-channel", narrow_range=True)
+    # A noisy estimate whose mean came out negative: the mean says "flat", the interval does not.
+    traces = HessianTraceResult("cross-entropy", {"w": TraceEstimate("w", "fc", 32, trace=-0.5, stderr=1.0, probes=8)}, 8, False)
+    assert isinstance(model, ir.Model)
+    (mean,) = layer_sensitivities(model, traces, rule, (2, 4))
+    (upper,) = layer_sensitivities(model, traces, rule, (2, 4), bound="upper")
+    assert mean.omega == {2: 0.0, 4: 0.0}
+    assert upper.trace == pytest.approx(-0.5 + 1.96) and upper.omega[2] > upper.omega[4] > 0
