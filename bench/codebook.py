@@ -4,9 +4,12 @@
     python bench/codebook.py --quick         # 2,000 test images, fewer rates, LeNet-5 and ResNet-32
     python bench/codebook.py --models lenet5
 
-Every row is one `qc compile` (prune-magnitude / cluster-weights / finetune-codebook, network
-scope, BatchNorm left unfolded so all layers share one weight scale) followed by `qc pack`; the
-row prints both commands. Columns: the paper's compression ratio (32 x weights / coded bits:
+Every row is one `qc compile` (cluster-weights / finetune-codebook, network scope, BatchNorm left
+unfolded so all layers share one weight scale) followed by `qc pack`; the row prints both
+commands. The pruned rows start from one more compile, "prune + retrain": iterative network-scope
+magnitude pruning, each stage retrained by finetune-weights (`PRUNE_SCHEDULE`); its model.onnx is
+the float pruned network the pruned rows cluster, and their accuracy loss is counted against the
+original float model. Columns: the paper's compression ratio (32 x weights / coded bits:
 Huffman-coded indices and zero runs, codebook, code tables), the ratio of the whole `.qcz` file
 against the float32 weights, and top-1 accuracy measured by qc in onnxruntime on the test set
 (training images only for Hessians, calibration and fine-tuning).
@@ -83,52 +86,79 @@ def prepare(names: list[str], quick: bool) -> list[Setup]:
     if "lenet5" in names:
         if not LENET.exists():
             raise SystemExit(f"{rel(LENET)} is missing: run python models/train_lenet5_mnist.py")
-        train, test = RESULTS / "cb_mnist_train.npz", RESULTS / "cb_mnist_test.npz"
+        # All 60,000 training images: retraining after pruning needs them (Hessians use 1,000).
+        train, test = RESULTS / "cb_mnist_train60k.npz", RESULTS / "cb_mnist_test.npz"
         if not train.exists():
-            np.savez(train, **mnist.make_npz("train", 10000))
+            np.savez(train, **mnist.make_npz("train", None))
         np.savez(test, **mnist.make_npz("test", test_count))
         setups.append(Setup("lenet5", LENET, train, test))
     if "resnet32" in names:
-        train, test = RESULTS / "cb_cifar_train.npz", RESULTS / "cb_cifar_test.npz"
+        train, test = RESULTS / "cb_cifar_train10k.npz", RESULTS / "cb_cifar_test.npz"
         if not train.exists():
-            np.savez(train, **cifar.make(SHARED / "data" / "cifar10_train_subset.npz", 5000, shuffle=True, seed=0))
+            np.savez(train, **cifar.make(SHARED / "data" / "cifar10_train_subset.npz", 10000, shuffle=True, seed=0))
         np.savez(test, **cifar.make(SHARED / "data" / "cifar10_test.npz", test_count))
         setups.append(Setup("resnet32", RESNET32, train, test))
     return setups
 
 
-def configurations(model: str, quick: bool) -> list[tuple[str, str]]:
-    """(label, passes after infer-shapes,fold-constants) of every row of a model."""
+#: Iterative magnitude pruning, network scope (Han et al.): each stage prunes to a higher ratio the
+#: network the previous stage retrained, for that many epochs of finetune-weights.
+PRUNE_SCHEDULE = {"lenet5": ((0.6, 1), (0.8, 1), (0.9, 3)), "resnet32": ((0.5, 2), (0.7, 2), (0.8, 4))}
+RETRAIN_LR = 1e-3
+
+
+def retrain_pipeline(model: str) -> str:
+    """The passes that prune and retrain ``model`` (one compile, reused by every pruned row)."""
+    stages = [f"prune-magnitude{{ratio={ratio},scope=network}},finetune-weights{{epochs={epochs},lr={RETRAIN_LR:g}}}" for ratio, epochs in PRUNE_SCHEDULE[model]]
+    return ",".join(stages)
+
+
+def configurations(model: str, quick: bool) -> list[tuple[str, str, bool]]:
+    """(label, passes after infer-shapes,fold-constants, whether it starts from the pruned and
+    retrained model) of every row of a model."""
     ks = (4, 8, 16) if quick else (4, 8, 16, 32)
     rates = (2.0, 3.0) if quick else (1.5, 2.0, 2.5, 3.0)
     rows = []
     for k in ks:
-        rows.append((f"k-means K={k}", f"cluster-weights{{method=kmeans,clusters={k}}}"))
-        rows.append((f"Hessian k-means K={k}", f"cluster-weights{{method=hessian-kmeans,clusters={k}}}"))
+        rows.append((f"k-means K={k}", f"cluster-weights{{method=kmeans,clusters={k}}}", False))
+        rows.append((f"Hessian k-means K={k}", f"cluster-weights{{method=hessian-kmeans,clusters={k}}}", False))
     for bits in rates:
-        rows.append((f"uniform {bits} bits", f"cluster-weights{{method=uniform,target-bits={bits}}}"))
-        rows.append((f"ECSQ {bits} bits", f"cluster-weights{{method=ecsq,clusters=64,target-bits={bits}}}"))
-    prune = 0.9 if model == "lenet5" else 0.7
-    epochs = 3 if quick else (5 if model == "lenet5" else 8)
-    for k in (8, 16) if not quick else (16,):
-        rows.append((f"prune {prune} + Hessian k-means K={k}", f"prune-magnitude{{ratio={prune}}},cluster-weights{{method=hessian-kmeans,clusters={k}}}"))
-        rows.append((f"prune {prune} + Hessian k-means K={k} + fine-tune", f"prune-magnitude{{ratio={prune}}},cluster-weights{{method=hessian-kmeans,clusters={k}}},finetune-codebook{{epochs={epochs},lr=1e-4}}"))
+        rows.append((f"uniform {bits} bits", f"cluster-weights{{method=uniform,target-bits={bits}}}", False))
+        rows.append((f"ECSQ {bits} bits", f"cluster-weights{{method=ecsq,clusters=64,target-bits={bits}}}", False))
+    prune = PRUNE_SCHEDULE[model][-1][0]
+    epochs = 1 if model == "lenet5" else 2
+    tune = f"finetune-codebook{{epochs={epochs},lr=1e-4}}"
+    for k in (16,) if quick else (8, 16):
+        rows.append((f"pruned {prune} + Hessian k-means K={k}", f"cluster-weights{{method=hessian-kmeans,clusters={k}}}", True))
+        rows.append((f"pruned {prune} + Hessian k-means K={k} + fine-tune", f"cluster-weights{{method=hessian-kmeans,clusters={k}}},{tune}", True))
+    for bits in (3.0,) if quick else (2.5, 3.0):
+        rows.append((f"pruned {prune} + uniform grid {bits} bits + fine-tune", f"cluster-weights{{method=uniform,target-bits={bits},centres=grid}},{tune}", True))
+        rows.append((f"pruned {prune} + ECSQ {bits} bits + fine-tune", f"cluster-weights{{method=ecsq,clusters=64,target-bits={bits}}},{tune}", True))
     return rows
 
 
-def run_row(setup: Setup, label: str, passes: str) -> Row:
+def pruned_model(setup: Setup) -> Path:
+    return RESULTS / f"cb_{setup.name}_pruned" / "model.onnx"
+
+
+def run_row(setup: Setup, label: str, passes: str, pruned: bool = False, *, out: Path | None = None, pack: bool = True) -> Row:
+    """One compile (from the float or the pruned model) and, with ``pack``, its `qc pack`."""
     slug = "".join(c if c.isalnum() else "_" for c in label).strip("_").lower()
-    out = RESULTS / f"cb_{setup.name}_{slug}"
+    out = out or RESULTS / f"cb_{setup.name}_{slug}"
+    source = pruned_model(setup) if pruned else setup.model
     pipeline = f"infer-shapes,fold-constants,{passes}"
-    compile_argv = ["qc", "compile", rel(setup.model), "--calib", rel(setup.train), "--data", rel(setup.test), "-o", rel(out), "--force", "--latency-runs", "0", "--pipeline", pipeline]
+    compile_argv = ["qc", "compile", rel(source), "--calib", rel(setup.train), "--data", rel(setup.test), "-o", rel(out), "--force", "--latency-runs", "0", "--pipeline", pipeline]
     pack_argv = ["qc", "pack", rel(out / "model.onnx"), "-o", rel(out / "model.qcz"), "--force"]
-    show = [shell_line(argv) for argv in (compile_argv, pack_argv)]
+    show = [shell_line(argv) for argv in ((compile_argv, pack_argv) if pack else (compile_argv,))]
     row = Row(setup.name, label, pipeline, show)
-    print(f"[{setup.name}] {label}\n    $ {show[0]}\n    $ {show[1]}", flush=True)
+    print(f"[{setup.name}] {label}" + "".join(f"\n    $ {c}" for c in show), flush=True)
+    if pruned and not pruned_model(setup).exists():
+        row.error = "no pruned model (its prune + retrain row failed)"
+        return row
     log = RESULTS / "logs" / f"cb_{setup.name}_{slug}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("wb") as fh:
-        for argv in (compile_argv, pack_argv):
+        for argv in (compile_argv, pack_argv) if pack else (compile_argv,):
             status = subprocess.run([QC, *argv[1:]], cwd=REPO, stdout=fh, stderr=fh).returncode
             if status:
                 row.error = f"exit {status}: {_tail(log)}"
@@ -140,8 +170,11 @@ def run_row(setup: Setup, label: str, passes: str) -> Row:
     for p in report["passes"]:
         if p["name"] == "cluster-weights":
             row.cluster_seconds, row.entropy_bits = p["seconds"], p["stats"].get("entropy_bits")
-        elif p["name"] == "finetune-codebook":
-            row.finetune_seconds = p["seconds"]
+        elif p["name"] in ("finetune-codebook", "finetune-weights"):
+            row.finetune_seconds = (row.finetune_seconds or 0.0) + p["seconds"]
+    if not pack:
+        print(f"    top-1 {100 * row.accuracy:.2f} % (float {100 * row.accuracy_float:.2f} %), retraining {row.finetune_seconds:.0f} s", flush=True)
+        return row
     import onnx
 
     from qcompiler.codebook.qcz import coded_size
@@ -149,7 +182,8 @@ def run_row(setup: Setup, label: str, passes: str) -> Row:
     size = coded_size(onnx.load(str(out / "model.onnx")))
     row.ratio = size.ratio
     row.file_ratio = 4 * size.weights / (out / "model.qcz").stat().st_size
-    print(f"    {row.ratio:.2f}x (file {row.file_ratio:.2f}x), top-1 {100 * row.accuracy:.2f} % (float {100 * row.accuracy_float:.2f} %)", flush=True)
+    print(f"    {row.ratio:.2f}x (file {row.file_ratio:.2f}x), top-1 {100 * row.accuracy:.2f} % (against the pruned float model {100 * row.accuracy_float:.2f} %)" if pruned
+          else f"    {row.ratio:.2f}x (file {row.file_ratio:.2f}x), top-1 {100 * row.accuracy:.2f} % (float {100 * row.accuracy_float:.2f} %)", flush=True)
     return row
 
 
@@ -206,8 +240,17 @@ def main() -> None:
     start = time.perf_counter()
     rows = []
     for setup in prepare([m.strip() for m in args.models.split(",")], args.quick):
-        for label, passes in configurations(setup.name, args.quick):
-            rows.append(run_row(setup, label, passes))
+        mine = [run_row(setup, label, passes, pruned) for label, passes, pruned in configurations(setup.name, args.quick) if not pruned]
+        retrained = run_row(setup, f"prune {PRUNE_SCHEDULE[setup.name][-1][0]} + retrain", retrain_pipeline(setup.name), out=pruned_model(setup).parent, pack=False)
+        mine.append(retrained)
+        for label, passes, pruned in configurations(setup.name, args.quick):
+            if pruned:
+                row = run_row(setup, label, passes, pruned=True)
+                # Accuracy is lost against the original float model, not the pruned one qc compared with.
+                if row.accuracy is not None and retrained.accuracy_float is not None:
+                    row.accuracy_float = retrained.accuracy_float
+                mine.append(row)
+        rows.extend(mine)
     print_table(rows)
     results = checks(rows)
     print(f"\ntotal run time {time.perf_counter() - start:.0f} s")

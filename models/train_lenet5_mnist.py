@@ -2,6 +2,7 @@
 
     python models/train_lenet5_mnist.py                    # writes models/mnist_lenet5.onnx
     python models/train_lenet5_mnist.py --epochs 2 -o /tmp/lenet.onnx
+    python models/train_lenet5_mnist.py --export-data data/   # the npz files qc compile reads
 
 The network is Caffe's LeNet-5 variant the paper (and Deep Compression) used: conv 20@5x5, max
 pool, conv 50@5x5, max pool, fully connected 500, ReLU, fully connected 10; 431k weights. Input
@@ -55,7 +56,14 @@ def main() -> None:
     parser.add_argument("-o", "--output", type=Path, default=ROOT / "models" / "mnist_lenet5.onnx")
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--export-data", type=Path, metavar="DIR", help="only write DIR/mnist_train.npz and DIR/mnist_test.npz (qc's --calib/--data format) and stop")
     args = parser.parse_args()
+    if args.export_data:
+        args.export_data.mkdir(parents=True, exist_ok=True)
+        for split in ("train", "test"):
+            np.savez(args.export_data / f"mnist_{split}.npz", **make_npz(split))
+        print(f"wrote {args.export_data / 'mnist_train.npz'} and {args.export_data / 'mnist_test.npz'}")
+        return
 
     torch.manual_seed(args.seed)
     train, test = make_npz("train"), make_npz("test")
