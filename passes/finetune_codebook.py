@@ -11,8 +11,6 @@ trains its one step instead, so it stays a grid and keeps its standard ONNX form
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx_ir as ir
 
@@ -30,10 +28,7 @@ class FinetuneCodebook(Pass):
 
     name = "finetune-codebook"
 
-    @dataclass(frozen=True)
-    class Options(TrainSettings):
-        def __post_init__(self) -> None:
-            self.check()
+    Options = TrainSettings
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         import torch

@@ -11,8 +11,6 @@ before any pass of this pipeline changed its weights.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import onnx_ir as ir
 
@@ -44,10 +42,7 @@ class FinetuneWeights(Pass):
 
     name = "finetune-weights"
 
-    @dataclass(frozen=True)
-    class Options(TrainSettings):
-        def __post_init__(self) -> None:
-            self.check()
+    Options = TrainSettings
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         import torch

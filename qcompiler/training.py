@@ -24,7 +24,7 @@ from qcompiler.pass_manager import PassContext
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """How long and how fast to train; validated where a pass's options are built."""
+    """How long and how fast to train: the options of both fine-tuning passes."""
 
     epochs: int = 3
     batch_size: int = 64
@@ -33,7 +33,7 @@ class TrainSettings:
     lr: float = 1e-4
     loss: LossName = "auto"
 
-    def check(self) -> None:
+    def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
             raise ValueError("options 'epochs' and 'batch-size' must be >= 1 and 'lr' > 0")
 
