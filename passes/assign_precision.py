@@ -158,12 +158,12 @@ class AssignPrecision(Pass):
             "layers": {l.weight: {"node": l.node, "bits": chosen[l.weight], "sensitivity": l.omega[chosen[l.weight]], "trace": l.trace} for l in layers},
         }
         if self.options.check_bits:
-            stats["check"] = self._empirical_check(model, ctx, layers)
+            stats["check"] = self._empirical_check(model, ctx, layers, traces.loss)
         if self.options.pareto_points:
             stats["pareto"] = [{"resource": r, "total_sensitivity": t} for r, t in pareto_front(omega, cost, self.options.pareto_points)]
         return PassResult(model, False, stats)
 
-    def _empirical_check(self, model: ir.Model, ctx: PassContext, layers: list) -> dict:
+    def _empirical_check(self, model: ir.Model, ctx: PassContext, layers: list, loss: str) -> dict:
         from scipy.stats import spearmanr
 
         from qcompiler.sensitivity import measured_loss_increase, weight_sensitivity
@@ -173,7 +173,7 @@ class AssignPrecision(Pass):
         if available < wanted:
             ctx.note(self.name, f"the empirical check measures on {available} samples (check-samples={wanted}); below a few thousand its loss changes are mostly sampling noise", level="warning")
         names = [l.weight for l in layers]
-        measured = measured_loss_increase(model, ctx.data, ctx.target.weights, bits, names, samples=wanted, weight_range=weight_range)
+        measured = measured_loss_increase(model, ctx.data, ctx.target.weights, bits, names, loss=loss, samples=wanted, weight_range=weight_range)
         estimated = [l.omega[bits] if bits in l.omega else weight_sensitivity(model, l, ctx.target.weights, bits, weight_range) for l in layers]
         rho = float(spearmanr(estimated, [measured[n] for n in names]).statistic)
-        return {"bits": bits, "samples": min(available, wanted), "spearman": rho, "measured_loss_increase": measured}
+        return {"bits": bits, "samples": min(available, wanted), "loss": loss, "spearman": rho, "measured_loss_increase": measured}

@@ -257,6 +257,7 @@ def _loss_setup(model: ir.Model, ctx: PassContext, samples: int, batch_size: int
     import torch
 
     from qcompiler.torch_exec import TorchGraph
+    from qcompiler.training import task_loss
 
     if ctx.data is None:
         raise QCError("Hessian estimates need data: pass --calib FILE.npz", pass_name=pass_name)
@@ -278,14 +279,12 @@ def _loss_setup(model: ir.Model, ctx: PassContext, samples: int, batch_size: int
 
     def loss_fn(batch: dict[str, np.ndarray], start: int) -> torch.Tensor:
         out = graph.run(batch, [out_value.name])[out_value.name]
-        if loss_name == "cross-entropy":
-            target = torch.from_numpy(np.asarray(labels[start : start + len(out)], dtype=np.int64))
-            return torch.nn.functional.cross_entropy(out, target)
-        with torch.no_grad():
-            reference = graph.run(batch, [out_value.name])[out_value.name].detach()
-        if loss_name == "kl":
+        reference = None
+        if loss_name != "cross-entropy":
             # KL(p_float || p) at p = p_float: zero gradient, Hessian = the Fisher of the outputs.
-            return torch.nn.functional.kl_div(torch.log_softmax(out, -1), torch.log_softmax(reference, -1), log_target=True, reduction="batchmean")
-        return 0.5 * torch.mean(torch.sum((out - reference).reshape(len(out), -1) ** 2, dim=1))
+            with torch.no_grad():
+                reference = graph.run(batch, [out_value.name])[out_value.name].detach()
+        batch_labels = None if labels is None else labels[start : start + len(out)]
+        return task_loss(loss_name, out, batch_labels, reference)
 
     return graph, weights, batches, loss_fn, loss_name

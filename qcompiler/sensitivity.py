@@ -110,15 +110,18 @@ def layer_sensitivities(model: ir.Model, traces: HessianTraceResult, rule: Tenso
     return out
 
 
-def measured_loss_increase(model: ir.Model, data, rule: TensorRule, bits: int, weights: list[str], *, samples: int = 5000, batch_size: int = 250, weight_range: str = "auto") -> dict[str, float]:
+def measured_loss_increase(model: ir.Model, data, rule: TensorRule, bits: int, weights: list[str], *, loss: str = "auto", samples: int = 5000, batch_size: int = 250, weight_range: str = "auto") -> dict[str, float]:
     """The real loss change of quantizing each weight alone to ``bits`` (all else float).
 
     The empirical check of the Hessian estimate: forward passes only, one per layer, on the first
-    ``samples`` samples; cross-entropy with labels, else KL against the float model's outputs.
+    ``samples`` samples, with the loss the traces were estimated with (``auto``: cross-entropy
+    with labels, else KL or MSE against the float model's outputs, as `choose_loss` decides).
     """
     import torch
 
+    from qcompiler.hessian import choose_loss
     from qcompiler.torch_exec import TorchGraph
+    from qcompiler.training import task_loss
 
     graph = TorchGraph(model, trainable=weights)
     params = graph.named_weights()
@@ -126,25 +129,21 @@ def measured_loss_increase(model: ir.Model, data, rule: TensorRule, bits: int, w
     batches = list(subset.batches(batch_size))
     out_name = graph.output_names[0]
     labels = subset.labels
+    with torch.no_grad():
+        reference = [graph.run(b, [out_name])[out_name] for b in batches]
+    loss_name = choose_loss(loss, tuple(reference[0].shape), labels is not None)
+    starts = np.cumsum([0] + [len(r) for r in reference])
 
-    def loss() -> float:
-        total, count, start = 0.0, 0, 0
+    def mean_loss() -> float:
+        total = 0.0
         with torch.no_grad():
-            for batch in batches:
+            for batch, ref, start in zip(batches, reference, starts):
                 out = graph.run(batch, [out_name])[out_name]
-                if labels is not None:
-                    target = torch.from_numpy(np.asarray(labels[start : start + len(out)], dtype=np.int64))
-                    value = torch.nn.functional.cross_entropy(out, target, reduction="sum")
-                else:
-                    value = torch.sum((out - reference[start : start + len(out)]) ** 2)
-                total, count, start = total + float(value), count + len(out), start + len(out)
-        return total / count
+                batch_labels = None if labels is None else labels[start : start + len(out)]
+                total += float(task_loss(loss_name, out, batch_labels, ref)) * len(out)
+        return total / starts[-1]
 
-    reference = None
-    if labels is None:
-        with torch.no_grad():
-            reference = torch.cat([graph.run(b, [out_name])[out_name] for b in batches])
-    base = loss()
+    base = mean_loss()
     increases = {}
     for name in weights:
         w = params[name]
@@ -153,7 +152,7 @@ def measured_loss_increase(model: ir.Model, data, rule: TensorRule, bits: int, w
         q, scale, zp = quantize_weight(original.numpy(), rule, bits, axis, weight_range)
         with torch.no_grad():
             w.copy_(torch.from_numpy(dequantize(q, scale, zp, axis=axis)))
-        increases[name] = loss() - base
+        increases[name] = mean_loss() - base
         with torch.no_grad():
             w.copy_(original)
     return increases

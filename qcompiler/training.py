@@ -63,7 +63,8 @@ def task_loss(loss_name: str, out, labels: np.ndarray | None, reference):
         return torch.nn.functional.cross_entropy(out, torch.from_numpy(np.asarray(labels, dtype=np.int64)))
     if loss_name == "kl":
         return torch.nn.functional.kl_div(torch.log_softmax(out, -1), torch.log_softmax(reference, -1), log_target=True, reduction="batchmean")
-    return 0.5 * torch.mean((out - reference) ** 2)
+    # Per sample the squared error summed over its outputs, averaged over the batch.
+    return 0.5 * torch.mean(torch.sum((out - reference).reshape(len(out), -1) ** 2, dim=1))
 
 
 def shuffled_batches(data: DataSource, batch_size: int, rng: np.random.Generator):
