@@ -190,3 +190,36 @@ def test_upper_trace_bound_uses_the_top_of_each_interval() -> None:
     (upper,) = layer_sensitivities(model, traces, rule, (2, 4), bound="upper")
     assert mean.omega == {2: 0.0, 4: 0.0}
     assert upper.trace == pytest.approx(-0.5 + 1.96) and upper.omega[2] > upper.omega[4] > 0
+
+
+def test_narrow_widths_are_scored_by_the_larger_of_estimate_and_measured_damage() -> None:
+    from passes.assign_precision import AssignPrecision
+    from qcompiler.pass_manager import PassContext
+    from qcompiler.sensitivity import LayerSensitivity, measured_loss_increase
+    from qcompiler.targets.spec import load_target
+
+    rng = np.random.default_rng(2)
+    model = make_model(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+            helper.make_node("Relu", ["h"], ["a"], name="relu"),
+            helper.make_node("Gemm", ["a", "w2"], ["y"], name="fc2"),
+        ],
+        [tensor_info("x", [None, 16])],
+        [tensor_info("y", [None, 4])],
+        {"w1": rng.normal(0, 0.5, (16, 32)).astype(np.float32), "w2": rng.normal(0, 0.5, (32, 4)).astype(np.float32)},
+    )
+    data = DataSource({"x": rng.normal(0, 1, (64, 16)).astype(np.float32)}, rng.integers(0, 4, 64))
+    ctx = PassContext(target=load_target("ort-cpu"), data=data)
+    layers = [LayerSensitivity(w, n, 0, 1.0, {}) for w, n in (("w1", "fc1"), ("w2", "fc2"))]
+    bits = (2, 3, 4, 8)
+    estimate = np.array([[0.0, 0.0, 0.0, 0.0], [1e6, 1e6, 1e6, 0.0]])
+    measured = AssignPrecision(measure_below=4)._measure_narrow(model, ctx, layers, bits, "cross-entropy", estimate)
+    assert measured == [2, 3]
+    for j, b in enumerate((2, 3)):
+        damage = measured_loss_increase(model, data, ctx.target.weights, b, ["w1", "w2"], loss="kl", samples=1000)
+        assert damage["w1"] > 0
+        assert estimate[0, j] == pytest.approx(2 * damage["w1"])  # measured, in Omega's units
+        assert estimate[1, j] == 1e6  # the estimate, where it is the larger
+    assert list(estimate[:, 2:].ravel()) == [0.0, 0.0, 1e6, 0.0]  # 4 and 8 bits: the estimate only
+    assert AssignPrecision(measure_below=0)._measure_narrow(model, ctx, layers, bits, "cross-entropy", estimate) == []
