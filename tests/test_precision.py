@@ -84,6 +84,20 @@ def test_pareto_front_is_monotone() -> None:
     assert sizes_out == sorted(sizes_out) and all(a >= b - 1e-12 for a, b in zip(costs, costs[1:]))
 
 
+def _mlp(rng: np.random.Generator, hidden: int):
+    """x[16] -> MatMul -> Relu -> Gemm -> y[4]: two weights, fc1 and fc2."""
+    return make_model(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+            helper.make_node("Relu", ["h"], ["a"], name="relu"),
+            helper.make_node("Gemm", ["a", "w2"], ["y"], name="fc2"),
+        ],
+        [tensor_info("x", [None, 16])],
+        [tensor_info("y", [None, 4])],
+        {"w1": rng.normal(0, 0.5, (16, hidden)).astype(np.float32), "w2": rng.normal(0, 0.5, (hidden, 4)).astype(np.float32)},
+    )
+
+
 def test_weight_qrange() -> None:
     rule = TensorRule("int8", symmetric=True, granularity="per-channel", narrow_range=True)
     assert [weight_qrange(rule, b) for b in (2, 4, 8)] == [(-1, 1), (-7, 7), (-127, 127)]
@@ -110,16 +124,7 @@ def test_auto_weight_range_clips_only_at_three_bits_and_fewer() -> None:
 
 def test_assigned_widths_are_applied_by_insert_qdq() -> None:
     rng = np.random.default_rng(0)
-    model = make_model(
-        [
-            helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
-            helper.make_node("Relu", ["h"], ["a"], name="relu"),
-            helper.make_node("Gemm", ["a", "w2"], ["y"], name="fc2"),
-        ],
-        [tensor_info("x", [None, 16])],
-        [tensor_info("y", [None, 4])],
-        {"w1": rng.normal(0, 0.5, (16, 64)).astype(np.float32), "w2": rng.normal(0, 0.5, (64, 4)).astype(np.float32)},
-    )
+    model = _mlp(rng, hidden=64)
     data = DataSource({"x": rng.normal(0, 1, (64, 16)).astype(np.float32)}, rng.integers(0, 4, 64))
     result = qcompiler.compile(model, calibration=data, latency_runs=0,
                                pipeline="hessian-trace{max-probes=8},assign-precision{budget=bits=4},calibrate,insert-qdq")
@@ -199,16 +204,7 @@ def test_narrow_widths_are_scored_by_the_larger_of_estimate_and_measured_damage(
     from qcompiler.targets.spec import load_target
 
     rng = np.random.default_rng(2)
-    model = make_model(
-        [
-            helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
-            helper.make_node("Relu", ["h"], ["a"], name="relu"),
-            helper.make_node("Gemm", ["a", "w2"], ["y"], name="fc2"),
-        ],
-        [tensor_info("x", [None, 16])],
-        [tensor_info("y", [None, 4])],
-        {"w1": rng.normal(0, 0.5, (16, 32)).astype(np.float32), "w2": rng.normal(0, 0.5, (32, 4)).astype(np.float32)},
-    )
+    model = _mlp(rng, hidden=32)
     data = DataSource({"x": rng.normal(0, 1, (64, 16)).astype(np.float32)}, rng.integers(0, 4, 64))
     ctx = PassContext(target=load_target("ort-cpu"), data=data)
     layers = [LayerSensitivity(w, n, 0, 1.0, {}) for w, n in (("w1", "fc1"), ("w2", "fc2"))]
