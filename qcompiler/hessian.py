@@ -257,33 +257,26 @@ def _loss_setup(model: ir.Model, ctx: PassContext, samples: int, batch_size: int
     import torch
 
     from qcompiler.torch_exec import TorchGraph
-    from qcompiler.training import task_loss
+    from qcompiler.training import output_value, resolve_loss, task_loss
 
     if ctx.data is None:
         raise QCError("Hessian estimates need data: pass --calib FILE.npz", pass_name=pass_name)
     weights = quantizable_weights(model)
     if not weights:
         raise QCError("the model has no constant float weights (Conv/Gemm/MatMul) to measure", pass_name=pass_name)
-    out_value = model.graph.outputs[0]
-    if not is_float_tensor(out_value):
-        raise QCError(f"the loss cannot be defined: output '{out_value.name}' is not float", pass_name=pass_name)
+    out_value = output_value(model, pass_name)
     graph = TorchGraph(model, trainable=weights)
     data = ctx.data.head(samples)
     step = data.fixed_batch or batch_size
     batches = [(b, s) for b, s in zip(data.batches(batch_size), range(0, data.usable_samples, step))]
     labels = data.labels
-    first = graph.run(batches[0][0], [out_value.name])[out_value.name]
-    loss_name = choose_loss(loss, tuple(first.shape), labels is not None)
-    if loss_name == "cross-entropy" and labels is None:
-        raise QCError("loss=cross-entropy needs 'labels' in the data file", pass_name=pass_name, option="loss")
+    loss_name = resolve_loss(graph, data, out_value.name, loss, batch_size, pass_name)
 
     def loss_fn(batch: dict[str, np.ndarray], start: int) -> torch.Tensor:
         out = graph.run(batch, [out_value.name])[out_value.name]
-        reference = None
-        if loss_name != "cross-entropy":
-            # KL(p_float || p) at p = p_float: zero gradient, Hessian = the Fisher of the outputs.
-            with torch.no_grad():
-                reference = graph.run(batch, [out_value.name])[out_value.name].detach()
+        # The weights are at their float values, so the float outputs are these outputs, detached:
+        # KL(p_float || p) at p = p_float, zero gradient, Hessian = the Fisher of the outputs.
+        reference = None if loss_name == "cross-entropy" else out.detach()
         batch_labels = None if labels is None else labels[start : start + len(out)]
         return task_loss(loss_name, out, batch_labels, reference)
 
