@@ -134,16 +134,17 @@ def measured_loss_increase(model: ir.Model, data, rule: TensorRule, bits: int, w
     loss_name = choose_loss(loss, tuple(reference[0].shape), labels is not None)
     starts = np.cumsum([0] + [len(r) for r in reference])
 
-    def mean_loss() -> float:
-        total = 0.0
-        with torch.no_grad():
-            for batch, ref, start in zip(batches, reference, starts):
-                out = graph.run(batch, [out_name])[out_name]
-                batch_labels = None if labels is None else labels[start : start + len(out)]
-                total += float(task_loss(loss_name, out, batch_labels, ref)) * len(out)
+    def mean_loss(outputs) -> float:
+        total = sum(float(task_loss(loss_name, out, None if labels is None else labels[start : start + len(out)], ref)) * len(out)
+                    for out, ref, start in zip(outputs, reference, starts))
         return total / starts[-1]
 
-    base = mean_loss()
+    def perturbed_outputs():
+        with torch.no_grad():
+            for batch in batches:
+                yield graph.run(batch, [out_name])[out_name]
+
+    base = mean_loss(reference)  # the float outputs are already at hand
     increases = {}
     for name in weights:
         w = params[name]
@@ -152,7 +153,7 @@ def measured_loss_increase(model: ir.Model, data, rule: TensorRule, bits: int, w
         q, scale, zp = quantize_weight(original.numpy(), rule, bits, axis, weight_range)
         with torch.no_grad():
             w.copy_(torch.from_numpy(dequantize(q, scale, zp, axis=axis)))
-        increases[name] = mean_loss() - base
+        increases[name] = mean_loss(perturbed_outputs()) - base
         with torch.no_grad():
             w.copy_(original)
     return increases
