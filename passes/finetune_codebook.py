@@ -19,7 +19,7 @@ from qcompiler.errors import QCError
 from qcompiler.ir import SOURCE_KEY
 from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.registry import register_pass
-from qcompiler.training import TrainSettings, fit, output_value, resolve_loss
+from qcompiler.training import TrainSettings, fit, output_value, resolve_loss, write_back
 
 
 @register_pass
@@ -61,10 +61,5 @@ class FinetuneCodebook(Pass):
         if loss_name in ("kl", "mse") and len({n.outputs[0].name for n in lookups} & set(overrides)) < len(lookups):
             raise QCError("the label-free loss needs the float weights from cluster-weights in this same pipeline (or data with labels)", pass_name=self.name, option="loss")
         losses = fit(graph, ctx, params, frozen, loss_name=loss_name, out_name=out_value.name, reference_overrides=overrides, settings=self.options, label="fine-tuning centres")
-        moved = {}
-        for name, p in params.items():
-            values = p.detach().numpy().astype(np.float32)
-            before = model.graph.initializers[name].const_value.numpy()
-            moved[name] = float(np.max(np.abs(values - before)))
-            model.graph.initializers[name].const_value = ir.tensor(values, name=name)
+        moved = write_back(model, params)
         return PassResult(model, True, {"loss": loss_name, "epochs": self.options.epochs, "loss_per_epoch": [round(v, 5) for v in losses], "max_centre_move": moved})

@@ -20,7 +20,7 @@ from qcompiler.hessian import quantizable_weights
 from qcompiler.op_roles import input_roles
 from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.registry import register_pass
-from qcompiler.training import TrainSettings, fit, output_value, resolve_loss
+from qcompiler.training import TrainSettings, fit, output_value, resolve_loss, write_back
 
 
 def trainable_tensors(model: ir.Model) -> list[str]:
@@ -67,11 +67,7 @@ class FinetuneWeights(Pass):
         overrides = {name: torch.from_numpy(np.asarray(float_weights[name], np.float32)) for name in names}
         loss_name = resolve_loss(graph, ctx.data, out_value.name, self.options.loss, self.options.batch_size, self.name)
         losses = fit(graph, ctx, params, held_zero, loss_name=loss_name, out_name=out_value.name, reference_overrides=overrides, settings=self.options, label="retraining weights")
-        moved = 0.0
-        for name, p in params.items():
-            values = p.detach().numpy().astype(np.float32)
-            moved = max(moved, float(np.max(np.abs(values - model.graph.initializers[name].const_value.numpy()))))
-            model.graph.initializers[name].const_value = ir.tensor(values, name=name)
+        moved = max(write_back(model, params).values())
         held = int(sum(m.sum() for m in held_zero.values()))
         return PassResult(model, True, {"loss": loss_name, "epochs": self.options.epochs, "loss_per_epoch": [round(v, 5) for v in losses],
                                         "tensors": len(names), "held_at_zero": held, "max_move": moved})

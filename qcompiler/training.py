@@ -127,3 +127,13 @@ def fit(graph, ctx: PassContext, params: Mapping[str, object], held_zero: Mappin
         for hook in hooks:
             hook.remove()
     return losses
+
+
+def write_back(model: ir.Model, params: Mapping[str, object]) -> dict[str, float]:
+    """Store trained ``params`` as the model's float32 initializers; the largest change of each."""
+    moved = {}
+    for name, p in params.items():
+        values = p.detach().numpy().astype(np.float32)
+        moved[name] = float(np.max(np.abs(values - model.graph.initializers[name].const_value.numpy())))
+        model.graph.initializers[name].const_value = ir.tensor(values, name=name)
+    return moved
