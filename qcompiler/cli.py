@@ -150,6 +150,7 @@ def verify_cmd(
 ) -> None:
     """Compare FLOAT_MODEL and QUANT_MODEL in onnxruntime and print the report."""
     from qcompiler.compiler import verify as run_verify
+    from qcompiler.ir import write_file_atomically
 
     if json_path is not None and not json_path.parent.is_dir():
         raise QCError("its folder does not exist", file=str(json_path), option="--json")
@@ -158,9 +159,7 @@ def verify_cmd(
     if json_path is not None:
         if not json_path.parent.is_dir():
             raise QCError("its folder does not exist", file=str(json_path), option="--json")
-        tmp = json_path.with_name(f".{json_path.name}.tmp")
-        tmp.write_text(report.to_json())
-        tmp.replace(json_path)
+        write_file_atomically(json_path, report.to_json().encode())
 
 
 def _writable_file(path: Path, force: bool, option: str) -> None:
@@ -200,15 +199,11 @@ def unpack_cmd(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
 ) -> None:
     """Restore the ONNX model a .qcz file holds (same outputs as the packed model, bit for bit)."""
-    import onnx
-
     from qcompiler.codebook.qcz import unpack
+    from qcompiler.ir import write_file_atomically
 
     _writable_file(output, force, "--output")
-    model = unpack(qcz)
-    tmp = output.with_name(f".{output.name}.tmp")
-    onnx.save(model, str(tmp))
-    tmp.replace(output)
+    write_file_atomically(output, unpack(qcz).SerializeToString())
     out.print(f"wrote {output}")
 
 

@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from qcompiler.analysis import Analysis
 from qcompiler.errors import QCError
-from qcompiler.ir import constant_array, is_float_tensor
+from qcompiler.ir import constant_array, is_float_tensor, write_file_atomically
 from qcompiler.op_roles import input_roles
 from qcompiler.pass_manager import PassContext
 
@@ -113,13 +113,9 @@ def _read_cache(path: str, key: str) -> HessianTraceResult | None:
 def _write_cache(path: str, key: str, result: HessianTraceResult) -> None:
     import dataclasses
     import json
-    from pathlib import Path
 
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp")
     payload = {"key": key, "loss": result.loss, "probes": result.probes, "converged": result.converged, "estimates": {n: dataclasses.asdict(e) for n, e in result.estimates.items()}}
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(target)
+    write_file_atomically(path, json.dumps(payload, indent=1).encode())
 
 
 def _mean_and_stderr(sums: np.ndarray, squares: np.ndarray, n: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:

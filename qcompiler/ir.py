@@ -140,6 +140,15 @@ def model_bytes_on_disk(path: str | os.PathLike) -> int:
     return total
 
 
+def write_file_atomically(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a hidden temporary file beside ``path`` and rename it over ``path``, so
+    a reader never sees a half-written file (and an interrupted write leaves the old one)."""
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(target)
+
+
 class atomic_output_dir:
     """Context manager: build an output folder under a temporary name, move it in place on success.
 

@@ -31,6 +31,7 @@ from onnx import numpy_helper
 from qcompiler.codebook import ZERO_INDEX_KEY
 from qcompiler.codebook.huffman import HuffmanCode
 from qcompiler.errors import QCError
+from qcompiler.ir import write_file_atomically
 
 MAGIC = b"QCZ1"
 #: Longest zero run coded as one gap symbol; longer runs get an explicit zero entry.
@@ -220,10 +221,7 @@ def pack(model_path: str | os.PathLike, out_path: str | os.PathLike) -> CodedSiz
     header["skeleton_blob"] = add(zlib.compress(skeleton.SerializeToString(), 9))
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     payload = struct.pack("<Q", len(header_bytes)) + header_bytes + b"".join(blobs)
-    target = Path(out_path)
-    tmp = target.with_name(f".{target.name}.tmp")
-    tmp.write_bytes(MAGIC + hashlib.sha256(payload).digest() + payload)
-    tmp.replace(target)
+    write_file_atomically(out_path, MAGIC + hashlib.sha256(payload).digest() + payload)
     return _size_of(arrays, groups_coded)
 
 
