@@ -185,26 +185,15 @@ class ClusterWeights(Pass):
         offset = 1 if pruned else 0
         index_dtype = np.uint8 if len(codebook) <= 256 else np.uint16 if len(codebook) <= 65536 else np.uint32
         codebook_value = add_initializer(graph, names, f"{group.names[0]}_codebook" if len(group.names) == 1 else "codebook", codebook.astype(np.float32))
-        start = 0
-        for name, mask in zip(group.names, group.masks):
-            weight = graph.initializers[name]
-            count = int((~mask).sum())
-            indices = np.zeros(mask.shape, dtype=index_dtype)
-            indices[~mask] = assignment[start : start + count] + offset
-            start += count
-            index_value = add_initializer(graph, names, f"{name}_indices", indices)
+
+        def lookup(name: str, index_value: ir.Value, shape: list[int]) -> list[ir.Node]:
             cast = ir.Node("", "Cast", [index_value], attributes={"to": ir.Attr("to", ir.AttributeType.INT, ir.DataType.INT32)}, name=names.fresh(f"{name}_Cast"))
             cast.outputs[0].name = names.fresh(f"{name}_indices_int32")
-            cast.outputs[0].dtype, cast.outputs[0].shape = ir.DataType.INT32, ir.Shape(list(mask.shape))
+            cast.outputs[0].dtype, cast.outputs[0].shape = ir.DataType.INT32, ir.Shape(shape)
             gather = ir.Node("", "Gather", [codebook_value, cast.outputs[0]], attributes={"axis": ir.Attr("axis", ir.AttributeType.INT, 0)}, name=names.fresh(f"{name}_Gather"))
-            out = gather.outputs[0]
-            out.name = names.fresh(f"{name}_clustered")
-            out.dtype, out.shape = ir.DataType.FLOAT, ir.Shape(list(mask.shape))
-            gather.metadata_props[SOURCE_KEY] = name
-            gather.metadata_props[ZERO_INDEX_KEY] = "0" if pruned else ""
-            graph.insert_before(graph[0], [cast, gather])
-            weight.replace_all_uses_with(out)
-            graph.initializers.pop(name)
+            return [cast, gather]
+
+        _replace_weights(graph, names, group, (assignment + offset).astype(index_dtype), 0 if pruned else None, lookup)
 
     def _rewrite_grid(self, model: ir.Model, names: NameAuthority, group: _Group, levels: np.ndarray, step: float, assignment: np.ndarray) -> None:
         """Each weight as DequantizeLinear(uint8 index, step, zero point): centre j is step x (j - zp).
@@ -221,25 +210,36 @@ class ClusterWeights(Pass):
         base = group.names[0] if len(group.names) == 1 else "codebook"
         scale = add_initializer(graph, names, f"{base}_step", np.array(step, dtype=np.float32))
         zp = add_initializer(graph, names, f"{base}_zero_point", np.array(zero_point, dtype=np.uint8))
-        # The grid centres as float32 computes them, so the clustering's error is what ships.
         codes = (levels - low).astype(np.uint8)
-        start = 0
-        for name, mask in zip(group.names, group.masks):
-            weight = graph.initializers[name]
-            count = int((~mask).sum())
-            indices = np.full(mask.shape, zero_point, dtype=np.uint8)
-            indices[~mask] = codes[assignment[start : start + count]]
-            start += count
-            index_value = add_initializer(graph, names, f"{name}_indices", indices)
-            dq = ir.Node("", "DequantizeLinear", [index_value, scale, zp], name=names.fresh(f"{name}_DequantizeLinear"))
-            out = dq.outputs[0]
-            out.name = names.fresh(f"{name}_clustered")
-            out.dtype, out.shape = ir.DataType.FLOAT, ir.Shape(list(mask.shape))
-            dq.metadata_props[SOURCE_KEY] = name
-            dq.metadata_props[ZERO_INDEX_KEY] = str(zero_point) if pruned else ""
-            graph.insert_before(graph[0], [dq])
-            weight.replace_all_uses_with(out)
-            graph.initializers.pop(name)
+
+        def lookup(name: str, index_value: ir.Value, shape: list[int]) -> list[ir.Node]:
+            return [ir.Node("", "DequantizeLinear", [index_value, scale, zp], name=names.fresh(f"{name}_DequantizeLinear"))]
+
+        _replace_weights(graph, names, group, codes[assignment], zero_point if pruned else None, lookup)
+
+
+def _replace_weights(graph: ir.Graph, names: NameAuthority, group: _Group, codes: np.ndarray, zero: int | None, lookup) -> None:
+    """Swap each weight of ``group`` for the lookup that computes it.
+
+    ``codes`` holds the index of every unpruned value, in group order; pruned entries get
+    ``zero`` (None: the group has none). ``lookup(name, indices, shape)`` builds the nodes, the last
+    of which computes the weight; it is tagged with its source weight and zero index.
+    """
+    start = 0
+    for name, mask in zip(group.names, group.masks):
+        count = int((~mask).sum())
+        indices = np.full(mask.shape, zero or 0, dtype=codes.dtype)
+        indices[~mask] = codes[start : start + count]
+        start += count
+        nodes = lookup(name, add_initializer(graph, names, f"{name}_indices", indices), list(mask.shape))
+        out = nodes[-1].outputs[0]
+        out.name = names.fresh(f"{name}_clustered")
+        out.dtype, out.shape = ir.DataType.FLOAT, ir.Shape(list(mask.shape))
+        nodes[-1].metadata_props[SOURCE_KEY] = name
+        nodes[-1].metadata_props[ZERO_INDEX_KEY] = "" if zero is None else str(zero)
+        graph.insert_before(graph[0], nodes)
+        graph.initializers[name].replace_all_uses_with(out)
+        graph.initializers.pop(name)
 
 
 def _search(quantize, target: float, *, lo: float, hi: float, pass_name: str, steps: int = 40):
