@@ -15,7 +15,9 @@ traces use the first 1,000 of them (hessian-trace's default), the Spearman check
 fewer, the first-order noise of the subset swamps the loss changes it ranks); accuracy and SQNR
 are measured by qc on the test set (`--data`). The Hessian traces of a model are
 computed once, by its first row, and cached (`hessian-trace{cache=...}`): every method then weighs
-by the very same traces, and the first row's pass time is the real trace time.
+by the very same traces, and the first row's pass time is the real trace time. The measured
+damage at widths below 4 bits (`assign-precision{measure-below}`) is cached the same way
+(`measure-cache=...`).
 
 It ends with the issue's PASS/FAIL bars (ILP at budget 0.6 within 0.5 points of float; ILP at least
 as accurate as every baseline at every budget; Spearman rank correlation of the Hessian estimate
@@ -116,8 +118,8 @@ def prepare_data(quick: bool) -> int:
 
 
 def pipeline(model: str, assign: str) -> str:
-    cache = rel(RESULTS / f"mp_{model}_traces.json")
-    return f"infer-shapes,fold-constants,fold-batchnorm,hessian-trace{{cache={cache}}},assign-precision{{{assign}}},calibrate,insert-qdq"
+    traces, damage = rel(RESULTS / f"mp_{model}_traces.json"), rel(RESULTS / f"mp_{model}_damage.json")
+    return f"infer-shapes,fold-constants,fold-batchnorm,hessian-trace{{cache={traces}}},assign-precision{{{assign},measure-cache={damage}}},calibrate,insert-qdq"
 
 
 def compile_row(model: str, budget: float | None, method: str, assign: str | None, out_name: str) -> Row:
@@ -182,6 +184,7 @@ def run_model(model: str, budgets: tuple[float, ...], reuse_traces: bool) -> tup
     if not reuse_traces:
         # Start without the cache so the first row times the real trace computation.
         cache.unlink(missing_ok=True)
+        (RESULTS / f"mp_{model}_damage.json").unlink(missing_ok=True)
     rows = [compile_row(model, None, "int8", None, f"mp_{model}_int8")]
     first = True
     for budget in budgets:
@@ -300,7 +303,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_TEST_COUNT:,} test images, resnet20 only, budgets {QUICK_BUDGETS}")
     parser.add_argument("--models", default=None, help=f"comma-separated subset of {','.join(MODELS)} (default: all; --quick: resnet20)")
-    parser.add_argument("--reuse-traces", action="store_true", help="keep cached Hessian traces from an earlier run (the trace time is then not measured)")
+    parser.add_argument("--reuse-traces", action="store_true", help="keep cached Hessian traces and measured damage from an earlier run (the trace time is then not measured)")
     parser.add_argument("--json", type=Path, default=RESULTS / "mixed_precision.json", help="write all rows and checks here")
     args = parser.parse_args()
     names = [n.strip() for n in (args.models or ("resnet20" if args.quick else ",".join(MODELS))).split(",") if n.strip()]

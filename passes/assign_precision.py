@@ -113,6 +113,9 @@ class AssignPrecision(Pass):
         #: 4-bit). 0: Hessian only.
         measure_below: int = 4
         measure_samples: int = 1000
+        #: JSON file that keeps the measured damage for later compiles of the same model and data
+        #: (a sweep over budgets or methods then measures once); empty: no file.
+        measure_cache: str = ""
 
         def __post_init__(self) -> None:
             if self.measure_below < 0 or self.measure_samples < 1:
@@ -180,7 +183,7 @@ class AssignPrecision(Pass):
 
     def _measure_narrow(self, model: ir.Model, ctx: PassContext, layers: list, bits: tuple[int, ...], loss: str, omega: np.ndarray) -> list[int]:
         """Raise Omega at widths below measure-below to the measured damage (in place); the widths measured."""
-        from qcompiler.sensitivity import measured_loss_increase
+        from qcompiler.sensitivity import MeasuredDamage
 
         narrow = [j for j, b in enumerate(bits) if b < self.options.measure_below]
         if not narrow or ctx.data is None:
@@ -188,12 +191,14 @@ class AssignPrecision(Pass):
         # Label-free on purpose: against the float outputs the loss change has no first-order
         # term, so no sampling noise of a gradient swamps it (cross-entropy's does at 1,000).
         free = "kl" if loss in ("cross-entropy", "kl") else "mse"
-        names = [l.weight for l in layers]
+        names = tuple(l.weight for l in layers)
+        analysis = MeasuredDamage(tuple(bits[j] for j in narrow), names, loss=free, samples=self.options.measure_samples,
+                                  weight_range=self.options.weight_range, cache=self.options.measure_cache)
+        damage = ctx.analyses.get(analysis, model, ctx)
         for j in narrow:
-            damage = measured_loss_increase(model, ctx.data, ctx.target.weights, bits[j], names, loss=free, samples=self.options.measure_samples, weight_range=self.options.weight_range)
             # HAWQ's Omega, Tr(H)/n ||dW||^2, is twice the second-order loss change it predicts:
             # the measured change is doubled into the same units.
-            omega[:, j] = np.maximum(omega[:, j], [2.0 * damage[n] for n in names])
+            omega[:, j] = np.maximum(omega[:, j], [2.0 * damage[bits[j]][n] for n in names])
         return [bits[j] for j in narrow]
 
     def _empirical_check(self, model: ir.Model, ctx: PassContext, layers: list, loss: str) -> dict:

@@ -60,6 +60,6 @@ class FinetuneCodebook(Pass):
         loss_name = resolve_loss(graph, ctx.data, out_value.name, self.options.loss, self.options.batch_size, self.name)
         if loss_name in ("kl", "mse") and len({n.outputs[0].name for n in lookups} & set(overrides)) < len(lookups):
             raise QCError("the label-free loss needs the float weights from cluster-weights in this same pipeline (or data with labels)", pass_name=self.name, option="loss")
-        losses = fit(graph, ctx, params, frozen, loss_name=loss_name, out_name=out_value.name, reference_overrides=overrides, settings=self.options, label="fine-tuning centres")
+        losses = fit(graph, ctx, params, frozen, loss_name=loss_name, out_name=out_value.name, reference_overrides=overrides, settings=self.options, pass_name=self.name, label="fine-tuning centres")
         moved = write_back(model, params)
         return PassResult(model, True, {"loss": loss_name, "epochs": self.options.epochs, "loss_per_epoch": [round(v, 5) for v in losses], "max_centre_move": moved})

@@ -3,7 +3,7 @@
 Pruning 70-90 % of a network's weights by magnitude costs tens of points of accuracy until the
 surviving weights are retrained around the holes; Choi et al.'s compression ratios are all of
 pruned *and retrained* networks. This pass trains every float32 weight and bias of the
-Conv/ConvTranspose/Gemm/MatMul nodes through the torch executor, the masks of `prune-magnitude`
+Conv/ConvTranspose/Gemm/MatMul nodes, and BatchNorm's scale and shift, through the torch executor, the masks of `prune-magnitude`
 holding the pruned weights at exactly zero, so `cluster-weights` then clusters a network that is
 accurate again. Loss: cross-entropy with labels, else KL (MSE for non-classifiers) to the network
 before any pass of this pipeline changed its weights.
@@ -24,15 +24,23 @@ from qcompiler.training import TrainSettings, fit, output_value, resolve_loss, w
 
 
 def trainable_tensors(model: ir.Model) -> list[str]:
-    """The float32 weight and bias initializers of the weighted ops (each shared tensor once)."""
+    """The float32 initializers retraining moves (each shared tensor once): the weights and biases
+    of the weighted ops, and the scale and shift of every BatchNormalization.
+
+    BatchNorm's scale and shift are a per-channel gain and offset after each pruned convolution:
+    cheap to store, and the most direct way to restore the size of a channel that lost most of its
+    weights. Its running mean and variance stay as they are (inference-mode normalisation).
+    """
     graph = model.graph
     names = set(quantizable_weights(model))
     for node in graph:
         roles = input_roles(node)
+        extra = []
         if roles.weight is not None and roles.bias is not None and roles.bias < len(node.inputs):
-            bias = node.inputs[roles.bias]
-            if bias is not None and bias.name in graph.initializers:
-                names.add(bias.name)
+            extra.append(node.inputs[roles.bias])
+        if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx"):
+            extra.extend(node.inputs[1:3])
+        names.update(v.name for v in extra if v is not None and v.name in graph.initializers)
     return sorted(n for n in names if graph.initializers[n].dtype == ir.DataType.FLOAT)
 
 
@@ -66,7 +74,7 @@ class FinetuneWeights(Pass):
             float_weights.setdefault(name, model.graph.initializers[name].const_value.numpy().copy())
         overrides = {name: torch.from_numpy(np.asarray(float_weights[name], np.float32)) for name in names}
         loss_name = resolve_loss(graph, ctx.data, out_value.name, self.options.loss, self.options.batch_size, self.name)
-        losses = fit(graph, ctx, params, held_zero, loss_name=loss_name, out_name=out_value.name, reference_overrides=overrides, settings=self.options, label="retraining weights")
+        losses = fit(graph, ctx, params, held_zero, loss_name=loss_name, out_name=out_value.name, reference_overrides=overrides, settings=self.options, pass_name=self.name, label="retraining weights")
         moved = max(write_back(model, params).values())
         held = int(sum(m.sum() for m in held_zero.values()))
         return PassResult(model, True, {"loss": loss_name, "epochs": self.options.epochs, "loss_per_epoch": [round(v, 5) for v in losses],

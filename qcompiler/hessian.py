@@ -11,15 +11,16 @@ below it stops being probed while the others go on.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
 
 from qcompiler.analysis import Analysis
+from qcompiler.analysis_cache import cache_key, read_cached, write_cached
 from qcompiler.errors import QCError
-from qcompiler.ir import constant_array, is_float_tensor, write_file_atomically
+from qcompiler.ir import constant_array, is_float_tensor
 from qcompiler.op_roles import input_roles
 from qcompiler.pass_manager import PassContext
 
@@ -78,44 +79,8 @@ def choose_loss(requested: str, output_shape: tuple[int, ...], has_labels: bool)
     return "kl" if len(output_shape) == 2 and output_shape[1] > 1 else "mse"
 
 
-def _cache_key(model: ir.Model, ctx: PassContext, analysis: HessianTrace) -> str:
-    """Hash of everything the estimate depends on: the graph and weights, the data and the options."""
-    import hashlib
-
-    from qcompiler.ir import to_proto
-
-    digest = hashlib.sha256(to_proto(model).SerializeToString(deterministic=True))
-    data = ctx.data.head(analysis.samples) if ctx.data is not None else None
-    if data is not None:
-        for name in sorted(data.arrays):
-            digest.update(np.ascontiguousarray(data.arrays[name]).tobytes())
-        if data.labels is not None:
-            digest.update(np.ascontiguousarray(data.labels).tobytes())
-    options = {k: getattr(analysis, k) for k in ("tolerance", "min_probes", "max_probes", "batch_size", "samples", "loss", "seed")}
-    digest.update(repr(sorted(options.items())).encode())
-    return digest.hexdigest()
-
-
-def _read_cache(path: str, key: str) -> HessianTraceResult | None:
-    import json
-    from pathlib import Path
-
-    try:
-        stored = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return None
-    if stored.get("key") != key:
-        return None
-    estimates = {n: TraceEstimate(**e) for n, e in stored["estimates"].items()}
-    return HessianTraceResult(loss=stored["loss"], estimates=estimates, probes=stored["probes"], converged=stored["converged"])
-
-
-def _write_cache(path: str, key: str, result: HessianTraceResult) -> None:
-    import dataclasses
-    import json
-
-    payload = {"key": key, "loss": result.loss, "probes": result.probes, "converged": result.converged, "estimates": {n: dataclasses.asdict(e) for n, e in result.estimates.items()}}
-    write_file_atomically(path, json.dumps(payload, indent=1).encode())
+def _cache_parameters(analysis: HessianTrace) -> dict:
+    return {k: getattr(analysis, k) for k in ("tolerance", "min_probes", "max_probes", "batch_size", "samples", "loss", "seed")}
 
 
 def _mean_and_stderr(sums: np.ndarray, squares: np.ndarray, n: np.ndarray | int) -> tuple[np.ndarray, np.ndarray]:
@@ -140,16 +105,19 @@ class HessianTrace(Analysis[HessianTraceResult]):
     samples: int = 1000
     loss: LossName = "auto"
     seed: int = 0
-    #: JSON file reused when it holds traces of this same model, data and options (see `_cache_key`).
+    #: JSON file reused when it holds traces of this same model, data and options (see analysis_cache).
     cache: str = ""
 
     def compute(self, model: ir.Model, ctx: PassContext) -> HessianTraceResult:
-        key = _cache_key(model, ctx, self) if self.cache else ""
-        if key and (cached := _read_cache(self.cache, key)) is not None:
-            return cached
+        data = ctx.data.head(self.samples) if ctx.data is not None else None
+        key = cache_key(model, data, _cache_parameters(self)) if self.cache else ""
+        if key and (stored := read_cached(self.cache, key)) is not None:
+            estimates = {n: TraceEstimate(**e) for n, e in stored["estimates"].items()}
+            return HessianTraceResult(loss=stored["loss"], estimates=estimates, probes=stored["probes"], converged=stored["converged"])
         result = self._estimate(model, ctx)
         if key:
-            _write_cache(self.cache, key, result)
+            write_cached(self.cache, key, {"loss": result.loss, "probes": result.probes, "converged": result.converged,
+                                           "estimates": {n: asdict(e) for n, e in result.estimates.items()}})
         return result
 
     def _estimate(self, model: ir.Model, ctx: PassContext) -> HessianTraceResult:

@@ -7,16 +7,21 @@ quantizing that layer alone to b bits, which is what precision assignment trades
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.analysis import Analysis
 from qcompiler.hessian import HessianTraceResult
 from qcompiler.op_roles import input_roles
 from qcompiler.quant.uniform import affine_params, channel_ranges, dequantize, mse_channel_ranges, quantize
 from qcompiler.targets.spec import TensorRule
+
+if TYPE_CHECKING:
+    from qcompiler.pass_manager import PassContext
 
 
 def weight_qrange(rule: TensorRule, bits: int) -> tuple[int, int]:
@@ -117,6 +122,14 @@ def measured_loss_increase(model: ir.Model, data, rule: TensorRule, bits: int, w
     ``samples`` samples, with the loss the traces were estimated with (``auto``: cross-entropy
     with labels, else KL or MSE against the float model's outputs, as `choose_loss` decides).
     """
+    return measured_loss_increases(model, data, rule, (bits,), weights, loss=loss, samples=samples, batch_size=batch_size, weight_range=weight_range)[bits]
+
+
+def measured_loss_increases(model: ir.Model, data, rule: TensorRule, widths: Sequence[int], weights: list[str], *, loss: str = "auto", samples: int = 5000, batch_size: int = 250, weight_range: str = "auto") -> dict[int, dict[str, float]]:
+    """`measured_loss_increase` at each of ``widths``: width -> weight -> loss change.
+
+    One torch graph and one float reference pass serve every width.
+    """
     import torch
 
     from qcompiler.hessian import choose_loss
@@ -145,15 +158,49 @@ def measured_loss_increase(model: ir.Model, data, rule: TensorRule, bits: int, w
                 yield graph.run(batch, [out_name])[out_name]
 
     base = mean_loss(reference)  # the float outputs are already at hand
-    increases = {}
+    increases: dict[int, dict[str, float]] = {b: {} for b in widths}
     for name in weights:
         w = params[name]
         original = w.detach().clone()
         axis = weight_axis(model, name, rule)
-        q, scale, zp = quantize_weight(original.numpy(), rule, bits, axis, weight_range)
-        with torch.no_grad():
-            w.copy_(torch.from_numpy(dequantize(q, scale, zp, axis=axis)))
-        increases[name] = mean_loss(perturbed_outputs()) - base
+        for bits in widths:
+            q, scale, zp = quantize_weight(original.numpy(), rule, bits, axis, weight_range)
+            with torch.no_grad():
+                w.copy_(torch.from_numpy(dequantize(q, scale, zp, axis=axis)))
+            increases[bits][name] = mean_loss(perturbed_outputs()) - base
         with torch.no_grad():
             w.copy_(original)
     return increases
+
+
+@dataclass(frozen=True)
+class MeasuredDamage(Analysis[dict[int, dict[str, float]]]):
+    """The measured loss change of quantizing each weight alone at each width (width -> weight -> change).
+
+    What `assign-precision` charges narrow widths with, where the second-order estimate is too
+    optimistic. Weights and the quantizer rule come from the target; ``cache`` names a JSON file
+    that keeps the result for later compiles of the same model, data and parameters (a sweep over
+    budgets measures once).
+    """
+
+    name = "measured-damage"
+    widths: tuple[int, ...]
+    weights: tuple[str, ...]
+    loss: str = "auto"
+    samples: int = 1000
+    weight_range: str = "auto"
+    cache: str = ""
+
+    def compute(self, model: ir.Model, ctx: PassContext) -> dict[int, dict[str, float]]:
+        from qcompiler.analysis_cache import cache_key, read_cached, write_cached
+
+        assert ctx.data is not None
+        data = ctx.data.head(self.samples)
+        parameters = {"widths": self.widths, "weights": self.weights, "loss": self.loss, "weight_range": self.weight_range, "rule": repr(ctx.target.weights)}
+        key = cache_key(model, data, parameters) if self.cache else ""
+        if key and (stored := read_cached(self.cache, key)) is not None:
+            return {int(b): damage for b, damage in stored["damage"].items()}
+        result = measured_loss_increases(model, data, ctx.target.weights, self.widths, list(self.weights), loss=self.loss, samples=self.samples, weight_range=self.weight_range)
+        if key:
+            write_cached(self.cache, key, {"damage": {str(b): damage for b, damage in result.items()}})
+        return result

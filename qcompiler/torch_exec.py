@@ -623,7 +623,11 @@ class TorchGraph(torch.nn.Module):
             if name not in feeds:
                 raise QCError(f"no value for graph input '{name}'")
             value = feeds[name]
-            tensor = value if isinstance(value, Tensor) else torch.from_numpy(np.asarray(value))
+            if not isinstance(value, Tensor):
+                value = np.asarray(value)
+                # Batches of a memory-mapped .npz are read-only; torch warns about sharing them.
+                value = torch.from_numpy(value if value.flags.writeable else value.copy())
+            tensor = value
             env[name] = tensor.to(self.dtype) if tensor.is_floating_point() and tensor.dtype != self.dtype else tensor
         env.update(self.constants)
         for name, key in self._param_key.items():

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.augment import AugmentName, augment_batch, image_inputs
 from qcompiler.data import DataSource
 from qcompiler.errors import QCError
 from qcompiler.hessian import LossName, choose_loss
@@ -32,6 +33,9 @@ class TrainSettings:
     #: last steps settle instead of jumping around the minimum (what a fixed rate leaves behind).
     lr: float = 1e-4
     loss: LossName = "auto"
+    #: Random shifted crops (and mirror flips) of 4-D image inputs, fresh every epoch: retraining
+    #: on the model's own training images otherwise fits what it already knows (see augment.py).
+    augment: AugmentName = "none"
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1 or not self.lr > 0:
@@ -81,7 +85,7 @@ def shuffled_batches(data: DataSource, batch_size: int, rng: np.random.Generator
 
 
 def fit(graph, ctx: PassContext, params: Mapping[str, object], held_zero: Mapping[str, np.ndarray], *, loss_name: str, out_name: str,
-        reference_overrides: Mapping[str, object], settings: TrainSettings, label: str) -> list[float]:
+        reference_overrides: Mapping[str, object], settings: TrainSettings, label: str, pass_name: str) -> list[float]:
     """Train ``params`` (torch parameters of ``graph`` by initializer name) on ``ctx.data``.
 
     ``held_zero`` maps a parameter name to a boolean mask of entries that get no gradient and are
@@ -93,6 +97,9 @@ def fit(graph, ctx: PassContext, params: Mapping[str, object], held_zero: Mappin
 
     data = ctx.data
     assert data is not None
+    if settings.augment != "none" and not image_inputs(data.arrays):
+        raise QCError(f"augment={settings.augment} needs an image input (float, shape N x C x H x W with H, W >= 8); "
+                      f"inputs here: {', '.join(f'{k} {a.shape}' for k, a in data.arrays.items())}", pass_name=pass_name, option="augment")
     keep = {name: torch.from_numpy(~mask).to(params[name].dtype) for name, mask in held_zero.items() if mask.any()}
     hooks = [params[name].register_hook(lambda g, k=k: g * k) for name, k in keep.items()]
     optimizer = torch.optim.Adam(list(params.values()), lr=settings.lr)
@@ -107,6 +114,7 @@ def fit(graph, ctx: PassContext, params: Mapping[str, object], held_zero: Mappin
             for _ in range(settings.epochs):
                 epoch_loss, seen = 0.0, 0
                 for batch, labels in shuffled_batches(data, settings.batch_size, rng):
+                    batch = augment_batch(batch, settings.augment, rng)
                     out = graph.run(batch, [out_name])[out_name]
                     reference = None
                     if loss_name != "cross-entropy":

@@ -219,3 +219,25 @@ def test_narrow_widths_are_scored_by_the_larger_of_estimate_and_measured_damage(
         assert estimate[1, j] == 1e6  # the estimate, where it is the larger
     assert list(estimate[:, 2:].ravel()) == [0.0, 0.0, 1e6, 0.0]  # 4 and 8 bits: the estimate only
     assert AssignPrecision(measure_below=0)._measure_narrow(model, ctx, layers, bits, "cross-entropy", estimate) == []
+
+
+def test_measured_damage_is_kept_in_its_cache_file_for_the_same_model_and_data_only(tmp_path) -> None:
+    from qcompiler.pass_manager import PassContext
+    from qcompiler.sensitivity import MeasuredDamage, measured_loss_increase
+    from qcompiler.targets.spec import load_target
+
+    rng = np.random.default_rng(3)
+    model = _mlp(rng, hidden=32)
+    data = DataSource({"x": rng.normal(0, 1, (64, 16)).astype(np.float32)}, rng.integers(0, 4, 64))
+    cache = tmp_path / "damage.json"
+    analysis = MeasuredDamage((2, 3), ("w1", "w2"), loss="kl", samples=64, cache=str(cache))
+
+    def measure(data: DataSource) -> dict:
+        return analysis.compute(model, PassContext(target=load_target("ort-cpu"), data=data))
+
+    first = measure(data)
+    assert first[3] == measured_loss_increase(model, data, load_target("ort-cpu").weights, 3, ["w1", "w2"], loss="kl", samples=64)
+    stamp = cache.stat().st_mtime_ns
+    assert measure(data) == first and cache.stat().st_mtime_ns == stamp  # read back, not measured again
+    other = DataSource({"x": rng.normal(0, 1, (64, 16)).astype(np.float32)}, data.labels)
+    assert measure(other)[2]["w1"] != first[2]["w1"] and cache.stat().st_mtime_ns != stamp

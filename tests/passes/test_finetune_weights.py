@@ -63,3 +63,38 @@ def test_retraining_needs_data() -> None:
 def test_options_are_checked() -> None:
     with pytest.raises(QCError, match="epochs"):
         parse_pipeline("finetune-weights{epochs=0}")
+
+
+def test_augmented_retraining_runs_on_image_inputs_and_keeps_zeros() -> None:
+    model, ctx = _run(_net(np.random.default_rng(7)), "prune-magnitude{ratio=0.6}")
+    rng = np.random.default_rng(8)
+    ctx.data = DataSource({"x": rng.normal(0, 1, (32, 3, 8, 8)).astype(np.float32)}, rng.integers(0, 4, 32))
+    tuned = parse_pipeline("finetune-weights{epochs=3,batch-size=8,lr=0.01,augment=crop-flip}").run(model, ctx).model
+    assert all(np.all(tuned.graph.initializers[n].const_value.numpy()[m] == 0) for n, m in ctx.facts["pruned"].items())
+    assert len(ctx.stats["finetune-weights"]["loss_per_epoch"]) == 3
+
+
+def test_augmentation_needs_an_image_input() -> None:
+    model, ctx = _run(_net(np.random.default_rng(7)), "prune-magnitude{ratio=0.6}")  # 6x6 inputs: too small to crop
+    with pytest.raises(QCError, match=r"augment=crop needs an image input.*x \(32, 3, 6, 6\)"):
+        parse_pipeline("finetune-weights{augment=crop}").run(model, ctx)
+    with pytest.raises(QCError, match="augment"):
+        parse_pipeline("finetune-weights{augment=rotate}")
+
+
+def test_batchnorm_scale_and_shift_are_retrained_but_not_its_statistics() -> None:
+    from onnx import helper
+
+    from tests.helpers import bn_node, bn_params, make_model, tensor_info
+
+    rng = np.random.default_rng(11)
+    inits = {"w": rng.normal(0, 0.3, (8, 3, 3, 3)).astype(np.float32), **bn_params(rng, 8), "fc": rng.normal(0, 0.3, (4, 8)).astype(np.float32)}
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]), bn_node("c", "b"),
+             helper.make_node("Relu", ["b"], ["r"]), helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+             helper.make_node("Flatten", ["g"], ["f"]), helper.make_node("Gemm", ["f", "fc"], ["y"], name="fc", transB=1)]
+    model = make_model(nodes, [tensor_info("x", [None, 3, 6, 6])], [tensor_info("y", [None, 4])], inits)
+    model, ctx = _run(model, "prune-magnitude{ratio=0.5},finetune-weights{epochs=5,batch-size=8,lr=0.01}")
+    value = {n: model.graph.initializers[n].const_value.numpy() for n in inits}
+    assert not np.allclose(value["gamma"], inits["gamma"]) and not np.allclose(value["beta"], inits["beta"])
+    assert np.array_equal(value["mean"], inits["mean"]) and np.array_equal(value["var"], inits["var"])
+    assert ctx.stats["finetune-weights"]["tensors"] == 4
