@@ -346,8 +346,9 @@ class Bars:
         self.subject = subject
         self.results: list[dict] = []
 
-    def add(self, who: str, name: str, value: float | None, ok: bool | None, text: str) -> None:
-        verdict = "SKIP" if ok is None else "PASS" if ok else "FAIL"
+    def add(self, who: str, name: str, value: float | None, ok: bool | None, text: str, *, info: bool = False) -> None:
+        """One bar; ``ok`` None: not measured (SKIP), or with ``info`` a figure printed beside the bars."""
+        verdict = ("INFO" if info else "SKIP") if ok is None else "PASS" if ok else "FAIL"
         self.results.append({self.subject: who, "check": name, "value": value, "result": verdict})
         print(f"{verdict}  {who:<9} {text}")
 

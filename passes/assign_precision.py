@@ -95,6 +95,12 @@ class AssignPrecision(Pass):
         #: differences of large means: with fewer than a few thousand samples the first-order
         #: noise of the subset swamps them (ResNet-20: Spearman 0.17 on 256, 0.75 on 5,000).
         check_samples: int = 5000
+        #: The loss the empirical check measures: the one the traces were estimated with, or
+        #: ``kl`` (``mse``) against the float network's outputs. At a minimum of the training loss
+        #: both have the same second-order term, but cross-entropy on a data subset adds a
+        #: first-order one, g . dW, whose sampling noise can be as large as the changes being ranked
+        #: (ResNet-56, 4 bits: about 1e-4 per layer); against the float outputs it is exactly zero.
+        check_loss: Literal["traces", "cross-entropy", "kl", "mse"] = "traces"
         #: The weight quantizer the sensitivities are scored with; keep it equal to insert-qdq's.
         weight_range: WeightRange = "auto"
         #: Width of every quantized activation, one of the target's [bits] activations (0: the
@@ -210,6 +216,10 @@ class AssignPrecision(Pass):
         available = ctx.data.usable_samples if ctx.data is not None else 0
         if available < wanted:
             ctx.note(self.name, f"the empirical check measures on {available} samples (check-samples={wanted}); below a few thousand its loss changes are mostly sampling noise", level="warning")
+        if self.options.check_loss != "traces":
+            loss = self.options.check_loss
+        if loss == "cross-entropy" and (ctx.data is None or ctx.data.labels is None):
+            raise QCError("check-loss=cross-entropy needs 'labels' in the data file", pass_name=self.name, option="check-loss")
         names = [l.weight for l in layers]
         measured = measured_loss_increase(model, ctx.data, ctx.target.weights, bits, names, loss=loss, samples=wanted, weight_range=weight_range)
         estimated = [l.omega[bits] if bits in l.omega else weight_sensitivity(model, l, ctx.target.weights, bits, weight_range) for l in layers]

@@ -176,6 +176,15 @@ def test_empirical_check_reports_the_rank_correlation() -> None:
                                pipeline="hessian-trace{max-probes=16},assign-precision{budget=bits=5,check-bits=3,pareto-points=0}")
     check = next(p for p in result.report.passes if p.name == "assign-precision").stats["check"]
     assert check["bits"] == 3 and -1 <= check["spearman"] <= 1 and set(check["measured_loss_increase"]) == {"w1", "w2", "w3"}
+    assert check["loss"] == "cross-entropy"  # the traces' loss, with labels
+    result = qcompiler.compile(model, calibration=data, verify=False,
+                               pipeline="hessian-trace{max-probes=16},assign-precision{budget=bits=5,check-bits=3,check-loss=kl,check-samples=128,pareto-points=0}")
+    check = next(p for p in result.report.passes if p.name == "assign-precision").stats["check"]
+    assert check["loss"] == "kl" and check["measured_loss_increase"] == measured_loss_increase(model, data, rule, 3, ["w1", "w2", "w3"], loss="kl", samples=128)
+    unlabelled = DataSource({"x": data.arrays["x"]})
+    with pytest.raises(QCError, match="check-loss=cross-entropy needs 'labels'"):
+        qcompiler.compile(model, calibration=unlabelled, verify=False,
+                          pipeline="hessian-trace{max-probes=8},assign-precision{budget=bits=5,check-bits=3,check-loss=cross-entropy,pareto-points=0}")
 
 
 def test_upper_trace_bound_uses_the_top_of_each_interval() -> None:
