@@ -125,52 +125,79 @@ def measured_loss_increase(model: ir.Model, data, rule: TensorRule, bits: int, w
     return measured_loss_increases(model, data, rule, (bits,), weights, loss=loss, samples=samples, batch_size=batch_size, weight_range=weight_range)[bits]
 
 
-def measured_loss_increases(model: ir.Model, data, rule: TensorRule, widths: Sequence[int], weights: list[str], *, loss: str = "auto", samples: int = 5000, batch_size: int = 250, weight_range: str = "auto") -> dict[int, dict[str, float]]:
-    """`measured_loss_increase` at each of ``widths``: width -> weight -> loss change.
+class LossProbe:
+    """The loss of the network with some weights replaced, on a fixed set of samples.
 
-    One torch graph and one float reference pass serve every width.
+    Forward passes only: one torch graph and one float reference pass serve every measurement
+    (`measured_loss_increases` quantizes one weight at a time, `measured_assignment_loss` all of
+    them at once).
     """
-    import torch
 
-    from qcompiler.hessian import choose_loss
-    from qcompiler.torch_exec import TorchGraph
-    from qcompiler.training import task_loss
+    def __init__(self, model: ir.Model, data, weights: list[str], *, loss: str = "auto", samples: int = 5000, batch_size: int = 250) -> None:
+        import torch
 
-    graph = TorchGraph(model, trainable=weights)
-    params = graph.named_weights()
-    subset = data.head(samples)
-    batches = list(subset.batches(batch_size))
-    out_name = graph.output_names[0]
-    labels = subset.labels
-    with torch.no_grad():
-        reference = [graph.run(b, [out_name])[out_name] for b in batches]
-    loss_name = choose_loss(loss, tuple(reference[0].shape), labels is not None)
-    starts = np.cumsum([0] + [len(r) for r in reference])
+        from qcompiler.hessian import choose_loss
+        from qcompiler.torch_exec import TorchGraph
 
-    def mean_loss(outputs) -> float:
-        total = sum(float(task_loss(loss_name, out, None if labels is None else labels[start : start + len(out)], ref)) * len(out)
-                    for out, ref, start in zip(outputs, reference, starts))
+        self.graph = TorchGraph(model, trainable=weights)
+        self.params = self.graph.named_weights()
+        subset = data.head(samples)
+        self._batches = list(subset.batches(batch_size))
+        self._out = self.graph.output_names[0]
+        self._labels = subset.labels
+        with torch.no_grad():
+            self._reference = [self.graph.run(b, [self._out])[self._out] for b in self._batches]
+        self.loss_name = choose_loss(loss, tuple(self._reference[0].shape), self._labels is not None)
+        self._starts = np.cumsum([0] + [len(r) for r in self._reference])
+        self.base = self._mean_loss(self._reference)  # the float outputs are already at hand
+
+    def _mean_loss(self, outputs) -> float:
+        from qcompiler.training import task_loss
+
+        labels, starts = self._labels, self._starts
+        total = sum(float(task_loss(self.loss_name, out, None if labels is None else labels[start : start + len(out)], ref)) * len(out)
+                    for out, ref, start in zip(outputs, self._reference, starts))
         return total / starts[-1]
 
-    def perturbed_outputs():
-        with torch.no_grad():
-            for batch in batches:
-                yield graph.run(batch, [out_name])[out_name]
+    def increase(self, replaced: dict[str, np.ndarray]) -> float:
+        """The loss change with the weights in ``replaced`` set to those values (all others float)."""
+        import torch
 
-    base = mean_loss(reference)  # the float outputs are already at hand
-    increases: dict[int, dict[str, float]] = {b: {} for b in widths}
-    for name in weights:
-        w = params[name]
-        original = w.detach().clone()
-        axis = weight_axis(model, name, rule)
-        for bits in widths:
-            q, scale, zp = quantize_weight(original.numpy(), rule, bits, axis, weight_range)
+        originals = {name: self.params[name].detach().clone() for name in replaced}
+        try:
             with torch.no_grad():
-                w.copy_(torch.from_numpy(dequantize(q, scale, zp, axis=axis)))
-            increases[bits][name] = mean_loss(perturbed_outputs()) - base
-        with torch.no_grad():
-            w.copy_(original)
-    return increases
+                for name, values in replaced.items():
+                    self.params[name].copy_(torch.from_numpy(np.asarray(values, np.float32)))
+                return self._mean_loss(self.graph.run(b, [self._out])[self._out] for b in self._batches) - self.base
+        finally:
+            with torch.no_grad():
+                for name, original in originals.items():
+                    self.params[name].copy_(original)
+
+
+def _quantized(model: ir.Model, w: np.ndarray, name: str, rule: TensorRule, bits: int, weight_range: str) -> np.ndarray:
+    axis = weight_axis(model, name, rule)
+    q, scale, zp = quantize_weight(w, rule, bits, axis, weight_range)
+    return dequantize(q, scale, zp, axis=axis)
+
+
+def measured_loss_increases(model: ir.Model, data, rule: TensorRule, widths: Sequence[int], weights: list[str], *, loss: str = "auto", samples: int = 5000, batch_size: int = 250, weight_range: str = "auto") -> dict[int, dict[str, float]]:
+    """`measured_loss_increase` at each of ``widths``: width -> weight -> loss change."""
+    probe = LossProbe(model, data, weights, loss=loss, samples=samples, batch_size=batch_size)
+    floats = {name: probe.params[name].detach().numpy().copy() for name in weights}
+    return {bits: {name: probe.increase({name: _quantized(model, floats[name], name, rule, bits, weight_range)}) for name in weights} for bits in widths}
+
+
+def measured_assignment_loss(model: ir.Model, data, rule: TensorRule, assignments: Sequence[dict[str, int]], *, loss: str = "auto", samples: int = 1000, batch_size: int = 250, weight_range: str = "auto") -> list[float]:
+    """The loss change of quantizing every weight of each assignment (weight -> bits) at once.
+
+    What the per-layer sums of Omega or of measured damage assume is additive; this is the real
+    joint effect, including the errors of one layer compounding through the next.
+    """
+    names = sorted({name for a in assignments for name in a})
+    probe = LossProbe(model, data, names, loss=loss, samples=samples, batch_size=batch_size)
+    floats = {name: probe.params[name].detach().numpy().copy() for name in names}
+    return [probe.increase({name: _quantized(model, floats[name], name, rule, bits, weight_range) for name, bits in a.items()}) for a in assignments]
 
 
 @dataclass(frozen=True)

@@ -250,3 +250,64 @@ def test_measured_damage_is_kept_in_its_cache_file_for_the_same_model_and_data_o
     assert measure(data) == first and cache.stat().st_mtime_ns == stamp  # read back, not measured again
     other = DataSource({"x": rng.normal(0, 1, (64, 16)).astype(np.float32)}, data.labels)
     assert measure(other)[2]["w1"] != first[2]["w1"] and cache.stat().st_mtime_ns != stamp
+
+
+def _three_layer_mlp(rng: np.random.Generator):
+    return make_model(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+            helper.make_node("Relu", ["h"], ["a"], name="relu"),
+            helper.make_node("MatMul", ["a", "w2"], ["b"], name="fc2"),
+            helper.make_node("Relu", ["b"], ["c"], name="relu2"),
+            helper.make_node("Gemm", ["c", "w3"], ["y"], name="fc3"),
+        ],
+        [tensor_info("x", [None, 16])],
+        [tensor_info("y", [None, 4])],
+        {"w1": rng.normal(0, 0.5, (16, 32)).astype(np.float32), "w2": rng.normal(0, 0.3, (32, 32)).astype(np.float32), "w3": rng.normal(0, 0.5, (32, 4)).astype(np.float32)},
+    )
+
+
+def test_measured_selection_takes_the_floor_restricted_optimum_that_measures_lowest() -> None:
+    from passes.assign_precision import AssignPrecision
+    from qcompiler.pass_manager import PassContext
+    from qcompiler.sensitivity import LayerSensitivity, measured_assignment_loss
+    from qcompiler.targets.spec import load_target
+
+    rng = np.random.default_rng(12)
+    model = _three_layer_mlp(rng)
+    data = DataSource({"x": rng.normal(0, 1, (256, 16)).astype(np.float32)}, rng.integers(0, 4, 256))
+    ctx = PassContext(target=load_target("ort-cpu"), data=data)
+    sizes = np.array([16 * 32, 32 * 32, 32 * 4], dtype=np.float64)
+    layers = [LayerSensitivity(w, n, int(k), 1.0, {}) for (w, n), k in zip((("w1", "fc1"), ("w2", "fc2"), ("w3", "fc3")), sizes)]
+    bits = (2, 3, 4, 5, 6, 8)
+    cost = sizes[:, None] * np.array(bits, dtype=np.float64)
+    # An estimate that calls 2 bits free for the big middle layer: its optimum puts it there.
+    omega = np.array([[9.0, 5.0, 3.0, 2.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0, 0.0, 0.0], [9.0, 5.0, 3.0, 2.0, 1.0, 0.0]])
+    limit = float(sizes.sum() * 4)
+    optimum = solve_ilp(omega, cost, limit)
+    assert bits[optimum[1]] == 2
+    choice, selection = AssignPrecision(measure_samples=256)._select_measured(model, ctx, layers, bits, omega, cost, limit, "weight bits", optimum, "cross-entropy")
+    floors = [c["floor"] for c in selection]
+    assert floors[0] == 2 and 3 in floors and 4 in floors and 5 not in floors  # 5 bits everywhere exceeds 4 on average
+    assert sum(c["selected"] for c in selection) == 1
+    picked = next(c for c in selection if c["selected"])
+    assert picked["measured_loss_increase"] == min(c["measured_loss_increase"] for c in selection)
+    assert min(bits[c] for c in choice) >= picked["floor"] and float(cost[np.arange(3), choice].sum()) <= limit
+    assignment = {l.weight: bits[c] for l, c in zip(layers, choice)}
+    assert measured_assignment_loss(model, data, ctx.target.weights, [assignment], loss="kl", samples=256) == [picked["measured_loss_increase"]]
+
+
+def test_measured_selection_is_on_by_default_and_estimate_turns_it_off() -> None:
+    rng = np.random.default_rng(13)
+    model = _three_layer_mlp(rng)
+    data = DataSource({"x": rng.normal(0, 1, (128, 16)).astype(np.float32)}, rng.integers(0, 4, 128))
+
+    def stats(select: str = "") -> dict:
+        option = f",select={select}" if select else ""
+        result = qcompiler.compile(model, calibration=data, verify=False, pipeline=f"hessian-trace{{max-probes=8}},assign-precision{{budget=bits=4.5,pareto-points=0{option}}}")
+        return next(p for p in result.report.passes if p.name == "assign-precision").stats
+
+    default = stats()
+    (picked,) = [c for c in default["selection"] if c["selected"]]
+    assert min(layer["bits"] for layer in default["layers"].values()) >= picked["floor"]
+    assert "selection" not in stats("estimate")
