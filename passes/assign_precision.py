@@ -121,9 +121,10 @@ class AssignPrecision(Pass):
         measure_samples: int = 1000
         #: How method=ilp picks its answer. ``estimate``: the optimum of the summed sensitivities.
         #: ``measured``: for every width f the budget can give all layers, the optimum with no
-        #: layer below f bits is also solved, each candidate is measured with all its weights
-        #: quantized at once (KL of the outputs from the float ones, `measure-samples` samples)
-        #: and the lowest measured loss wins. The sums assume the layers' errors add up; narrow
+        #: layer below f bits is also solved, with Omega as scored (narrow widths measured) and
+        #: with the Hessian estimate alone; each distinct candidate is measured with all its
+        #: weights quantized at once (KL of the outputs from the float ones, `measure-samples`
+        #: samples) and the lowest measured loss wins. The sums assume the layers' errors add up; narrow
         #: layers' errors compound (ResNet-56 at 0.5x: five 3-bit layers, each harmless alone,
         #: lost to uniform 4-bit together). One forward pass per candidate.
         select: Literal["estimate", "measured"] = "measured"
@@ -143,6 +144,7 @@ class AssignPrecision(Pass):
         layers = layer_sensitivities(model, traces, ctx.target.weights, bits, self.options.weight_range, self.options.trace)
         sizes = np.array([l.parameters for l in layers], dtype=np.float64)
         omega = np.array([[l.omega[b] for b in bits] for l in layers])
+        hessian_only = omega.copy()
         measured = self._measure_narrow(model, ctx, layers, bits, traces.loss, omega)
         budget = Budget.parse(self.options.budget)
         activation_bits = self.options.activation_bits or ctx.target.activations.bits
@@ -170,7 +172,7 @@ class AssignPrecision(Pass):
         if method == "ilp":
             choice = solve_ilp(omega, cost, limit, unit)
             if self.options.select == "measured" and ctx.data is not None:
-                choice, selection = self._select_measured(model, ctx, layers, bits, omega, cost, limit, unit, choice, traces.loss)
+                choice, selection = self._select_measured(model, ctx, layers, bits, {"measured": omega, "hessian": hessian_only}, cost, limit, unit, traces.loss)
         elif method == "greedy":
             choice = solve_greedy(omega, cost, bits, limit, unit)
         elif method == "uniform":
@@ -220,29 +222,32 @@ class AssignPrecision(Pass):
             omega[:, j] = np.maximum(omega[:, j], [2.0 * damage[bits[j]][n] for n in names])
         return [bits[j] for j in narrow]
 
-    def _select_measured(self, model: ir.Model, ctx: PassContext, layers: list, bits: tuple[int, ...], omega: np.ndarray, cost: np.ndarray,
-                         limit: float, unit: str, optimum: np.ndarray, loss: str) -> tuple[np.ndarray, list[dict]]:
-        """The ILP optimum or a floor-restricted optimum, whichever measures lowest; the candidates."""
+    def _select_measured(self, model: ir.Model, ctx: PassContext, layers: list, bits: tuple[int, ...], estimates: dict[str, np.ndarray], cost: np.ndarray,
+                         limit: float, unit: str, loss: str) -> tuple[np.ndarray, list[dict]]:
+        """The candidate that measures lowest, and every candidate: for each estimate (Omega with
+        narrow widths measured, and the Hessian alone where they differ) its optimum and its
+        optima with no layer below each width f the budget can give all layers."""
         from qcompiler.sensitivity import measured_assignment_loss
 
-        candidates = {min(bits[c] for c in optimum): optimum}
-        for floor in sorted(set(bits)):
-            columns = np.flatnonzero(np.asarray(bits) >= floor)
-            if floor <= min(candidates) or smallest_feasible(cost[:, columns]) > limit * (1 + 1e-9):
-                continue
-            choice = columns[solve_ilp(omega[:, columns], cost[:, columns], limit, unit)]
-            if not any(np.array_equal(choice, c) for c in candidates.values()):
-                candidates[floor] = choice
+        candidates: list[tuple[str, int, np.ndarray]] = []
+        for estimate, omega in estimates.items():
+            for floor in sorted(set(bits)):
+                columns = np.flatnonzero(np.asarray(bits) >= floor)
+                if smallest_feasible(cost[:, columns]) > limit * (1 + 1e-9):
+                    break
+                choice = columns[solve_ilp(omega[:, columns], cost[:, columns], limit, unit)]
+                if not any(np.array_equal(choice, c) for _, _, c in candidates):
+                    candidates.append((estimate, floor, choice))
+        rows = np.arange(len(layers))
+        first = estimates[candidates[0][0]]
+        described = [{"estimate": e, "floor": f, "total_sensitivity": float(first[rows, c].sum())} for e, f, c in candidates]
         if len(candidates) == 1:
-            return optimum, [{"floor": next(iter(candidates)), "measured_loss_increase": None, "selected": True}]
+            return candidates[0][2], [described[0] | {"measured_loss_increase": None, "selected": True}]
         free = "kl" if loss in ("cross-entropy", "kl") else "mse"
-        assignments = [{l.weight: int(bits[c]) for l, c in zip(layers, choice)} for choice in candidates.values()]
+        assignments = [{l.weight: int(bits[c]) for l, c in zip(layers, choice)} for _, _, choice in candidates]
         measured = measured_assignment_loss(model, ctx.data, ctx.target.weights, assignments, loss=free, samples=self.options.measure_samples, weight_range=self.options.weight_range)
         best = int(np.argmin(measured))
-        rows = np.arange(len(layers))
-        return list(candidates.values())[best], [
-            {"floor": floor, "total_sensitivity": float(omega[rows, choice].sum()), "measured_loss_increase": m, "loss": free, "selected": i == best}
-            for i, ((floor, choice), m) in enumerate(zip(candidates.items(), measured))]
+        return candidates[best][2], [d | {"measured_loss_increase": m, "loss": free, "selected": i == best} for i, (d, m) in enumerate(zip(described, measured))]
 
     def _empirical_check(self, model: ir.Model, ctx: PassContext, layers: list, loss: str) -> dict:
         from scipy.stats import spearmanr
