@@ -169,10 +169,10 @@ class AssignPrecision(Pass):
             raise QCError(f"no assignment meets {budget.kind}={budget.number:g}; the smallest feasible is {budget.kind}={math.ceil(least * 1000) / 1000:g} (every layer at its cheapest width)", pass_name=self.name, option="budget")
         method = self.options.method
         selection = None
-        if method == "ilp":
+        if method == "ilp" and self.options.select == "measured" and ctx.data is not None:
+            choice, selection = self._select_measured(model, ctx, layers, bits, {"measured": omega, "hessian": hessian_only}, cost, limit, unit, traces.loss)
+        elif method == "ilp":
             choice = solve_ilp(omega, cost, limit, unit)
-            if self.options.select == "measured" and ctx.data is not None:
-                choice, selection = self._select_measured(model, ctx, layers, bits, {"measured": omega, "hessian": hessian_only}, cost, limit, unit, traces.loss)
         elif method == "greedy":
             choice = solve_greedy(omega, cost, bits, limit, unit)
         elif method == "uniform":

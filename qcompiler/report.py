@@ -216,3 +216,9 @@ def _render_precision(report: Report, console: Console) -> None:
         measured = layer.get("sqnr_db")  # the verifier's, attached after compiling (compiler.py)
         table.add_row(layer["node"], str(layer["bits"]), trace, f"{layer['sensitivity']:.3g}", _db(measured) if measured is not None else "-")
     console.print(table)
+    candidates = [c for c in stats.get("selection", []) if c.get("measured_loss_increase") is not None]
+    if candidates:
+        loss = candidates[0]["loss"]
+        shown = "; ".join(f"{c['estimate']} estimate, no layer below {c['floor']} bits: {c['measured_loss_increase']:.4g}" + (" (chosen)" if c["selected"] else "")
+                          for c in candidates)
+        console.print(f"ILP candidates, measured with every weight quantized ({loss} from the float outputs): {shown}")

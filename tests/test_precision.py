@@ -314,3 +314,19 @@ def test_measured_selection_is_on_by_default_and_estimate_turns_it_off() -> None
     (picked,) = [c for c in default["selection"] if c["selected"]]
     assert min(layer["bits"] for layer in default["layers"].values()) >= picked["floor"]
     assert "selection" not in stats("estimate")
+
+
+def test_the_report_lists_the_measured_candidates() -> None:
+    from rich.console import Console
+
+    from qcompiler.report import PassTiming, Report
+
+    selection = [{"estimate": "measured", "floor": 2, "total_sensitivity": 0.03, "measured_loss_increase": 0.0197, "loss": "kl", "selected": True},
+                 {"estimate": "hessian", "floor": 4, "total_sensitivity": 0.05, "measured_loss_increase": 0.0532, "loss": "kl", "selected": False}]
+    stats = {"method": "ilp", "average_bits": 4.0, "budget": {"kind": "size", "value": 0.5, "used": 4.0, "limit": 4.0, "unit": "weight bits"},
+             "layers": {"w1": {"node": "fc1", "bits": 4, "sensitivity": 0.01, "trace": 1.0}}, "selection": selection}
+    console = Console(record=True, width=400)
+    Report("a.onnx", "b.onnx", passes=[PassTiming("assign-precision", 0.1, False, stats)]).render(console)
+    text = console.export_text()
+    assert ("ILP candidates, measured with every weight quantized (kl from the float outputs): measured estimate, no layer below 2 bits: 0.0197 (chosen); "
+            "hessian estimate, no layer below 4 bits: 0.0532") in text
