@@ -98,6 +98,21 @@ def _mlp(rng: np.random.Generator, hidden: int):
     )
 
 
+def _three_layer_mlp(rng: np.random.Generator):
+    return make_model(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
+            helper.make_node("Relu", ["h"], ["a"], name="relu"),
+            helper.make_node("MatMul", ["a", "w2"], ["b"], name="fc2"),
+            helper.make_node("Relu", ["b"], ["c"], name="relu2"),
+            helper.make_node("Gemm", ["c", "w3"], ["y"], name="fc3"),
+        ],
+        [tensor_info("x", [None, 16])],
+        [tensor_info("y", [None, 4])],
+        {"w1": rng.normal(0, 0.5, (16, 32)).astype(np.float32), "w2": rng.normal(0, 0.3, (32, 32)).astype(np.float32), "w3": rng.normal(0, 0.5, (32, 4)).astype(np.float32)},
+    )
+
+
 def test_weight_qrange() -> None:
     rule = TensorRule("int8", symmetric=True, granularity="per-channel", narrow_range=True)
     assert [weight_qrange(rule, b) for b in (2, 4, 8)] == [(-1, 1), (-7, 7), (-127, 127)]
@@ -155,18 +170,7 @@ def test_empirical_check_reports_the_rank_correlation() -> None:
     from qcompiler.targets.spec import load_target
 
     rng = np.random.default_rng(5)
-    model = make_model(
-        [
-            helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
-            helper.make_node("Relu", ["h"], ["a"], name="relu"),
-            helper.make_node("MatMul", ["a", "w2"], ["b"], name="fc2"),
-            helper.make_node("Relu", ["b"], ["c"], name="relu2"),
-            helper.make_node("Gemm", ["c", "w3"], ["y"], name="fc3"),
-        ],
-        [tensor_info("x", [None, 16])],
-        [tensor_info("y", [None, 4])],
-        {"w1": rng.normal(0, 0.5, (16, 32)).astype(np.float32), "w2": rng.normal(0, 0.3, (32, 32)).astype(np.float32), "w3": rng.normal(0, 0.5, (32, 4)).astype(np.float32)},
-    )
+    model = _three_layer_mlp(rng)
     data = DataSource({"x": rng.normal(0, 1, (128, 16)).astype(np.float32)}, rng.integers(0, 4, 128))
     rule = load_target("ort-cpu").weights
     at2 = measured_loss_increase(model, data, rule, 2, ["w1", "w2", "w3"])
@@ -250,21 +254,6 @@ def test_measured_damage_is_kept_in_its_cache_file_for_the_same_model_and_data_o
     assert measure(data) == first and cache.stat().st_mtime_ns == stamp  # read back, not measured again
     other = DataSource({"x": rng.normal(0, 1, (64, 16)).astype(np.float32)}, data.labels)
     assert measure(other)[2]["w1"] != first[2]["w1"] and cache.stat().st_mtime_ns != stamp
-
-
-def _three_layer_mlp(rng: np.random.Generator):
-    return make_model(
-        [
-            helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1"),
-            helper.make_node("Relu", ["h"], ["a"], name="relu"),
-            helper.make_node("MatMul", ["a", "w2"], ["b"], name="fc2"),
-            helper.make_node("Relu", ["b"], ["c"], name="relu2"),
-            helper.make_node("Gemm", ["c", "w3"], ["y"], name="fc3"),
-        ],
-        [tensor_info("x", [None, 16])],
-        [tensor_info("y", [None, 4])],
-        {"w1": rng.normal(0, 0.5, (16, 32)).astype(np.float32), "w2": rng.normal(0, 0.3, (32, 32)).astype(np.float32), "w3": rng.normal(0, 0.5, (32, 4)).astype(np.float32)},
-    )
 
 
 def test_measured_selection_takes_the_floor_restricted_optimum_that_measures_lowest() -> None:
