@@ -124,10 +124,12 @@ class AssignPrecision(Pass):
         #: layer below f bits is also solved, with Omega as scored (narrow widths measured) and
         #: with the Hessian estimate alone; each distinct candidate is measured with all its
         #: weights quantized at once (KL of the outputs from the float ones, `measure-samples`
-        #: samples) and the lowest measured loss wins. The sums assume the layers' errors add up; narrow
-        #: layers' errors compound (ResNet-56 at 0.5x: five 3-bit layers, each harmless alone,
-        #: lost to uniform 4-bit together). One forward pass per candidate.
-        select: Literal["estimate", "measured"] = "measured"
+        #: samples) and the lowest measured loss wins: the sums assume the layers' errors add up,
+        #: and narrow layers' errors compound. One forward pass per candidate. Opt-in: it measures
+        #: the weights alone on calibration images, which may be images the model memorised; on
+        #: ResNet-20 at 0.35x it picked an assignment 4.7 points better, on ResNet-56 at 0.6x one
+        #: 0.4 points worse (KL 0.0008 against 0.0013).
+        select: Literal["estimate", "measured"] = "estimate"
         #: JSON file that keeps the measured damage for later compiles of the same model and data
         #: (a sweep over budgets or methods then measures once); empty: no file.
         measure_cache: str = ""

@@ -289,7 +289,7 @@ def test_measured_selection_takes_the_floor_restricted_optimum_that_measures_low
     assert measured_assignment_loss(model, data, ctx.target.weights, [assignment], loss="kl", samples=256) == [picked["measured_loss_increase"]]
 
 
-def test_measured_selection_is_on_by_default_and_estimate_turns_it_off() -> None:
+def test_measured_selection_is_opt_in() -> None:
     rng = np.random.default_rng(13)
     model = _three_layer_mlp(rng)
     data = DataSource({"x": rng.normal(0, 1, (128, 16)).astype(np.float32)}, rng.integers(0, 4, 128))
@@ -299,10 +299,10 @@ def test_measured_selection_is_on_by_default_and_estimate_turns_it_off() -> None
         result = qcompiler.compile(model, calibration=data, verify=False, pipeline=f"hessian-trace{{max-probes=8}},assign-precision{{budget=bits=4.5,pareto-points=0{option}}}")
         return next(p for p in result.report.passes if p.name == "assign-precision").stats
 
-    default = stats()
-    (picked,) = [c for c in default["selection"] if c["selected"]]
-    assert min(layer["bits"] for layer in default["layers"].values()) >= picked["floor"]
-    assert "selection" not in stats("estimate")
+    measured = stats("measured")
+    (picked,) = [c for c in measured["selection"] if c["selected"]]
+    assert min(layer["bits"] for layer in measured["layers"].values()) >= picked["floor"]
+    assert "selection" not in stats() and "selection" not in stats("estimate")
 
 
 def test_the_report_lists_the_measured_candidates() -> None:
