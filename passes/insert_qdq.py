@@ -65,6 +65,9 @@ class QuantPlan:
     values: dict[str, ir.Value] = field(default_factory=dict)
     #: Activation node -> the node whose output it follows; removed, its range used for that output.
     fused: dict[int, tuple[ir.Node, ir.Node]] = field(default_factory=dict)
+    #: Activations the backend fuses into the op before them (``activation_fusion = "keep"``): they
+    #: stay in the graph and the quantizer goes after them, none between op and activation.
+    kept_activations: set[int] = field(default_factory=set)
     groups: _UnionFind = field(default_factory=_UnionFind)
     #: (node, reason) for every node that touches float data and stays float.
     kept_float: list[tuple[ir.Node, str]] = field(default_factory=list)
@@ -115,9 +118,13 @@ def plan_quantization(model: ir.Model, target: TargetSpec, observers: dict[str, 
             act_out = act.outputs[0]
             # Fusing only pays when the activation's output gets the quantizer that replaces it.
             quantized_after = act_out.name not in graph_outputs or ops.quantize_graph_outputs
-            if act.op_type in ops.fused_activations and act.inputs[0] is out and _clip_bounds(act) is not None and act_out.name in observers and quantized_after:
-                plan.fused[id(act)] = (act, node)
-                out = act_out
+            if act.op_type in ops.fused_activations and act.inputs[0] is out and act_out.name in observers and quantized_after:
+                if ops.activation_fusion == "keep":
+                    plan.kept_activations.add(id(act))
+                    out = act_out
+                elif _clip_bounds(act) is not None:
+                    plan.fused[id(act)] = (act, node)
+                    out = act_out
         if out.name in graph_outputs and not ops.quantize_graph_outputs:
             return
         plan.values[out.name] = out
@@ -126,7 +133,7 @@ def plan_quantization(model: ir.Model, target: TargetSpec, observers: dict[str, 
         op = node.op_type
         float_inputs = [v for v in node.inputs if is_activation(v)]
         float_outputs = [v for v in node.outputs if is_float_tensor(v)]
-        if id(node) in plan.fused:
+        if id(node) in plan.fused or id(node) in plan.kept_activations:
             continue
         if not any(is_activation(v) for v in float_outputs):
             continue  # shape arithmetic and other integer computations: nothing to quantize
@@ -175,7 +182,26 @@ def plan_quantization(model: ir.Model, target: TargetSpec, observers: dict[str, 
                 plan.kept_float.append((node, "its input is not quantized"))
         elif float_inputs or (float_outputs and any(is_activation(v) for v in float_outputs)):
             plan.kept_float.append((node, f"op type {op} is not quantized by target '{target.name}'"))
+    if ops.placement == "inputs":
+        _keep_input_quantizers(plan, ops.quantized)
     return plan
+
+
+def _keep_input_quantizers(plan: QuantPlan, compute_ops: tuple[str, ...]) -> None:
+    """Keep only the quantizers a quantized op reads (through passthrough ops): backends such as
+    TensorRT place Q/DQ on the inputs of the layers they run in integer, and a quantizer on an
+    output nothing quantized reads only costs a requantization."""
+    needed: set[str] = set()
+    kept: list[ir.Node] = []
+    for node in reversed(plan.quantized_nodes):
+        if node.op_type in compute_ops:
+            needed.update(v.name for v in node.inputs if v is not None and v.name in plan.values)
+            kept.append(node)
+        elif node.outputs[0].name in needed and node.inputs[0] is not None:
+            needed.add(node.inputs[0].name)
+            kept.append(node)
+    plan.quantized_nodes = kept[::-1]
+    plan.values = {name: value for name, value in plan.values.items() if name in needed}
 
 
 @dataclass

@@ -162,6 +162,39 @@ def verify_cmd(
         write_file_atomically(json_path, report.to_json().encode())
 
 
+@app.command("validate")
+def validate_cmd(
+    model: Annotated[Path, typer.Argument(help="A quantized ONNX model (from qcompiler or any other tool).")],
+    target: Annotated[str, typer.Option("--target", "-t", help="Built-in target name or a .toml file.")] = "ort-cpu",
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the violations as JSON here.")] = None,
+) -> None:
+    """Check MODEL against a target's rules; list every violation. Exit 0 when clean, 1 with violations, 2 on bad input."""
+    import json
+
+    from qcompiler.ir import load_model, write_file_atomically
+    from qcompiler.targets.spec import load_target
+    from qcompiler.validate import RULES, validate
+
+    spec = load_target(target)
+    if json_path is not None and not json_path.parent.is_dir():
+        raise QCError("its folder does not exist", file=str(json_path), option="--json")
+    violations = validate(load_model(model), spec)
+    if violations:
+        table = Table(title=f"{model}: {len(violations)} violation(s) of target '{spec.name}'")
+        for col in ("node", "op", "rule", "problem", "fix"):
+            table.add_column(col, overflow="fold")
+        for v in violations:
+            table.add_row(v.node, v.op_type, v.rule, v.message, v.fix)
+        out.print(table)
+    else:
+        out.print(f"{model}: clean against target '{spec.name}' ({len(RULES)} rules checked)")
+    if json_path is not None:
+        payload = {"model": str(model), "target": spec.name, "clean": not violations, "rules": RULES, "violations": [v.to_dict() for v in violations]}
+        write_file_atomically(json_path, (json.dumps(payload, indent=2) + "\n").encode())
+    if violations:
+        raise typer.Exit(1)
+
+
 def _writable_file(path: Path, force: bool, option: str) -> None:
     """Refuse to overwrite an existing file without --force, or to write into a missing folder."""
     if path.is_dir():
@@ -266,7 +299,10 @@ def main() -> None:
     if len(sys.argv) == 1:
         sys.argv.append("--help")
     try:
-        app(standalone_mode=False)
+        # Without standalone mode, click returns (not raises) the code of a typer.Exit.
+        code = app(standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except QCError as exc:
         _one_line(str(exc))
         sys.exit(2)

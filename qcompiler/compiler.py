@@ -10,12 +10,14 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
+from qcompiler.artifacts import emit_artifacts
 from qcompiler.calibration import CALIBRATION_FACT
 from qcompiler.data import DataSource, InputSpec
 from qcompiler.errors import QCError
 from qcompiler.ir import SOURCE_KEY, annotate_types, atomic_output_dir, load_model, model_bytes_on_disk, save_model, to_proto
 from qcompiler.pass_manager import Instrument, Pass, PassContext, PassManager, ProgressFactory, null_progress
 from qcompiler.pipeline import format_pipeline, parse_pipeline
+from qcompiler.precision import WEIGHT_BITS_FACT
 from qcompiler.report import KeptFloat, PassTiming, Report
 from qcompiler.targets.spec import TargetSpec, load_target
 from qcompiler.verify import verify as verify_models
@@ -92,6 +94,8 @@ def compile(  # noqa: A001 - the verb users expect: qcompiler.compile(...)
             model_path = folder / "model.onnx"
             save_model(compiled, model_path)
             report.quantized_model = str(Path(output_dir) / "model.onnx")
+            written = emit_artifacts(compiled, spec, folder, ctx.facts.get(WEIGHT_BITS_FACT))
+            report.artifacts = [str(Path(output_dir) / p.name) for p in written]
         if verify and check is not None:
             if verify_data is None:
                 report.diagnostics.append({"pass": None, "node": None, "level": "warning", "message": "verified on the calibration data: figures are optimistic; pass --data with held-out samples"})

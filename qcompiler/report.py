@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 @dataclass
@@ -92,6 +92,8 @@ class Report:
     diagnostics: list[dict[str, Any]] = field(default_factory=list)
     verification: VerificationReport | None = None
     compile_seconds: float | None = None
+    #: Files the target needs beside the model (e.g. QNN's encodings.json), as written.
+    artifacts: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -144,6 +146,8 @@ def render_report(report: Report, console: Console) -> None:
     console.print(head)
     if report.pipeline:
         console.print(f"pipeline: {report.pipeline}")
+    if report.artifacts:
+        console.print(f"also written for the target: {', '.join(report.artifacts)}")
     v = report.verification
     if v is not None:
         summary = Table(title=f"Verification on {v.samples} samples from {v.data}", show_header=True)

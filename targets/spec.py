@@ -44,6 +44,14 @@ class TensorRule:
     symmetric: bool
     granularity: str
     narrow_range: bool = False
+    #: Other integer types the backend also runs for these tensors (``qc validate`` accepts them;
+    #: compiling emits ``dtype``).
+    also_accepted: tuple[str, ...] = ()
+
+    @property
+    def accepted(self) -> tuple[str, ...]:
+        """Every integer type the backend accepts for these tensors, ``dtype`` first."""
+        return (self.dtype, *(d for d in self.also_accepted if d != self.dtype))
 
     @property
     def qrange(self) -> tuple[int, int]:
@@ -80,6 +88,15 @@ class OpRules:
     quantize_graph_outputs: bool = False
     #: Passthrough ops the backend runs on the integer tensor itself: DQ -> op -> Q becomes op.
     integer_passthrough: tuple[str, ...] = ()
+    #: Where quantizers go: after every quantized op's output ("outputs", the onnxruntime QDQ
+    #: convention), or only on the tensors a quantized op reads ("inputs", TensorRT's).
+    placement: str = "outputs"
+    #: What happens to a fused activation after a quantized op: "remove" it (the quantizer's clip
+    #: does its job) or "keep" it, with the quantizer after it (the backend fuses op + activation).
+    activation_fusion: str = "remove"
+    #: Whether the backend runs an op it cannot quantize in float between a DequantizeLinear and a
+    #: QuantizeLinear (onnxruntime, TensorRT), or rejects the graph (fully integer accelerators).
+    float_fallback: bool = True
 
 
 @dataclass(frozen=True)
@@ -120,6 +137,8 @@ class TargetSpec:
     ops: OpRules
     cost: CostModel
     bits: BitRules = BitRules()
+    #: Files written beside model.onnx (``qcompiler.artifacts.EMITTERS``), e.g. "qnn-encodings".
+    emit: tuple[str, ...] = ()
     path: str = ""
 
     def quantizes(self, op_type: str) -> bool:
@@ -128,9 +147,9 @@ class TargetSpec:
 
 # The schema: section -> key -> (type, required). Top-level keys live under "".
 _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
-    "": {"name": (str, True), "description": (str, False), "extends": (str, False), "min_opset": (int, True), "pipeline": (str, True)},
-    "activations": {"dtype": (str, True), "symmetric": (bool, True), "granularity": (str, True), "narrow_range": (bool, False)},
-    "weights": {"dtype": (str, True), "symmetric": (bool, True), "granularity": (str, True), "narrow_range": (bool, False)},
+    "": {"name": (str, True), "description": (str, False), "extends": (str, False), "min_opset": (int, True), "pipeline": (str, True), "emit": (list, False)},
+    "activations": {"dtype": (str, True), "symmetric": (bool, True), "granularity": (str, True), "narrow_range": (bool, False), "also_accepted": (list, False)},
+    "weights": {"dtype": (str, True), "symmetric": (bool, True), "granularity": (str, True), "narrow_range": (bool, False), "also_accepted": (list, False)},
     "bias": {"quantize": (bool, False), "dtype": (str, False)},
     "ops": {
         "quantized": (list, True),
@@ -139,6 +158,9 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
         "shared_scale": (list, False),
         "quantize_graph_outputs": (bool, False),
         "integer_passthrough": (list, False),
+        "placement": (str, False),
+        "activation_fusion": (str, False),
+        "float_fallback": (bool, False),
     },
     "cost": {"source": (str, True), "mac": (dict, False)},
     "bits": {"allowed": (list, False), "native": (list, False), "activations": (list, False)},
@@ -230,11 +252,15 @@ def _tensor_rule(data: dict[str, Any], section: str, path: Path) -> TensorRule:
     granularity = _require(data, section, "granularity", path)
     if granularity not in GRANULARITIES:
         raise QCError(f"'{granularity}' is not one of: {', '.join(GRANULARITIES)}", file=f"{path}:{section}.granularity")
+    also = data[section].get("also_accepted", [])
+    if stray := [d for d in also if d not in INTEGER_DTYPES or d == "int32"]:
+        raise QCError(f"'{stray[0]}' is not a supported dtype (accepted: {', '.join(d for d in INTEGER_DTYPES if d != 'int32')})", file=f"{path}:{section}.also_accepted")
     return TensorRule(
         dtype=dtype,
         symmetric=_require(data, section, "symmetric", path),
         granularity=granularity,
         narrow_range=data[section].get("narrow_range", False),
+        also_accepted=tuple(also),
     )
 
 
@@ -247,6 +273,13 @@ def _str_list(data: dict[str, Any], key: str, path: Path, required: bool = False
     if not all(isinstance(v, str) and v for v in value):
         raise QCError("expected a list of op type names", file=f"{path}:ops.{key}")
     return tuple(value)
+
+
+def _choice(table: dict[str, Any], key: str, choices: tuple[str, ...], where: str) -> str:
+    value = table.get(key, choices[0])
+    if value not in choices:
+        raise QCError(f"'{value}' is not one of: {', '.join(choices)}", file=where)
+    return value
 
 
 def load_target(name_or_path: str) -> TargetSpec:
@@ -275,6 +308,9 @@ def load_target(name_or_path: str) -> TargetSpec:
         shared_scale=_str_list(data, "shared_scale", path),
         quantize_graph_outputs=data["ops"].get("quantize_graph_outputs", False),
         integer_passthrough=_str_list(data, "integer_passthrough", path),
+        placement=_choice(data["ops"], "placement", ("outputs", "inputs"), f"{path}:ops.placement"),
+        activation_fusion=_choice(data["ops"], "activation_fusion", ("remove", "keep"), f"{path}:ops.activation_fusion"),
+        float_fallback=data["ops"].get("float_fallback", True),
     )
     if stray := [op for op in ops.integer_passthrough if op not in ops.passthrough]:
         raise QCError(f"'{stray[0]}' is not in ops.passthrough", file=f"{path}:ops.integer_passthrough")
@@ -301,6 +337,11 @@ def load_target(name_or_path: str) -> TargetSpec:
         split_pipeline(data["pipeline"])
     except QCError as exc:
         raise QCError(exc.message, file=f"{path}:pipeline") from None
+    from qcompiler.artifacts import EMITTERS
+
+    emit = data.get("emit", [])
+    if stray := [e for e in emit if e not in EMITTERS]:
+        raise QCError(f"unknown artifact {stray[0]!r} (known: {', '.join(EMITTERS)})", file=f"{path}:emit")
     return TargetSpec(
         name=data["name"],
         description=data.get("description", ""),
@@ -312,6 +353,7 @@ def load_target(name_or_path: str) -> TargetSpec:
         ops=ops,
         cost=CostModel(source=data["cost"]["source"], mac={k: float(v) for k, v in mac.items()}),
         bits=BitRules(allowed=allowed, native=native, activations=widths["activations"]),
+        emit=tuple(emit),
         path=str(path),
     )
 
@@ -341,12 +383,13 @@ def target_to_toml(spec: TargetSpec) -> str:
         f"description = {fmt(spec.description)}",
         f"min_opset = {spec.min_opset}",
         f"pipeline = {fmt(spec.pipeline)}",
+        f"emit = {fmt(list(spec.emit))}",
         "",
     ]
     for section, rule in (("activations", spec.activations), ("weights", spec.weights)):
-        lines += [f"[{section}]", f"dtype = {fmt(rule.dtype)}", f"symmetric = {fmt(rule.symmetric)}", f"granularity = {fmt(rule.granularity)}", f"narrow_range = {fmt(rule.narrow_range)}", ""]
+        lines += [f"[{section}]", f"dtype = {fmt(rule.dtype)}", f"symmetric = {fmt(rule.symmetric)}", f"granularity = {fmt(rule.granularity)}", f"narrow_range = {fmt(rule.narrow_range)}", f"also_accepted = {fmt(list(rule.also_accepted))}", ""]
     lines += ["[bias]", f"quantize = {fmt(spec.bias.quantize)}", f"dtype = {fmt(spec.bias.dtype)}", ""]
-    lines += ["[ops]"] + [f"{k} = {fmt(getattr(spec.ops, k))}" for k in ("quantized", "passthrough", "fused_activations", "shared_scale", "quantize_graph_outputs", "integer_passthrough")] + [""]
+    lines += ["[ops]"] + [f"{k} = {fmt(getattr(spec.ops, k))}" for k in ("quantized", "passthrough", "fused_activations", "shared_scale", "quantize_graph_outputs", "integer_passthrough", "placement", "activation_fusion", "float_fallback")] + [""]
     lines += ["[bits]", f"allowed = {fmt(list(spec.bits.allowed))}", f"native = {fmt(list(spec.bits.native))}", f"activations = {fmt(list(spec.bits.activations))}", ""]
     lines += ["[cost]", f"source = {fmt(spec.cost.source)}", "", "[cost.mac]"] + [f"{key(k)} = {v}" for k, v in spec.cost.mac.items()]
     return "\n".join(lines) + "\n"

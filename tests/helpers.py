@@ -46,3 +46,36 @@ def bn_params(rng: np.random.Generator, channels: int) -> dict[str, np.ndarray]:
 
 def bn_node(x: str, y: str, name: str = "bn", eps: float = 1e-3):
     return helper.make_node("BatchNormalization", [x, "gamma", "beta", "mean", "var"], [y], name=name, epsilon=eps)
+
+
+def small_cnn() -> ir.Model:
+    """Conv-Relu-MaxPool, two Conv branches joined by Concat, Conv-Sigmoid, Conv, pool, Gemm:
+    every rule has something to look at (shared scales, integer MaxPool, a float op, biases)."""
+    rng = np.random.default_rng(0)
+
+    def w(*shape: int) -> np.ndarray:
+        return rng.normal(0, 0.5, shape).astype(np.float32)
+
+    inits = {
+        "w0": w(4, 3, 3, 3), "b0": w(4),
+        "wa": w(4, 4, 1, 1), "ba": w(4),
+        "wb": w(4, 4, 3, 3), "bb": w(4),
+        "wc": w(6, 8, 1, 1), "bc": w(6),
+        "wd": w(6, 6, 3, 3), "bd": w(6),
+        "wf": w(5, 6), "bf": w(5),
+    }
+    nodes = [
+        helper.make_node("Conv", ["input", "w0", "b0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c0"], ["r0"], name="relu0"),
+        helper.make_node("MaxPool", ["r0"], ["p0"], name="pool0", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node("Conv", ["p0", "wa", "ba"], ["ca"], name="conv_a"),
+        helper.make_node("Conv", ["p0", "wb", "bb"], ["cb"], name="conv_b", pads=[1, 1, 1, 1]),
+        helper.make_node("Concat", ["ca", "cb"], ["cat"], name="concat", axis=1),
+        helper.make_node("Conv", ["cat", "wc", "bc"], ["cc"], name="conv_c"),
+        helper.make_node("Sigmoid", ["cc"], ["sc"], name="sigmoid"),
+        helper.make_node("Conv", ["sc", "wd", "bd"], ["cd"], name="conv_d", pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["cd"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], name="fc", transB=1),
+    ]
+    return make_model(nodes, [tensor_info("input", [None, 3, 8, 8])], [tensor_info("logits", [None, 5])], inits)

@@ -46,7 +46,7 @@ def test_readme_command_writes_a_verified_int8_model(compiled, cifar_test_npz: P
     assert abs(v["accuracy_quantized"] - v["accuracy_float"]) <= 0.005
     assert v["outputs"][0]["sqnr_db"] > 20
     assert v["size"]["quantized_weight_bytes"] < v["size"]["float_weight_bytes"] / 3.5
-    assert report["target"] == "ort-cpu" and report["schema_version"] == 1
+    assert report["target"] == "ort-cpu" and report["schema_version"] == 2
     assert [p["name"] for p in report["passes"]] == ["infer-shapes", "fold-constants", "fold-batchnorm", "calibrate", "insert-qdq"]
     assert len(v["layers"]) > 19
     # Every matched intermediate is a like-for-like comparison (no integer tensor read as float).
@@ -60,7 +60,7 @@ def test_report_json_matches_the_documented_schema(compiled) -> None:
     out, _ = compiled
     report = json.loads((out / "report.json").read_text())
     schema = (ROOT / "docs" / "report-schema.md").read_text()
-    for key in ["schema_version", "float_model", "quantized_model", "target", "pipeline", "calibration", "passes", "kept_float", "diagnostics", "verification", "compile_seconds"]:
+    for key in ["schema_version", "float_model", "quantized_model", "target", "pipeline", "calibration", "passes", "kept_float", "diagnostics", "verification", "compile_seconds", "artifacts"]:
         assert key in report and f"`{key}`" in schema
     for key in report["verification"]:
         assert f"`{key}`" in schema

@@ -197,3 +197,24 @@ def test_compiled_model_matches_a_numpy_simulation_of_one_conv() -> None:
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
     # Min/max calibration of the input: its exact extremes are representable.
     assert np.isclose(float(s_x) * 255, float(x.max() - min(x.min(), 0)), rtol=1e-6)
+
+
+def test_tensorrt_placement_quantizes_layer_inputs_keeps_relu_and_float_bias(bundled_model: Path, bundled_calib: Path) -> None:
+    model = load_model(bundled_model)
+    data = DataSource({"input": np.load(bundled_calib)["input"][:64]})
+    compiled, _ = _compile(model, data, target="tensorrt")
+    for node in compiled.graph:
+        if node.op_type == "Conv":
+            # Bias float, no Q/DQ between the Conv and the ReLU TensorRT fuses into it.
+            assert node.inputs[2].producer() is None and node.inputs[2].const_value.dtype == ir.DataType.FLOAT
+            assert all(c.op_type != "QuantizeLinear" or any(u.node.op_type == "Add" for dq in c.outputs[0].consumers() for u in dq.outputs[0].uses()) for c in node.outputs[0].consumers())
+            assert node.inputs[0].producer().op_type == "DequantizeLinear"
+        if node.op_type == "Add":
+            assert all(v.producer().op_type == "DequantizeLinear" for v in node.inputs)
+        if node.op_type == "QuantizeLinear":
+            # Every quantizer feeds a quantized layer (through a DequantizeLinear).
+            readers = {u.node.op_type for dq in node.outputs[0].consumers() for u in dq.outputs[0].uses()}
+            trt = load_target("tensorrt").ops
+            assert readers <= {*trt.quantized, *trt.passthrough, "Shape"}, readers
+            assert _const(node.inputs[2]).dtype == np.int8 and _const(node.inputs[2]) == 0
+    assert sum(n.op_type == "Relu" for n in compiled.graph) == sum(n.op_type == "Relu" for n in load_model(bundled_model).graph)

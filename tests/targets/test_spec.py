@@ -455,3 +455,26 @@ def test_integer_passthrough_must_be_passthrough_ops(tmp_path: Path) -> None:
     with pytest.raises(QCError) as info:
         load_target(str(path))
     assert f"{path}:ops.integer_passthrough" in str(info.value) and "Conv" in str(info.value)
+
+
+def test_tensorrt_description() -> None:
+    trt = load_target("tensorrt")
+    assert (trt.activations.dtype, trt.activations.symmetric) == ("int8", True)
+    assert (trt.weights.dtype, trt.weights.symmetric, trt.weights.granularity) == ("int8", True, "per-channel")
+    assert not trt.bias.quantize
+    assert (trt.ops.placement, trt.ops.activation_fusion, trt.ops.float_fallback) == ("inputs", "keep", True)
+    assert trt.min_opset >= 13
+
+
+@pytest.mark.parametrize(("key", "value"), [("placement", "everywhere"), ("activation_fusion", "fuse")])
+def test_bad_op_choice(tmp_path: Path, key: str, value: str) -> None:
+    path = write(tmp_path / "t.toml", f'extends = "ort-cpu"\n[ops]\n{key} = "{value}"\n')
+    exc = load_error(path)
+    assert_names(exc, path, f"ops.{key}")
+
+
+def test_also_accepted_dtypes(tmp_path: Path) -> None:
+    path = write(tmp_path / "t.toml", 'extends = "ort-cpu"\n[activations]\nalso_accepted = ["uint16"]\n')
+    assert load_target(str(path)).activations.accepted == ("uint8", "uint16")
+    bad = write(tmp_path / "b.toml", 'extends = "ort-cpu"\n[activations]\nalso_accepted = ["float7"]\n')
+    assert_names(load_error(bad), bad, "activations.also_accepted")

@@ -1,0 +1,240 @@
+"""`qc validate`: our outputs are clean for every target, onnxruntime's quantizer is judged
+correctly, and each rule catches the graph broken for it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+import qcompiler
+from qcompiler.ir import load_model, to_proto
+from qcompiler.targets.spec import list_targets, load_target
+from qcompiler.validate import RULES, validate
+from tests.helpers import small_cnn
+
+QC = [sys.executable, "-m", "qcompiler.cli"]
+
+
+@pytest.fixture(scope="module")
+def calib(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("validate") / "calib.npz"
+    np.savez(path, input=np.random.default_rng(1).normal(0, 1, (32, 3, 8, 8)).astype(np.float32))
+    return path
+
+
+def _compiled(target: str, calib: Path) -> ir.Model:
+    return qcompiler.compile(small_cnn(), target, calibration=calib, verify=False).model
+
+
+def _rules(model: ir.Model, target: str) -> dict[str, list[str]]:
+    found: dict[str, list[str]] = {}
+    for v in validate(model, load_target(target)):
+        found.setdefault(v.rule, []).append(v.node)
+    return found
+
+
+@pytest.mark.parametrize("target", list_targets())
+def test_our_output_is_clean_for_every_target(target: str, calib: Path) -> None:
+    assert _rules(_compiled(target, calib), target) == {}
+
+
+def test_bundled_resnet20_for_tensorrt_validates_clean_from_the_cli(tmp_path: Path, bundled_model: Path, bundled_calib: Path) -> None:
+    out = tmp_path / "out"
+    subprocess.run([*QC, "compile", str(bundled_model), "--target", "tensorrt", "--calib", str(bundled_calib), "-o", str(out), "--no-verify"], check=True, capture_output=True)
+    clean = subprocess.run([*QC, "validate", str(out / "model.onnx"), "--target", "tensorrt", "--json", str(tmp_path / "v.json")], capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stdout
+    report = json.loads((tmp_path / "v.json").read_text())
+    assert report["clean"] and report["violations"] == [] and set(report["rules"]) == set(RULES)
+    # The same file against ort-cpu: int8 activations and float biases are not what ort-cpu's kernels take.
+    dirty = subprocess.run([*QC, "validate", str(out / "model.onnx"), "--target", "ort-cpu"], capture_output=True, text=True)
+    assert dirty.returncode == 1 and "dtype" in dirty.stdout and "bias" in dirty.stdout
+
+
+def test_unreadable_input_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"not a model")
+    result = subprocess.run([*QC, "validate", str(bad)], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1 and "bad.onnx" in result.stderr
+
+
+def _ort_quantized(tmp_path: Path, calib: Path, per_channel: bool) -> ir.Model:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    float_path, out = tmp_path / "float.onnx", tmp_path / f"ort_{per_channel}.onnx"
+    onnx.save(to_proto(small_cnn()), float_path)
+    samples = np.load(calib)["input"]
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{"input": samples[i : i + 8]} for i in range(0, len(samples), 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    quantize_static(str(float_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return load_model(out)
+
+
+def test_onnxruntime_quantize_static_per_channel_meets_ort_cpu(tmp_path: Path, calib: Path) -> None:
+    model = _ort_quantized(tmp_path, calib, per_channel=True)
+    # onnxruntime's quantizer gives each Concat input its own range: QLinearConcat then
+    # requantizes every input, which the ort-cpu description rules out (one shared scale).
+    assert _rules(model, "ort-cpu") == {"shared-scale": ["concat"]}
+    # TensorRT wants int8 activations and float biases: every activation quantizer and bias is flagged.
+    found = _rules(model, "tensorrt")
+    assert set(found) >= {"dtype", "bias"}
+    assert len(found["bias"]) == 6
+
+
+def test_onnxruntime_quantize_static_per_tensor_breaks_granularity(tmp_path: Path, calib: Path) -> None:
+    found = _rules(_ort_quantized(tmp_path, calib, per_channel=False), "ort-cpu")
+    # Every weight with more than one output channel (5 Convs and the Gemm) is per tensor.
+    assert set(found) == {"granularity", "shared-scale"} and len(found["granularity"]) == 6
+
+
+# -- one hand-broken graph per rule ------------------------------------------------------------
+
+
+def _node(model: ir.Model, name: str) -> ir.Node:
+    return next(n for n in model.graph if n.name == name)
+
+
+def _weight_dq(model: ir.Model, conv: str) -> ir.Node:
+    return _node(model, conv).inputs[1].producer()
+
+
+def _input_dq(model: ir.Model, node: str) -> ir.Node:
+    return _node(model, node).inputs[0].producer()
+
+
+def _const(model: ir.Model, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(array))
+    model.graph.register_initializer(value)
+    return value
+
+
+def _retarget(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "target.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_rule_opset(calib: Path) -> None:
+    model = _compiled("ort-cpu", calib)
+    model.opset_imports[""] = 12
+    assert _rules(model, "ort-cpu") == {"opset": ["<model>"]}
+
+
+def test_rule_dtype(calib: Path) -> None:
+    model = _compiled("ort-cpu", calib)
+    dq = _input_dq(model, "sigmoid")
+    zp = _const(model, "int8_zp", np.array(0, np.int8))
+    dq.replace_input_with(2, zp)
+    dq.inputs[0].producer().replace_input_with(2, zp)
+    assert _rules(model, "ort-cpu") == {"dtype": [dq.inputs[0].producer().name]}
+
+
+def test_rule_symmetric(calib: Path) -> None:
+    model = _compiled("ort-cpu", calib)
+    dq = _weight_dq(model, "conv_a")
+    dq.replace_input_with(2, _const(model, "bad_zp", np.full(4, 3, np.int8)))
+    assert _rules(model, "ort-cpu") == {"symmetric": [dq.name]}
+
+
+def test_rule_granularity(calib: Path) -> None:
+    model = _compiled("ort-cpu", calib)
+    dq = _weight_dq(model, "conv_b")
+    scale = dq.inputs[1].const_value.numpy()
+    dq.replace_input_with(1, _const(model, "one_scale", np.array(scale.max(), np.float32)))
+    dq.replace_input_with(2, _const(model, "one_zp", np.array(0, np.int8)))
+    dq.attributes.pop("axis", None)
+    found = _rules(model, "ort-cpu")
+    # The int32 bias was scaled for the per-channel weight scales: it is flagged as well.
+    assert found == {"granularity": [dq.name], "bias": [_node(model, "conv_b").inputs[2].producer().name]}
+
+
+def test_rule_axis(calib: Path) -> None:
+    model = _compiled("ort-cpu", calib)
+    dq = _weight_dq(model, "conv_d")  # [6, 6, 3, 3]: axis 1 has as many entries as axis 0
+    dq.attributes["axis"] = ir.AttrInt64("axis", 1)
+    assert _rules(model, "ort-cpu") == {"axis": [dq.name]}
+
+
+def test_rule_qdq_pair_mismatched_scale(calib: Path) -> None:
+    model = _compiled("ort-cpu", calib)
+    dq = _input_dq(model, "sigmoid")
+    dq.replace_input_with(1, _const(model, "other_scale", dq.inputs[1].const_value.numpy() * 2))
+    assert _rules(model, "ort-cpu") == {"qdq-pair": [dq.name]}
+
+
+def test_rule_qdq_pair_quantizer_never_dequantized(calib: Path) -> None:
+    model = _compiled("ort-cpu", calib)
+    dq = _input_dq(model, "sigmoid")
+    q = dq.inputs[0].producer()
+    _node(model, "sigmoid").replace_input_with(0, q.inputs[0])
+    model.graph.remove(dq, safe=True)
+    assert _rules(model, "ort-cpu") == {"qdq-pair": [q.name]}
+
+
+def test_rule_qdq_pair_float_weight(calib: Path) -> None:
+    model = _compiled("ort-cpu", calib)
+    gemm = _node(model, "fc")
+    gemm.replace_input_with(1, _const(model, "float_w", np.zeros((5, 6), np.float32)))
+    assert "fc" in _rules(model, "ort-cpu").get("qdq-pair", [])
+
+
+def test_rule_shared_scale(calib: Path) -> None:
+    model = _compiled("ort-cpu", calib)
+    dq = _node(model, "concat").inputs[0].producer()
+    q = dq.inputs[0].producer()
+    scale = _const(model, "concat_in_scale", dq.inputs[1].const_value.numpy() * 1.5)
+    dq.replace_input_with(1, scale)
+    q.replace_input_with(1, scale)
+    assert _rules(model, "ort-cpu") == {"shared-scale": ["concat"]}
+
+
+def test_rule_bias(calib: Path) -> None:
+    model = _compiled("ort-cpu", calib)
+    dq = _node(model, "conv_c").inputs[2].producer()
+    dq.replace_input_with(1, _const(model, "bias_scale", dq.inputs[1].const_value.numpy() * 2))
+    assert _rules(model, "ort-cpu") == {"bias": [dq.name]}
+
+
+def test_rule_unsupported_op_on_integers(calib: Path, tmp_path: Path) -> None:
+    model = _compiled("ort-cpu", calib)
+    assert _node(model, "pool0").inputs[0].dtype == ir.DataType.UINT8  # ort-cpu runs MaxPool on uint8
+    target = _retarget(tmp_path, 'extends = "ort-cpu"\nname = "no-int-pool"\n[ops]\ninteger_passthrough = []\n')
+    # Flatten also runs on uint8 in ort-cpu's output.
+    assert _rules(model, target) == {"unsupported-op": ["pool0", "flatten"]}
+
+
+def test_rule_unsupported_op_without_float_fallback(calib: Path, tmp_path: Path) -> None:
+    model = _compiled("ort-cpu", calib)
+    target = _retarget(tmp_path, 'extends = "ort-cpu"\nname = "all-integer"\n[ops]\nfloat_fallback = false\n')
+    assert _rules(model, target) == {"unsupported-op": ["sigmoid"]}
+
+
+def test_rule_fusion(calib: Path) -> None:
+    model = _compiled("tensorrt", calib)
+    relu = _node(model, "relu0")
+    conv_out = relu.inputs[0]
+    scale = _const(model, "split_scale", np.array(0.05, np.float32))
+    zp = _const(model, "split_zp", np.array(0, np.int8))
+    q = ir.Node("", "QuantizeLinear", [conv_out, scale, zp], name="split_q")
+    dq = ir.Node("", "DequantizeLinear", [q.outputs[0], scale, zp], name="split_dq")
+    q.outputs[0].dtype = ir.DataType.INT8
+    model.graph.insert_before(relu, [q, dq])
+    relu.replace_input_with(0, dq.outputs[0])
+    assert _rules(model, "tensorrt") == {"fusion": ["relu0"]}
+
+
+def test_every_rule_has_a_test() -> None:
+    tested = {name.removeprefix("test_rule_").split("_")[0].replace("qdq", "qdq-pair").replace("shared", "shared-scale").replace("unsupported", "unsupported-op") for name in globals() if name.startswith("test_rule_")}
+    assert tested == set(RULES)
