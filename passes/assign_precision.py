@@ -157,11 +157,13 @@ class AssignPrecision(Pass):
         macs = None
         if budget.kind in ("bops", "latency"):
             macs = np.array([layer_macs(model, l.weight, l.node) for l in layers], dtype=np.float64)
-        cost = resource_matrix(budget.kind, ctx.target, bits, sizes, macs, activation_bits)
+        op_of = {n.name: n.op_type for n in model.graph}
+        op_types = [op_of.get(l.node, "") for l in layers]
+        cost = resource_matrix(budget.kind, ctx.target, bits, sizes, macs, activation_bits, op_types)
         full = int(np.argmax(bits))
         # The reference is the full-width model: every weight at full width, activations at the
         # activation dtype's width (W8A8 on ort-cpu), whatever activation-bits says.
-        full_width = float(resource_matrix(budget.kind, ctx.target, bits, sizes, macs)[:, full].sum())
+        full_width = float(resource_matrix(budget.kind, ctx.target, bits, sizes, macs, op_types=op_types)[:, full].sum())
         limit = budget.limit(full_width, sizes)
         unit = _UNITS[budget.kind]
         smallest = smallest_feasible(cost)

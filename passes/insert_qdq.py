@@ -34,7 +34,7 @@ from qcompiler.quant.observers import Observer
 from qcompiler.quant.uniform import affine_params, dequantize, quantize
 from qcompiler.registry import register_pass
 from qcompiler.cost_model import storage_dtype
-from qcompiler.sensitivity import WeightRange, quantize_weight, weight_qrange
+from qcompiler.sensitivity import WeightRange, block_axis, dequantize_weight, quantize_weight, weight_qrange
 from qcompiler.targets.spec import INTEGER_DTYPES, TargetSpec, TensorRule
 
 _NP_DTYPES = {"int4": np.int8, "uint4": np.uint8, "int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16, "int32": np.int32}
@@ -96,6 +96,8 @@ def _clip_bounds(node: ir.Node) -> tuple[float, float] | None:
 
 def plan_quantization(model: ir.Model, target: TargetSpec, observers: dict[str, Observer]) -> QuantPlan:
     """Decide which nodes run quantized and which tensors share scales (no rewriting)."""
+    if not target.activations.quantize:
+        return _plan_weight_only(model, target)
     plan = QuantPlan()
     ops = target.ops
     graph_outputs = {v.name for v in model.graph.outputs}
@@ -187,6 +189,23 @@ def plan_quantization(model: ir.Model, target: TargetSpec, observers: dict[str, 
     return plan
 
 
+def _plan_weight_only(model: ir.Model, target: TargetSpec) -> QuantPlan:
+    """Weight-only targets: every listed op with a float constant weight gets integer weights;
+    activations stay float, so nothing else is planned or reported."""
+    plan = QuantPlan()
+    for node in model.graph:
+        if node.op_type not in target.ops.quantized or node.domain not in ("", "ai.onnx"):
+            continue
+        roles = input_roles(node)
+        w = node.inputs[roles.weight] if roles.weight is not None and roles.weight < len(node.inputs) else None
+        if w is None or constant_array(w) is None or not is_float_tensor(w) or w.dtype != ir.DataType.FLOAT:
+            if roles.weight is not None:
+                plan.kept_float.append((node, "weight is not a float32 constant"))
+            continue
+        plan.quantized_nodes.append(node)
+    return plan
+
+
 def _keep_input_quantizers(plan: QuantPlan, compute_ops: tuple[str, ...]) -> None:
     """Keep only the quantizers a quantized op reads (through passthrough ops): backends such as
     TensorRT place Q/DQ on the inputs of the layers they run in integer, and a quantizer on an
@@ -243,10 +262,15 @@ class InsertQDQ(Pass):
             ctx.note(self.name, f"model upgraded from opset {old} to {target.min_opset}")
         # A pass before this one may have created untyped values; float data is found by type.
         annotate_types(model)
-        analysis = ctx.facts.get(CALIBRATION_FACT, CalibrationRanges())
-        observers = ctx.analyses.get(analysis, model, ctx)
+        weight_only = not target.activations.quantize
+        observers = {}
+        if not weight_only:
+            analysis = ctx.facts.get(CALIBRATION_FACT, CalibrationRanges())
+            observers = ctx.analyses.get(analysis, model, ctx)
         input_means = {}
-        if self.options.bias_correction:
+        # Bias correction measures layer inputs on the calibration data; weight-only targets
+        # compile without data, and correct only when some is given.
+        if self.options.bias_correction and (ctx.data is not None or not weight_only):
             # Means of the float model's layer inputs, keyed by node before the rewrite renames them.
             means = ctx.analyses.get(LayerInputMeans(), model, ctx)
             input_means = {node: means[x.name] for node, x in correctable_inputs(model).items() if x.name in means}
@@ -403,7 +427,7 @@ class _Rewriter:
             if node.name in self.input_means:
                 self._correct_bias(node, w, deq)
                 roles = input_roles(node)  # the node may have gained a bias input
-        for i in roles.activations:
+        for i in roles.activations if self.target.activations.quantize else ():
             if i < len(node.inputs) and node.inputs[i] is not None and is_float_tensor(node.inputs[i]) and node.inputs[i].const_value is not None:
                 self._quantize_constant_operand(node, i)
         if roles.bias is not None and self.target.bias.quantize and weight_scale is not None:
@@ -413,12 +437,14 @@ class _Rewriter:
                 x_scale = constant_array(x.producer().inputs[1])
                 self._quantize_bias(node, roles.bias, float(x_scale) * weight_scale)
 
-    def _dequantized_constant(self, source: ir.Value, q: np.ndarray, scale: np.ndarray, zp: np.ndarray, dtype: str, axis: int | None) -> ir.Value:
+    def _dequantized_constant(self, source: ir.Value, q: np.ndarray, scale: np.ndarray, zp: np.ndarray, dtype: str, axis: int | None, block_size: int = 0) -> ir.Value:
         """Store ``q`` as a ``dtype`` initializer behind a DequantizeLinear; return the DQ output."""
         q_value = self._initializer(f"{source.name}_quantized", self._as_qtype(q, dtype))
         s_value = self._initializer(f"{source.name}_scale", np.asarray(scale, np.float32))
         z_value = self._initializer(f"{source.name}_zero_point", self._as_qtype(np.asarray(zp), dtype))
         attrs = {"axis": ir.Attr("axis", ir.AttributeType.INT, axis)} if axis is not None else {}
+        if block_size:
+            attrs["block_size"] = ir.Attr("block_size", ir.AttributeType.INT, block_size)
         dq = ir.Node("", "DequantizeLinear", [q_value, s_value, z_value], attributes=attrs, name=self.names.fresh(f"{source.name}_DequantizeLinear"))
         out = dq.outputs[0]
         out.name = self.names.fresh(f"{source.name}_dequantized")
@@ -441,17 +467,21 @@ class _Rewriter:
         if node.op_type == "ConvTranspose" and "group" in node.attributes and node.attributes["group"].as_int() != 1:
             per_channel = False  # output channels are split across groups: no single axis holds them
         ax = axis if per_channel else None
+        block = 0
+        if rule.granularity == "per-block" and axis is not None and w.ndim > 1:
+            ax, block = block_axis(node, axis, w.ndim), rule.block_size
         # A width chosen by assign-precision, stored in the weight dtype with its values limited
         # to the narrower range: the integer kernels then compute exactly the b-bit quantizer.
-        bits = self.weight_bits.get(w_value.name, rule.bits)
+        bits = self.weight_bits.get(w_value.name, self.target.bits.default or rule.bits)
         q, scale, zp = quantize_weight(w, rule, bits, ax, self.weight_range)
-        dq_out = self._dequantized_constant(w_value, q, scale, zp, self._weight_dtype(bits), ax)
+        dq_out = self._dequantized_constant(w_value, q, scale, zp, self._weight_dtype(bits), ax, block)
         for use in list(w_value.uses()):
             if use.node in self.plan.quantized_nodes and input_roles(use.node).weight == use.idx:
                 use.node.replace_input_with(use.idx, dq_out)
-        self.weight_cache[id(w_value)] = (dq_out, scale, w, dequantize(q, scale, zp, axis=ax))
+        # A per-block scale is not one per output channel: no int32 bias can be derived from it.
+        self.weight_cache[id(w_value)] = (dq_out, None if block else scale, w, dequantize_weight(q, scale, zp, rule, ax if block else None) if block else dequantize(q, scale, zp, axis=ax))
         self._drop_if_unused(w_value)
-        return scale, w, self.weight_cache[id(w_value)][3]
+        return self.weight_cache[id(w_value)][1:]
 
     def _weight_dtype(self, bits: int) -> str:
         """The ONNX integer type a ``bits``-wide weight is stored in: the smallest native width that

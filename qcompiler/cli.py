@@ -22,6 +22,8 @@ from qcompiler.errors import QCError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="qcompiler: quantize ONNX models for a target backend and verify them with onnxruntime.")
 targets_app = typer.Typer(help="List the built-in targets, or show one.", invoke_without_command=True)
 app.add_typer(targets_app, name="targets")
+# `qc target measure ...` reads naturally too; one group, two names.
+app.add_typer(targets_app, name="target", hidden=True)
 
 out = Console()
 err = Console(stderr=True)
@@ -75,8 +77,14 @@ def compile_cmd(
     _load_plugins(plugin)
     if plot:
         _check_plot(pipeline)
-    if calib is None and (pipeline is None or "calibrate" in pipeline or "insert-qdq" in pipeline):
-        raise QCError("calibration data is required: pass --calib FILE.npz", option="--calib")
+    if calib is None:
+        from qcompiler.targets.spec import load_target
+
+        spec = load_target(target)
+        steps = pipeline if pipeline is not None else spec.pipeline
+        # Weight-only targets quantize without data; anything that calibrates needs it.
+        if "calibrate" in steps or ("insert-qdq" in steps and spec.activations.quantize):
+            raise QCError("calibration data is required: pass --calib FILE.npz", option="--calib")
     instruments = []
     if print_after:
         from qcompiler.registry import all_passes
@@ -282,6 +290,34 @@ def targets_show(target: Annotated[str, typer.Argument(help="Built-in target nam
     spec = load_target(target)
     out.print(f"# {spec.path}", markup=False, highlight=False)
     out.print(target_to_toml(spec), markup=False, highlight=False)
+
+
+@targets_app.command("measure")
+def targets_measure(
+    target: Annotated[str, typer.Argument(help="Built-in target name or a .toml file.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Target file to write: extends TARGET, with the measured [cost].")],
+    model: Annotated[Optional[Path], typer.Option("--model", help="Measure this model's own Conv/Gemm/MatMul layers instead of representative ones.")] = None,
+    runs: Annotated[int, typer.Option("--runs", min=10, help="Timed runs per layer and dtype.")] = 60,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+) -> None:
+    """Measure per-op latency by weight dtype in onnxruntime on this machine; write a target file with it."""
+    from qcompiler.ir import load_model, write_file_atomically
+    from qcompiler.latency_table import iter_rows, measure, model_layers
+    from qcompiler.targets.spec import load_target
+
+    spec = load_target(target)
+    _writable_file(output, force, "--output")
+    layers = model_layers(load_model(model)) if model is not None else None
+    table = measure(spec, layers, runs=runs, progress=_progress)
+    rows = Table(title=f"Latency by weight dtype, target '{spec.name}' ({table.source})")
+    for col in ("op", "dtype", "float ms", "dtype ms", "cost per MAC (float32 = 1)"):
+        rows.add_column(col, justify="right" if col != "op" else "left")
+    for op_type, dtype, f_ms, q_ms, cost in iter_rows(table):
+        rows.add_row(op_type, dtype, f"{f_ms:.3f}", f"{q_ms:.3f}", f"{cost:.3f}")
+    out.print(rows)
+    extends = target if not Path(target).exists() else str(Path(target).resolve())
+    write_file_atomically(output, table.to_toml(extends).encode())
+    out.print(f"wrote {output}: pass it back with --target {output}")
 
 
 try:  # typer >= 0.20 vendors click; older releases depend on it

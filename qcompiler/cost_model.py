@@ -5,9 +5,10 @@ per-layer choice, so the ILP stays exact:
 
 - ``size``: parameters x bits (the logical weight bits);
 - ``bops``: MACs x weight bits x activation bits (the bit-operation count of the HAWQ papers);
-- ``latency``: MACs x the target's ``[cost.mac]`` figure for the dtype that width is stored and
-  executed in (the smallest native width that holds it), so a width with no faster kernel than
-  the next native one costs the same as that one.
+- ``latency``: MACs x the target's cost per MAC for the layer's op type and the dtype that width
+  is stored and executed in (the smallest native width that holds it; ``[cost.op]`` before
+  ``[cost.mac]``), so a width with no faster kernel than the next native one costs the same as
+  that one, and a width that is slow for one op (onnxruntime's int4 Conv) is charged as slow.
 
 MACs are per sample, from the static shapes `infer-shapes` leaves on the graph.
 """
@@ -61,8 +62,12 @@ def layer_macs(model: ir.Model, weight: str, node_name: str) -> int:
     return _per_sample_elements(node.outputs[0], node) * size // out_channels
 
 
-def resource_matrix(kind: str, target: TargetSpec, bits: tuple[int, ...], parameters: np.ndarray, macs: np.ndarray | None, activation_bits: int | None = None) -> np.ndarray:
-    """[layers, widths] resource of each choice, in the unit of ``kind`` (bits, bit-ops, cost units)."""
+def resource_matrix(kind: str, target: TargetSpec, bits: tuple[int, ...], parameters: np.ndarray, macs: np.ndarray | None, activation_bits: int | None = None, op_types: list[str] | None = None) -> np.ndarray:
+    """[layers, widths] resource of each choice, in the unit of ``kind`` (bits, bit-ops, cost units).
+
+    Latency reads each layer's op type (``op_types``) in the target's ``[cost.op]`` before its
+    ``[cost.mac]``: a width can be fast for one op and slow for another.
+    """
     widths = np.asarray(bits, dtype=np.float64)
     if kind in ("size", "bits"):
         return parameters[:, None] * widths[None, :]
@@ -70,11 +75,14 @@ def resource_matrix(kind: str, target: TargetSpec, bits: tuple[int, ...], parame
     if kind == "bops":
         return macs[:, None] * widths[None, :] * float(activation_bits or target.activations.bits)
     if kind == "latency":
-        per_mac = []
-        for b in bits:
+        ops = op_types if op_types is not None else [""] * len(macs)
+        per_mac = np.empty((len(macs), len(bits)))
+        for j, b in enumerate(bits):
             dtype = storage_dtype(target, b)
-            if dtype not in target.cost.mac:
-                raise QCError(f"no latency figure for {dtype} (a {b}-bit weight runs as {dtype}); the target's [cost.mac] lists {sorted(target.cost.mac)}", option="budget")
-            per_mac.append(target.cost.mac[dtype])
-        return macs[:, None] * np.asarray(per_mac)[None, :]
+            for i, op in enumerate(ops):
+                cost = target.cost.per_mac(op, dtype)
+                if cost is None:
+                    raise QCError(f"no latency figure for {dtype} (a {b}-bit weight runs as {dtype}); the target's [cost.mac] lists {sorted(target.cost.mac)}", option="budget")
+                per_mac[i, j] = cost
+        return macs[:, None] * per_mac
     raise ValueError(kind)

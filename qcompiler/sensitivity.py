@@ -7,6 +7,7 @@ quantizing that layer alone to b bits, which is what precision assignment trades
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -55,6 +56,11 @@ def quantize_weight(w: np.ndarray, rule: TensorRule, bits: int, axis: int | None
     empirical check measure its error, so the estimates describe the model that ships.
     """
     qmin, qmax = weight_qrange(rule, bits)
+    if rule.granularity == "per-block" and axis is not None:
+        # Each block is a row of a [blocks, block_size] matrix: per-row ranges are per-block ones.
+        rows, restore = _blocks(w, axis, rule.block_size)
+        q, scale, zp = quantize_weight(rows, dataclasses.replace(rule, granularity="per-channel"), bits, 0, weight_range)
+        return restore(q), *(restore(p, blocked=True) for p in (scale, zp))
     if resolve_weight_range(weight_range, bits) == "mse":
         lo, hi = mse_channel_ranges(w, axis, qmin, qmax, rule.symmetric)
     else:
@@ -63,13 +69,56 @@ def quantize_weight(w: np.ndarray, rule: TensorRule, bits: int, axis: int | None
     return quantize(w, scale, zp, qmin, qmax, axis=axis), scale, zp
 
 
+def _blocks(w: np.ndarray, axis: int, block: int):
+    """``w`` as [blocks, block] rows along ``axis`` (zero-padded to whole blocks), and the inverse:
+    restore(values) for [blocks, block] values, restore(params, blocked=True) for one per row,
+    giving ``w``'s shape with ``axis`` counted in blocks (DequantizeLinear's blocked scale shape)."""
+    moved = np.moveaxis(w, axis, -1)
+    length = moved.shape[-1]
+    count = -(-length // block)
+    padded = np.zeros((*moved.shape[:-1], count * block), dtype=w.dtype)
+    padded[..., :length] = moved
+
+    def restore(values: np.ndarray, blocked: bool = False) -> np.ndarray:
+        if blocked:
+            return np.moveaxis(np.asarray(values).reshape(*moved.shape[:-1], count), -1, axis)
+        return np.moveaxis(values.reshape(*moved.shape[:-1], count * block)[..., :length], -1, axis)
+
+    return padded.reshape(-1, block), restore
+
+
+def dequantize_weight(q: np.ndarray, scale: np.ndarray, zp: np.ndarray, rule: TensorRule, axis: int | None) -> np.ndarray:
+    """The float weight `quantize_weight`'s integers stand for (DequantizeLinear, blocks included)."""
+    if rule.granularity == "per-block" and axis is not None:
+        length = q.shape[axis]
+        scale, zp = (np.take(np.repeat(p, rule.block_size, axis=axis), np.arange(length), axis=axis) for p in (scale, zp))
+        return ((q - zp).astype(np.float32) * scale.astype(np.float32)).astype(np.float32)
+    return dequantize(q, scale, zp, axis=axis)
+
+
+def block_axis(node: ir.Node, weight_axis: int, rank: int) -> int:
+    """The reduction axis of a weight, along which blocks of it share a scale: a Conv kernel's
+    input channels, a MatMul's rows, the Gemm axis that is not the output channels."""
+    if node.op_type == "Conv":
+        return 1
+    if node.op_type == "ConvTranspose":
+        return 0
+    if rank == 2:
+        return 1 - weight_axis
+    return rank - 2
+
+
 def weight_axis(model: ir.Model, weight: str, rule: TensorRule) -> int | None:
-    """The per-channel axis of ``weight`` (None for per-tensor targets or unknown use)."""
-    if rule.granularity != "per-channel":
+    """The per-channel axis of ``weight``, or for per-block targets its block axis (None for
+    per-tensor targets or unknown use)."""
+    if rule.granularity == "per-tensor":
         return None
     for node in model.graph:
         roles = input_roles(node)
         if roles.weight is not None and roles.weight < len(node.inputs) and node.inputs[roles.weight] is not None and node.inputs[roles.weight].name == weight:
+            if rule.granularity == "per-block":
+                shape = node.inputs[roles.weight].const_value.shape if node.inputs[roles.weight].const_value is not None else None
+                return block_axis(node, roles.weight_axis, len(shape)) if shape is not None and roles.weight_axis is not None else None
             return roles.weight_axis
     return None
 
@@ -87,7 +136,7 @@ class LayerSensitivity:
 def _omega(trace: float, w: np.ndarray, rule: TensorRule, bits: int, axis: int | None, weight_range: str) -> float:
     """Tr(H) / n x ||Q_b(W) - W||^2 for one weight at one width."""
     q, scale, zp = quantize_weight(w, rule, bits, axis, weight_range)
-    err = float(np.sum((dequantize(q, scale, zp, axis=axis) - w).astype(np.float64) ** 2))
+    err = float(np.sum((dequantize_weight(q, scale, zp, rule, axis) - w).astype(np.float64) ** 2))
     # A negative trace estimate (noise around a flat direction) means no measurable curvature.
     return max(trace, 0.0) / w.size * err
 
@@ -178,7 +227,7 @@ class LossProbe:
 def _quantized(model: ir.Model, w: np.ndarray, name: str, rule: TensorRule, bits: int, weight_range: str) -> np.ndarray:
     axis = weight_axis(model, name, rule)
     q, scale, zp = quantize_weight(w, rule, bits, axis, weight_range)
-    return dequantize(q, scale, zp, axis=axis)
+    return dequantize_weight(q, scale, zp, rule, axis)
 
 
 def measured_loss_increases(model: ir.Model, data, rule: TensorRule, widths: Sequence[int], weights: list[str], *, loss: str = "auto", samples: int = 5000, batch_size: int = 250, weight_range: str = "auto") -> dict[int, dict[str, float]]:

@@ -559,6 +559,13 @@ def _dequantize(node: ir.Node, x: list[Any]) -> list[Tensor]:
     zp = x[2] if len(x) > 2 and x[2] is not None else torch.zeros((), dtype=scale.dtype)
     axis = _attr(node, "axis", 1)
     q = data.to(scale.dtype)
+    block = _attr(node, "block_size", 0)
+    if block:
+        # Blocked (opset 21): scale and zero point hold one entry per block along ``axis``.
+        axis %= q.dim()
+        length = q.shape[axis]
+        scale, zp = (torch.repeat_interleave(p, block, dim=axis).narrow(axis, 0, length) if p.dim() else p for p in (scale, zp.to(scale.dtype)))
+        return [(q - zp) * scale]
     return [(q - _broadcast_param(zp.to(scale.dtype), q, axis)) * _broadcast_param(scale, q, axis)]
 
 
@@ -591,6 +598,9 @@ class TorchGraph(torch.nn.Module):
         self._param_key: dict[str, str] = {}
         for name, value in model.graph.initializers.items():
             array = value.const_value.numpy()
+            if value.const_value.dtype in (ir.DataType.INT4, ir.DataType.UINT4):
+                # ml_dtypes' int4/uint4 (one value per byte): torch has no such type; widen to int8/uint8.
+                array = array.astype(np.uint8 if value.const_value.dtype == ir.DataType.UINT4 else np.int8)
             tensor = torch.from_numpy(np.array(array, copy=True))
             if tensor.is_floating_point() and tensor.dtype != dtype:
                 tensor = tensor.to(dtype)

@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from qcompiler.ir import constant_array, opset_version
 from qcompiler.op_roles import InputRoles, input_roles
+from qcompiler.sensitivity import block_axis
 from qcompiler.targets.spec import INTEGER_DTYPES, TargetSpec, TensorRule
 
 #: Every rule `validate` checks, with what it means (printed by ``qc validate --rules``).
@@ -229,7 +230,9 @@ class _Checker:
 
     def _check_activation_params(self, node: ir.Node, p: _QParams) -> None:
         rule = self.target.activations
-        if p.dtype not in rule.accepted:
+        if not rule.quantize:
+            self.add("dtype", node, f"activation quantized to {p.dtype}; target '{self.target.name}' keeps activations float (weight-only)")
+        elif p.dtype not in rule.accepted:
             self.add("dtype", node, f"activation type {p.dtype}; target '{self.target.name}' accepts {', '.join(rule.accepted)}")
         elif rule.symmetric and p.zero_point is not None and p.dtype in INTEGER_DTYPES and np.any(p.zero_point != _symmetric_zero_point(p.dtype)):
             self.add("symmetric", node, f"activation zero point {_fmt(p.zero_point)}; the target's activations are symmetric (zero point {_symmetric_zero_point(p.dtype)})")
@@ -342,6 +345,12 @@ class _Checker:
             dq_axis = p.axis % rank
             if dq_axis != axis:
                 self.add("axis", w_dq, f"per-channel scales on axis {dq_axis}; the output channels of {node.op_type} '{node.name}' lie on axis {axis}")
+        if kind == "per-block" and axis is not None and rank:
+            wanted_axis = block_axis(node, axis, rank)
+            if p.axis % rank != wanted_axis:
+                self.add("axis", w_dq, f"blocks along axis {p.axis % rank}; the reduction axis of {node.op_type} '{node.name}' is {wanted_axis}")
+            elif p.block_size != rule.block_size:
+                self.add("granularity", w_dq, f"blocks of {p.block_size}; target '{self.target.name}' wants blocks of {rule.block_size}")
 
     def _check_bias_scale(self, node: ir.Node, b_dq: ir.Node, x_dq: ir.Node, w_dq: ir.Node) -> None:
         b, x, w = _qparams(b_dq), _qparams(x_dq), _qparams(w_dq)

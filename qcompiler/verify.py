@@ -112,7 +112,7 @@ BLOCK_WARMUP = 2
 LAYER_BATCH = 8  # untimed runs at the start of each block: the first run after a switch is cold
 
 
-def interleaved_latency(sessions: list[ort.InferenceSession], feed: dict[str, np.ndarray], *, cycles: int, block: int) -> tuple[list[float], list[float]]:
+def interleaved_latency(sessions: list[ort.InferenceSession], feed: dict[str, np.ndarray], *, cycles: int, block: int, feeds: list[dict[str, np.ndarray]] | None = None) -> tuple[list[float], list[float]]:
     """Block-interleaved timing: (median ms per session, speedup of each over ``sessions[0]``).
 
     Every cycle runs each session for BLOCK_WARMUP untimed + ``block`` timed runs in turn, so a
@@ -120,19 +120,21 @@ def interleaved_latency(sessions: list[ort.InferenceSession], feed: dict[str, np
     with its weights in cache, as deployed (alternating single runs times cold-cache runs
     instead). The order rotates every cycle so no model always follows the same one. The speedup
     is the median over cycles of the first session's block median divided by the model's block
-    median: each ratio pairs runs seconds apart, so drift cancels.
+    median: each ratio pairs runs seconds apart, so drift cancels. ``feeds`` gives each session
+    its own input where their inputs differ (a layer timed with integer input).
     """
-    for s in sessions:  # first runs allocate buffers and pick kernels
+    feeds = feeds or [feed] * len(sessions)
+    for s, f in zip(sessions, feeds):  # first runs allocate buffers and pick kernels
         for _ in range(3):
-            s.run(None, feed)
+            s.run(None, f)
     times: list[list[list[float]]] = [[[] for _ in range(cycles)] for _ in sessions]
     n = len(sessions)
     for cycle in range(cycles):
         for i in [(cycle + j) % n for j in range(n)]:
-            s = sessions[i]
+            s, f = sessions[i], feeds[i]
             for k in range(BLOCK_WARMUP + block):
                 start = time.perf_counter()
-                s.run(None, feed)
+                s.run(None, f)
                 if k >= BLOCK_WARMUP:
                     times[i][cycle].append(time.perf_counter() - start)
     ms = [float(np.median(np.concatenate(t))) * 1e3 for t in times]

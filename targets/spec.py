@@ -33,7 +33,7 @@ INTEGER_DTYPES = {
     "uint16": (0, 65535, 16, False),
     "int32": (-(2**31), 2**31 - 1, 32, True),
 }
-GRANULARITIES = ("per-tensor", "per-channel")
+GRANULARITIES = ("per-tensor", "per-channel", "per-block")
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,11 @@ class TensorRule:
     #: Other integer types the backend also runs for these tensors (``qc validate`` accepts them;
     #: compiling emits ``dtype``).
     also_accepted: tuple[str, ...] = ()
+    #: Weights, ``per-block``: consecutive weights along the reduction axis (a Conv's input
+    #: channels, a MatMul's rows) that share one scale (DequantizeLinear's ``block_size``).
+    block_size: int = 0
+    #: Activations: false keeps them float (weight-only quantization).
+    quantize: bool = True
 
     @property
     def accepted(self) -> tuple[str, ...]:
@@ -113,6 +118,8 @@ class BitRules:
     native: tuple[int, ...] = (8,)
     #: Activation widths a pipeline may ask for (assign-precision{activation-bits=N}).
     activations: tuple[int, ...] = (8,)
+    #: The width a weight gets when no pass chose one (assign-precision); the weight dtype's if unset.
+    default: int | None = None
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,13 @@ class CostModel:
 
     source: str
     mac: dict[str, float] = field(default_factory=dict)
+    #: op type -> dtype -> cost per MAC, where an op's kernels differ from the ``mac`` figure
+    #: (onnxruntime's CPU int4 Conv runs slower than its float Conv; its int4 MatMul faster).
+    op: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def per_mac(self, op_type: str, dtype: str) -> float | None:
+        """Cost per multiply-accumulate of ``op_type`` computing with ``dtype`` weights."""
+        return self.op.get(op_type, {}).get(dtype, self.mac.get(dtype))
 
 
 @dataclass(frozen=True)
@@ -148,8 +162,8 @@ class TargetSpec:
 # The schema: section -> key -> (type, required). Top-level keys live under "".
 _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "": {"name": (str, True), "description": (str, False), "extends": (str, False), "min_opset": (int, True), "pipeline": (str, True), "emit": (list, False)},
-    "activations": {"dtype": (str, True), "symmetric": (bool, True), "granularity": (str, True), "narrow_range": (bool, False), "also_accepted": (list, False)},
-    "weights": {"dtype": (str, True), "symmetric": (bool, True), "granularity": (str, True), "narrow_range": (bool, False), "also_accepted": (list, False)},
+    "activations": {"quantize": (bool, False), "dtype": (str, True), "symmetric": (bool, True), "granularity": (str, True), "narrow_range": (bool, False), "also_accepted": (list, False)},
+    "weights": {"dtype": (str, True), "symmetric": (bool, True), "granularity": (str, True), "narrow_range": (bool, False), "also_accepted": (list, False), "block_size": (int, False)},
     "bias": {"quantize": (bool, False), "dtype": (str, False)},
     "ops": {
         "quantized": (list, True),
@@ -162,8 +176,8 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
         "activation_fusion": (str, False),
         "float_fallback": (bool, False),
     },
-    "cost": {"source": (str, True), "mac": (dict, False)},
-    "bits": {"allowed": (list, False), "native": (list, False), "activations": (list, False)},
+    "cost": {"source": (str, True), "mac": (dict, False), "op": (dict, False)},
+    "bits": {"allowed": (list, False), "native": (list, False), "activations": (list, False), "default": (int, False)},
 }
 
 
@@ -246,6 +260,9 @@ def _require(data: dict[str, Any], section: str, key: str, path: Path) -> Any:
 
 
 def _tensor_rule(data: dict[str, Any], section: str, path: Path) -> TensorRule:
+    if section == "activations" and data.get(section, {}).get("quantize", True) is False:
+        # Weight-only: the activation keys do not apply and need not be written.
+        return TensorRule(dtype="uint8", symmetric=False, granularity="per-tensor", quantize=False)
     dtype = _require(data, section, "dtype", path)
     if dtype not in INTEGER_DTYPES or dtype == "int32":
         raise QCError(f"'{dtype}' is not a supported dtype (accepted: {', '.join(d for d in INTEGER_DTYPES if d != 'int32')})", file=f"{path}:{section}.dtype")
@@ -255,12 +272,19 @@ def _tensor_rule(data: dict[str, Any], section: str, path: Path) -> TensorRule:
     also = data[section].get("also_accepted", [])
     if stray := [d for d in also if d not in INTEGER_DTYPES or d == "int32"]:
         raise QCError(f"'{stray[0]}' is not a supported dtype (accepted: {', '.join(d for d in INTEGER_DTYPES if d != 'int32')})", file=f"{path}:{section}.also_accepted")
+    block = data[section].get("block_size", 0)
+    if granularity == "per-block" and (section != "weights" or block < 2):
+        where = "granularity" if section != "weights" else "block_size"
+        raise QCError("per-block quantization needs weights with block_size >= 2" if section == "weights" else "only weights can be quantized per-block", file=f"{path}:{section}.{where}")
+    if block and granularity != "per-block":
+        raise QCError(f"block_size applies to granularity = \"per-block\" (this section is {granularity})", file=f"{path}:{section}.block_size")
     return TensorRule(
         dtype=dtype,
         symmetric=_require(data, section, "symmetric", path),
         granularity=granularity,
         narrow_range=data[section].get("narrow_range", False),
         also_accepted=tuple(also),
+        block_size=block,
     )
 
 
@@ -286,9 +310,10 @@ def load_target(name_or_path: str) -> TargetSpec:
     """Load a built-in target by name (``ort-cpu``) or a user's target file by path."""
     path = _resolve(name_or_path)
     data = _raw(path)
+    weight_only = data.get("activations", {}).get("quantize", True) is False
     for section, keys in _SCHEMA.items():
         for key, (_, required) in keys.items():
-            if required and key != "extends":
+            if required and key != "extends" and not (section == "activations" and weight_only):
                 _require(data, section, key, path)
     min_opset = data["min_opset"]
     if not 7 <= min_opset <= 30:
@@ -318,6 +343,15 @@ def load_target(name_or_path: str) -> TargetSpec:
     for dtype, value in mac.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
             raise QCError(f"expected a positive number, got {value!r}", file=f"{path}:cost.mac.{dtype}")
+    op_costs = data.get("cost", {}).get("op", {})
+    for op_type, table in op_costs.items():
+        if not isinstance(table, dict):
+            raise QCError(f"expected a table of dtype = cost per MAC, got {table!r}", file=f"{path}:cost.op.{op_type}")
+        for dtype, value in table.items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise QCError(f"expected a positive number, got {value!r}", file=f"{path}:cost.op.{op_type}.{dtype}")
+    if weights.granularity == "per-block" and min_opset < 21:
+        raise QCError("per-block weights need DequantizeLinear's block_size, opset 21: set min_opset = 21", file=f"{path}:min_opset")
     bits_data = data.get("bits", {})
     widths = {}
     for key, rule in (("allowed", weights), ("native", weights), ("activations", activations)):
@@ -328,6 +362,9 @@ def load_target(name_or_path: str) -> TargetSpec:
         # weights to int4): they do not apply, and the dtype's own width always does.
         widths[key] = tuple(sorted({b for b in values if b <= rule.bits} | {rule.bits}))
     allowed, native = widths["allowed"], widths["native"]
+    default = bits_data.get("default")
+    if default is not None and default not in allowed:
+        raise QCError(f"{default} is not one of the allowed widths {list(allowed)}", file=f"{path}:bits.default")
     if odd := [b for b in native if b not in (4, 8, 16)]:
         raise QCError(f"native widths must be ONNX integer types (4, 8, 16 bits), got {odd[0]}", file=f"{path}:bits.native")
     # The pipeline is parsed here so a bad default pipeline is reported against the target file.
@@ -351,8 +388,8 @@ def load_target(name_or_path: str) -> TargetSpec:
         weights=weights,
         bias=bias,
         ops=ops,
-        cost=CostModel(source=data["cost"]["source"], mac={k: float(v) for k, v in mac.items()}),
-        bits=BitRules(allowed=allowed, native=native, activations=widths["activations"]),
+        cost=CostModel(source=data["cost"]["source"], mac={k: float(v) for k, v in mac.items()}, op={o: {k: float(v) for k, v in t.items()} for o, t in op_costs.items()}),
+        bits=BitRules(allowed=allowed, native=native, activations=widths["activations"], default=default),
         emit=tuple(emit),
         path=str(path),
     )
@@ -387,9 +424,17 @@ def target_to_toml(spec: TargetSpec) -> str:
         "",
     ]
     for section, rule in (("activations", spec.activations), ("weights", spec.weights)):
-        lines += [f"[{section}]", f"dtype = {fmt(rule.dtype)}", f"symmetric = {fmt(rule.symmetric)}", f"granularity = {fmt(rule.granularity)}", f"narrow_range = {fmt(rule.narrow_range)}", f"also_accepted = {fmt(list(rule.also_accepted))}", ""]
+        if not rule.quantize:
+            lines += [f"[{section}]", "quantize = false", ""]
+            continue
+        lines += [f"[{section}]", f"dtype = {fmt(rule.dtype)}", f"symmetric = {fmt(rule.symmetric)}", f"granularity = {fmt(rule.granularity)}", f"narrow_range = {fmt(rule.narrow_range)}", f"also_accepted = {fmt(list(rule.also_accepted))}"]
+        lines += [f"block_size = {rule.block_size}"] if rule.block_size else []
+        lines += [""]
     lines += ["[bias]", f"quantize = {fmt(spec.bias.quantize)}", f"dtype = {fmt(spec.bias.dtype)}", ""]
     lines += ["[ops]"] + [f"{k} = {fmt(getattr(spec.ops, k))}" for k in ("quantized", "passthrough", "fused_activations", "shared_scale", "quantize_graph_outputs", "integer_passthrough", "placement", "activation_fusion", "float_fallback")] + [""]
-    lines += ["[bits]", f"allowed = {fmt(list(spec.bits.allowed))}", f"native = {fmt(list(spec.bits.native))}", f"activations = {fmt(list(spec.bits.activations))}", ""]
-    lines += ["[cost]", f"source = {fmt(spec.cost.source)}", "", "[cost.mac]"] + [f"{key(k)} = {v}" for k, v in spec.cost.mac.items()]
+    lines += ["[bits]", f"allowed = {fmt(list(spec.bits.allowed))}", f"native = {fmt(list(spec.bits.native))}", f"activations = {fmt(list(spec.bits.activations))}"]
+    lines += [f"default = {spec.bits.default}"] if spec.bits.default is not None else []
+    lines += ["", "[cost]", f"source = {fmt(spec.cost.source)}", "", "[cost.mac]"] + [f"{key(k)} = {v}" for k, v in spec.cost.mac.items()]
+    for op_type, table in spec.cost.op.items():
+        lines += ["", f"[cost.op.{key(op_type)}]"] + [f"{key(k)} = {v}" for k, v in table.items()]
     return "\n".join(lines) + "\n"

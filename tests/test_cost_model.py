@@ -93,3 +93,26 @@ def test_latency_budget_names_a_dtype_missing_from_the_cost_table(tmp_path: Path
     target.write_text('extends = "ort-cpu"\nname = "nocost"\n[bits]\nallowed = [4, 8]\nnative = [4, 8]\n')
     with pytest.raises(QCError, match="no latency figure for int4"):
         _compile("infer-shapes,hessian-trace{max-probes=8},assign-precision{budget=latency=0.7}", target=str(target))
+
+
+def test_latency_budget_reads_per_op_costs_and_keeps_slow_int4_convs_at_int8(tmp_path: Path) -> None:
+    """The int4 weight-only target's shape: int4 MatMul/Gemm kernels are fast, int4 Convs slower
+    than int8 ones. A latency budget must spend int4 on the Gemm, never on the Convs."""
+    target = tmp_path / "int4.toml"
+    target.write_text(
+        'extends = "ort-cpu-int4"\nname = "int4-costs"\n[cost.mac]\nfloat32 = 1.0\nint8 = 1.0\nint4 = 1.0\n'
+        "[cost.op.Conv]\nint8 = 1.2\nint4 = 1.6\n[cost.op.Gemm]\nint8 = 1.0\nint4 = 0.3\n"
+    )
+    result = _compile("infer-shapes,hessian-trace{max-probes=8},assign-precision{budget=latency=0.96,measure-below=0},insert-qdq", target=str(target))
+    stats = next(p for p in result.report.passes if p.name == "assign-precision").stats
+    bits = {l["node"]: l["bits"] for l in stats["layers"].values()}
+    assert bits == {"conv1": 8, "conv2": 8, "fc": 4}
+    macs = {"conv1": 8 * 16 * 27, "conv2": 8 * 16 * 36, "fc": 5 * 128}
+    assert stats["budget"]["used"] == pytest.approx(1.2 * (macs["conv1"] + macs["conv2"]) + 0.3 * macs["fc"])
+    assert stats["budget"]["full_width"] == pytest.approx(1.2 * (macs["conv1"] + macs["conv2"]) + 1.0 * macs["fc"])
+
+
+def test_cost_per_mac_prefers_the_op_table() -> None:
+    target = load_target("ort-cpu")
+    assert target.cost.per_mac("Conv", "int8") == target.cost.mac["int8"]
+    assert target.cost.per_mac("Conv", "int2") is None

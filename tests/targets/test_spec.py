@@ -478,3 +478,41 @@ def test_also_accepted_dtypes(tmp_path: Path) -> None:
     assert load_target(str(path)).activations.accepted == ("uint8", "uint16")
     bad = write(tmp_path / "b.toml", 'extends = "ort-cpu"\n[activations]\nalso_accepted = ["float7"]\n')
     assert_names(load_error(bad), bad, "activations.also_accepted")
+
+
+def test_ort_cpu_int4_is_weight_only_and_block_wise() -> None:
+    int4 = load_target("ort-cpu-int4")
+    assert not int4.activations.quantize
+    assert (int4.weights.granularity, int4.weights.block_size, int4.min_opset) == ("per-block", 32, 21)
+    assert int4.bits.default == 4 and 4 in int4.bits.native and 8 in int4.bits.allowed
+
+
+def test_weight_only_target_needs_no_activation_keys(tmp_path: Path) -> None:
+    text = target_to_toml(load_target("ort-cpu-int4"))
+    assert "[activations]\nquantize = false\n" in text
+    reloaded = load_target(str(write(tmp_path / "t.toml", text)))
+    assert without_path(reloaded) == without_path(load_target("ort-cpu-int4"))
+
+
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        ('[weights]\ngranularity = "per-block"\n', "weights.block_size"),  # no block size
+        ('min_opset = 21\n[weights]\ngranularity = "per-block"\nblock_size = 1\n', "weights.block_size"),
+        ('[weights]\nblock_size = 32\n', "weights.block_size"),  # block size without per-block
+        ('[weights]\ngranularity = "per-block"\nblock_size = 32\n', "min_opset"),  # opset 13 has no block_size
+        ('[bits]\ndefault = 7\n', "bits.default"),
+        ('[cost.op.Conv]\nint8 = 0\n', "cost.op.Conv.int8"),
+    ],
+)
+def test_block_default_and_op_cost_errors(tmp_path: Path, body: str, key: str) -> None:
+    path = write(tmp_path / "t.toml", 'extends = "ort-cpu"\n' + body)
+    assert_names(load_error(path), path, key)
+
+
+def test_op_costs_round_trip(tmp_path: Path) -> None:
+    path = write(tmp_path / "t.toml", 'extends = "ort-cpu"\n[cost.op.Conv]\nint8 = 0.5\n[cost.op.MatMul]\nint8 = 0.25\n')
+    spec = load_target(str(path))
+    assert spec.cost.per_mac("Conv", "int8") == 0.5 and spec.cost.per_mac("Gemm", "int8") == spec.cost.mac["int8"]
+    dumped = write(tmp_path / "d.toml", target_to_toml(spec))
+    assert load_target(str(dumped)).cost == spec.cost
