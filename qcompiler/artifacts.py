@@ -12,12 +12,14 @@ from pathlib import Path
 import onnx_ir as ir
 
 from qcompiler.qnn_encodings import write_qnn_encodings
+from qcompiler.qonnx_export import write_qonnx_model
 from qcompiler.targets.spec import TargetSpec
 
 Emitter = Callable[[ir.Model, TargetSpec, Path, Mapping[str, int]], Path]
 
 EMITTERS: dict[str, Emitter] = {
     "qnn-encodings": write_qnn_encodings,
+    "qonnx-model": write_qonnx_model,
 }
 
 
