@@ -12,6 +12,7 @@ import onnx_ir as ir
 
 from qcompiler.artifacts import emit_artifacts
 from qcompiler.calibration import CALIBRATION_FACT
+from qcompiler.cost_model import predicted_speedup
 from qcompiler.data import DataSource, InputSpec
 from qcompiler.errors import QCError
 from qcompiler.ir import SOURCE_KEY, annotate_types, atomic_output_dir, load_model, model_bytes_on_disk, save_model, to_proto
@@ -101,6 +102,8 @@ def compile(  # noqa: A001 - the verb users expect: qcompiler.compile(...)
                 report.diagnostics.append({"pass": None, "node": None, "level": "warning", "message": "verified on the calibration data: figures are optimistic; pass --data with held-out samples"})
             report.verification = verify_models(float_proto, model_path if model_path else quant_proto, check, progress=progress, latency_runs=latency_runs)
             report.verification.size.float_bytes = _float_size(model, float_proto)
+            if report.verification.latency is not None:
+                report.verification.latency.predicted_speedup = predicted_speedup(compiled, spec, ctx.facts.get(WEIGHT_BITS_FACT))
             _attach_layer_sqnr(report, compiled)
         if folder is not None:
             (folder / "report.json").write_text(report.to_json())

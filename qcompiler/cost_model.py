@@ -50,16 +50,54 @@ def _per_sample_elements(value: ir.Value, node: ir.Node) -> int:
 def layer_macs(model: ir.Model, weight: str, node_name: str) -> int:
     """Multiply-accumulates per sample of the node that uses ``weight``."""
     node = next(n for n in model.graph if n.name == node_name)
-    w = model.graph.initializers[weight].const_value
-    size = math.prod(w.shape)
+    return node_macs(node, tuple(model.graph.initializers[weight].const_value.shape))
+
+
+def node_macs(node: ir.Node, w_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates per sample of a Conv/ConvTranspose/Gemm/MatMul with weight shape ``w_shape``."""
+    size = math.prod(w_shape)
     if node.op_type == "ConvTranspose":
         # Each input element is multiplied by every weight of its input channel.
-        return _per_sample_elements(node.inputs[0], node) * size // w.shape[0]
-    if node.op_type == "Gemm" or (node.op_type == "MatMul" and len(w.shape) >= 2):
-        out_channels = w.shape[0] if node.op_type == "Gemm" and "transB" in node.attributes and node.attributes["transB"].as_int() else w.shape[-1]
+        return _per_sample_elements(node.inputs[0], node) * size // w_shape[0]
+    if node.op_type == "Gemm" or (node.op_type == "MatMul" and len(w_shape) >= 2):
+        out_channels = w_shape[0] if node.op_type == "Gemm" and "transB" in node.attributes and node.attributes["transB"].as_int() else w_shape[-1]
     else:  # Conv: weights [C_out, C_in / group, k...]
-        out_channels = w.shape[0]
+        out_channels = w_shape[0]
     return _per_sample_elements(node.outputs[0], node) * size // out_channels
+
+
+def predicted_speedup(model: ir.Model, target: TargetSpec, weight_bits: dict[str, int] | None = None) -> float | None:
+    """Float latency over compiled latency of ``model``'s weight layers, from the target's cost
+    table: each Conv/ConvTranspose/Gemm/MatMul costs MACs x its cost per MAC for the dtype its
+    weight runs in (float32 where the weight was left float). None where shapes or figures are
+    missing. Other ops (additions, pooling, requantization) are not modelled, so the figure
+    describes networks dominated by their weight layers."""
+    weight_bits = weight_bits or {}
+    default = target.bits.default or target.weights.bits
+    quantized = floating = 0.0
+    for node in model.graph:
+        if node.op_type not in ("Conv", "ConvTranspose", "Gemm", "MatMul") or len(node.inputs) < 2 or node.inputs[1] is None:
+            continue
+        w = node.inputs[1]
+        producer = w.producer()
+        if producer is not None and producer.op_type == "DequantizeLinear" and producer.inputs[0] is not None and producer.inputs[0].const_value is not None:
+            shape = tuple(producer.inputs[0].const_value.shape)
+            source = producer.metadata_props.get("qc.source", "")
+            dtype = storage_dtype(target, weight_bits.get(source, default))
+        elif w.const_value is not None:
+            shape, dtype = tuple(w.const_value.shape), "float32"
+        else:
+            continue
+        try:
+            macs = node_macs(node, shape)
+        except QCError:
+            return None
+        cost, base = target.cost.per_mac(node.op_type, dtype), target.cost.per_mac(node.op_type, "float32")
+        if cost is None or base is None:
+            return None
+        quantized += macs * cost
+        floating += macs * base
+    return floating / quantized if quantized > 0 else None
 
 
 def resource_matrix(kind: str, target: TargetSpec, bits: tuple[int, ...], parameters: np.ndarray, macs: np.ndarray | None, activation_bits: int | None = None, op_types: list[str] | None = None) -> np.ndarray:

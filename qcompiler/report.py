@@ -49,6 +49,8 @@ class LatencyMetrics:
     speedup: float
     runs: int
     batch: int
+    #: The speedup the target's cost table predicts for the weight layers (None without figures).
+    predicted_speedup: float | None = None
 
 
 @dataclass
@@ -168,7 +170,10 @@ def render_report(report: Report, console: Console) -> None:
         summary.add_row("weight bytes", _bytes(s.float_weight_bytes), _bytes(s.quantized_weight_bytes), _smaller(s.float_weight_bytes, s.quantized_weight_bytes))
         if v.latency is not None:
             lat = v.latency
-            summary.add_row(f"latency (median of {lat.runs}, batch {lat.batch})", f"{lat.float_ms:.3f} ms", f"{lat.quantized_ms:.3f} ms", f"{lat.speedup:.2f}x faster" if lat.speedup >= 1 else f"{1 / lat.speedup:.2f}x slower")
+            measured = f"{lat.speedup:.2f}x faster" if lat.speedup >= 1 else f"{1 / lat.speedup:.2f}x slower"
+            if lat.predicted_speedup is not None:
+                measured += f" (cost table: {lat.predicted_speedup:.2f}x)"
+            summary.add_row(f"latency (median of {lat.runs}, batch {lat.batch})", f"{lat.float_ms:.3f} ms", f"{lat.quantized_ms:.3f} ms", measured)
         console.print(summary)
         if v.layers:
             worst = sorted(v.layers, key=lambda l: l.sqnr_db)

@@ -116,3 +116,24 @@ def test_cost_per_mac_prefers_the_op_table() -> None:
     target = load_target("ort-cpu")
     assert target.cost.per_mac("Conv", "int8") == target.cost.mac["int8"]
     assert target.cost.per_mac("Conv", "int2") is None
+
+
+def test_predicted_speedup_from_the_cost_table(tmp_path: Path) -> None:
+    from qcompiler.cost_model import predicted_speedup
+
+    rng = np.random.default_rng(1)
+    data = DataSource({"x": rng.normal(0, 1, (16, 3, 8, 8)).astype(np.float32)}, rng.integers(0, 5, 16))
+    result = qcompiler.compile(_net(rng), target="ort-cpu", calibration=data, latency_runs=10)
+    # Every weight layer runs in int8: the prediction is 1 / int8's cost per MAC.
+    assert result.report.verification.latency.predicted_speedup == pytest.approx(1 / load_target("ort-cpu").cost.mac["int8"])
+    target = tmp_path / "costs.toml"
+    target.write_text('extends = "ort-cpu-int4"\nname = "c"\n[cost.mac]\nfloat32 = 1.0\nint8 = 1.0\nint4 = 1.0\n[cost.op.Conv]\nint4 = 2.0\n[cost.op.Gemm]\nint4 = 0.5\n')
+    compiled = qcompiler.compile(_net(rng), target=str(target), verify=False).model
+    annotate_types(compiled)
+    macs = {"conv1": 8 * 16 * 27, "conv2": 8 * 16 * 36, "fc": 5 * 128}
+    expected = sum(macs.values()) / (2.0 * (macs["conv1"] + macs["conv2"]) + 0.5 * macs["fc"])
+    assert predicted_speedup(compiled, load_target(str(target))) == pytest.approx(expected)
+    # Widths chosen per weight change the figure: the Gemm kept at int8 (its cost inherited from
+    # ort-cpu-int4's [cost.op.Gemm]).
+    gemm_int8 = load_target(str(target)).cost.per_mac("Gemm", "int8")
+    assert predicted_speedup(compiled, load_target(str(target)), {"w3": 8}) == pytest.approx(sum(macs.values()) / (2.0 * (macs["conv1"] + macs["conv2"]) + gemm_int8 * macs["fc"]))
