@@ -480,6 +480,8 @@ class _Rewriter:
                 use.node.replace_input_with(use.idx, dq_out)
         # A per-block scale is not one per output channel: no int32 bias can be derived from it.
         self.weight_cache[id(w_value)] = (dq_out, None if block else scale, w, dequantize_weight(q, scale, zp, rule, ax if block else None) if block else dequantize(q, scale, zp, axis=ax))
+        # The other quantized readers of a shared weight now read dq_out: found by it as well.
+        self.weight_cache[id(dq_out)] = self.weight_cache[id(w_value)]
         self._drop_if_unused(w_value)
         return self.weight_cache[id(w_value)][1:]
 

@@ -4,7 +4,10 @@ A target's ``[cost]`` table drives latency budgets (``assign-precision{budget=la
 figures depend on the machine and the runtime, so this measures them: for every op type the target
 quantizes (that has a weight), single-layer models run in onnxruntime in float and as the target
 compiles them at each native weight width, timed with the verifier's interleaved timing, same
-session options. The cost of a dtype is its latency over the float layer's. The layers are either
+session options. Each variant runs once and four times side by side on the same input; the
+difference is the layer's own time, free of what a session run costs besides its kernels. A QDQ
+layer reads and writes integers, as between quantized neighbours. The cost of a dtype is its time
+over the float layer's. The layers are either
 representative shapes (a 3x3 Conv, a transformer-sized MatMul and Gemm) or, with ``model``, the
 weight layers of a real model, each cut out with its own shapes, so the table describes that model.
 
@@ -37,17 +40,25 @@ from qcompiler.targets.spec import TargetSpec
 from qcompiler.verify import interleaved_latency
 
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
+#: Side-by-side copies of a layer in its second timed model (see `measure`).
+COPIES = 4
 
 
 @dataclass
 class Layer:
-    """One single-op model to time: the op, its input shape (batch 1) and its float weight."""
+    """One weight layer to time: its op, shapes (batch 1), float weight and attributes."""
 
     op_type: str
     name: str
-    model: ir.Model
     input_shape: tuple[int, ...]
+    output_shape: tuple[int, ...]
+    weight: np.ndarray
+    attrs: dict
     macs: int
+
+    def model(self, copies: int = 1) -> ir.Model:
+        """A model running the layer ``copies`` times side by side on one input."""
+        return _single_op(self.op_type, self.name or self.op_type, self.input_shape, self.weight, self.attrs, self.output_shape, copies)
 
 
 @dataclass
@@ -84,14 +95,13 @@ class CostTable:
         return "\n".join(lines) + "\n"
 
 
-def _single_op(op_type: str, name: str, x_shape: tuple[int, ...], w: np.ndarray, attrs: dict, y_shape: tuple[int, ...]) -> ir.Model:
-    node = helper.make_node(op_type, ["x", "w"], ["y"], name=name, **attrs)
+def _single_op(op_type: str, name: str, x_shape: tuple[int, ...], w: np.ndarray, attrs: dict, y_shape: tuple[int, ...], copies: int = 1) -> ir.Model:
+    nodes = [helper.make_node(op_type, ["x", "w"], [f"y{i}"], name=f"{name}_{i}", **attrs) for i in range(copies)]
     # The first axis is symbolic so calibration may use any number of samples; the feed that is
     # timed has the layer's own shape.
     x_dims, y_dims = ["N", *x_shape[1:]], ["N", *y_shape[1:]]
-    graph = helper.make_graph(
-        [node], name, [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_dims)], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, y_dims)], initializer=[numpy_helper.from_array(w, "w")]
-    )
+    outputs = [helper.make_tensor_value_info(f"y{i}", onnx.TensorProto.FLOAT, y_dims) for i in range(copies)]
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, x_dims)], outputs, initializer=[numpy_helper.from_array(w, "w")])
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     proto.ir_version = 8
     model = ir.serde.deserialize_model(proto)
@@ -102,13 +112,13 @@ def _single_op(op_type: str, name: str, x_shape: tuple[int, ...], w: np.ndarray,
 def representative_layers(rng: np.random.Generator | None = None) -> list[Layer]:
     """A 3x3 Conv of a small CNN's middle stage and a transformer block's MatMul and Gemm."""
     rng = rng or np.random.default_rng(0)
-    layers = []
-    w = rng.normal(0, 0.05, (64, 64, 3, 3)).astype(np.float32)
-    layers.append(Layer("Conv", "conv3x3", _single_op("Conv", "conv3x3", (1, 64, 32, 32), w, {"pads": [1, 1, 1, 1]}, (1, 64, 32, 32)), (1, 64, 32, 32), 64 * 32 * 32 * 64 * 9))
-    w = rng.normal(0, 0.05, (768, 768)).astype(np.float32)
-    layers.append(Layer("MatMul", "matmul768", _single_op("MatMul", "matmul768", (1, 128, 768), w, {}, (1, 128, 768)), (1, 128, 768), 128 * 768 * 768))
-    layers.append(Layer("Gemm", "gemm768", _single_op("Gemm", "gemm768", (128, 768), w, {"transB": 1}, (128, 768)), (128, 768), 128 * 768 * 768))
-    return layers
+    conv = rng.normal(0, 0.05, (64, 64, 3, 3)).astype(np.float32)
+    dense = rng.normal(0, 0.05, (768, 768)).astype(np.float32)
+    return [
+        Layer("Conv", "conv3x3", (1, 64, 32, 32), (1, 64, 32, 32), conv, {"pads": [1, 1, 1, 1]}, 64 * 32 * 32 * 64 * 9),
+        Layer("MatMul", "matmul768", (1, 128, 768), (1, 128, 768), dense, {}, 128 * 768 * 768),
+        Layer("Gemm", "gemm768", (128, 768), (128, 768), dense, {"transB": 1}, 128 * 768 * 768),
+    ]
 
 
 def model_layers(model: ir.Model) -> list[Layer]:
@@ -130,14 +140,14 @@ def model_layers(model: ir.Model) -> list[Layer]:
         w = node.inputs[roles.weight].const_value.numpy().astype(np.float32)
         attrs = {k: a.value for k, a in node.attributes.items()}
         macs = int(np.prod(y_shape)) * (w.size // (w.shape[0] if node.op_type == "Conv" else w.shape[roles.weight_axis]))
-        layers.append(Layer(node.op_type, node.name, _single_op(node.op_type, node.name or node.op_type, x_shape, w, attrs, y_shape), x_shape, macs))
+        layers.append(Layer(node.op_type, node.name, x_shape, y_shape, w, attrs, macs))
     if not layers:
         raise QCError("no Conv/Gemm/MatMul with a constant weight and static shapes to measure", option="--model")
     return layers
 
 
-def _compiled_at(layer: Layer, target: TargetSpec, width: int, rng: np.random.Generator) -> onnx.ModelProto:
-    """``layer`` as ``target`` compiles it with every weight at ``width``."""
+def _compiled_at(layer: Layer, target: TargetSpec, width: int, rng: np.random.Generator, copies: int = 1) -> onnx.ModelProto:
+    """``layer`` (``copies`` side by side) as ``target`` compiles it with every weight at ``width``."""
     from qcompiler.compiler import compile as compile_model
 
     # The output quantized too: inside a network the next layer's quantizer follows, and
@@ -146,7 +156,7 @@ def _compiled_at(layer: Layer, target: TargetSpec, width: int, rng: np.random.Ge
     # Bias correction only shifts biases; it costs a calibration pass and changes no timing.
     pipeline = "calibrate,insert-qdq{bias-correction=false}" if target.activations.quantize else "insert-qdq{bias-correction=false}"
     data = DataSource({"x": rng.normal(0, 1, (8, *layer.input_shape[1:])).astype(np.float32)})
-    result = compile_model(layer.model, spec, calibration=data, pipeline=pipeline, verify=False)
+    result = compile_model(layer.model(copies), spec, calibration=data, pipeline=pipeline, verify=False)
     return to_proto(_integer_boundaries(result.model))
 
 
@@ -162,12 +172,11 @@ def _integer_boundaries(model: ir.Model) -> ir.Model:
         q.outputs[0].replace_all_uses_with(integer_in)
         graph.inputs[0] = integer_in
         graph.remove(q, safe=True)
-    y = graph.outputs[0]
-    dq = y.producer()
-    if dq is not None and dq.op_type == "DequantizeLinear":
-        integer_out = dq.inputs[0]
-        graph.outputs[0] = integer_out
-        graph.remove(dq, safe=True)
+    for i, y in enumerate(list(graph.outputs)):
+        dq = y.producer()
+        if dq is not None and dq.op_type == "DequantizeLinear":
+            graph.outputs[i] = dq.inputs[0]
+            graph.remove(dq, safe=True)
     return model
 
 
@@ -183,12 +192,18 @@ def measure(target: TargetSpec, layers: list[Layer] | None = None, *, runs: int 
     sums: dict[str, dict[str, list[float]]] = {}
     with progress("measuring layers", len(ops)) as bar:
         for layer in ops:
-            protos = [to_proto(layer.model)] + [_compiled_at(layer, target, b, rng) for b in widths]
+            # Each variant once and COPIES times side by side: the difference over COPIES - 1 is
+            # the layer's own time, without what a session run costs besides its kernels
+            # (binding inputs, waking the thread pool), which a network pays once, not per layer.
+            protos = [to_proto(layer.model(1)), to_proto(layer.model(COPIES))]
+            for b in widths:
+                protos += [_compiled_at(layer, target, b, rng, 1), _compiled_at(layer, target, b, rng, COPIES)]
             sessions = [make_session(p, optimize=True, what=f"{layer.name} layer") for p in protos]
             ms = _time(sessions, layer.input_shape, rng, cycles=max(1, runs // block), block=block)
+            per_layer = [max((many - one) / (COPIES - 1), 1e-6) for one, many in zip(ms[::2], ms[1::2])]
             table = sums.setdefault(layer.op_type, {"float32": [0.0, 0.0], **{d: [0.0, 0.0] for d in dtypes}})
-            for dtype, t in zip(dtypes, ms[1:]):
-                table[dtype][0] += ms[0]
+            for dtype, t in zip(dtypes, per_layer[1:]):
+                table[dtype][0] += per_layer[0]
                 table[dtype][1] += t
             bar.advance()
     date = datetime.date.today().isoformat()
@@ -214,17 +229,8 @@ def _time(sessions: list[ort.InferenceSession], shape: tuple[int, ...], rng: np.
             raise QCError(f"cannot time an input of type {meta.type}")
         value = rng.normal(0, 1, shape).astype(np.float32) if dtype is np.float32 else rng.integers(np.iinfo(dtype).min, np.iinfo(dtype).max, shape, dtype=dtype, endpoint=True)
         feeds.append({meta.name: value})
-    # A session run costs a fixed few microseconds besides the kernel (binding inputs, allocating
-    # the output); on a small layer that is a large share, and a network pays it once, not per
-    # layer. It is timed as a model that only copies the layer's input, and taken off.
-    copy = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "copy", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, list(shape))], [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, list(shape))])
-    copy_model = helper.make_model(copy, opset_imports=[helper.make_opsetid("", 17)])
-    copy_model.ir_version = 8
-    sessions = [*sessions, make_session(copy_model, optimize=True, what="copy")]
-    feeds = [*feeds, {"x": feeds[0][sessions[0].get_inputs()[0].name]}]
     ms, _ = interleaved_latency(sessions, {}, cycles=cycles, block=block, feeds=feeds)
-    overhead = ms[-1]
-    return [max(t - overhead, 0.05 * t) for t in ms[:-1]]
+    return ms
 
 
 def _cores() -> int:

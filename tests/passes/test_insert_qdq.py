@@ -218,3 +218,19 @@ def test_tensorrt_placement_quantizes_layer_inputs_keeps_relu_and_float_bias(bun
             assert readers <= {*trt.quantized, *trt.passthrough, "Shape"}, readers
             assert _const(node.inputs[2]).dtype == np.int8 and _const(node.inputs[2]) == 0
     assert sum(n.op_type == "Relu" for n in compiled.graph) == sum(n.op_type == "Relu" for n in load_model(bundled_model).graph)
+
+
+def test_a_weight_shared_by_two_convs_is_quantized_once_and_stays_shared() -> None:
+    rng = np.random.default_rng(3)
+    model = make_model(
+        [helper.make_node("Conv", ["x", "w"], ["a"], name="conv_a"), helper.make_node("Conv", ["x", "w"], ["b"], name="conv_b"), helper.make_node("Add", ["a", "b"], ["y"], name="add")],
+        [tensor_info("x", [None, 3, 4, 4])],
+        [tensor_info("y", [None, 4, 4, 4])],
+        {"w": rng.normal(0, 1, (4, 3, 1, 1)).astype(np.float32)},
+    )
+    data = DataSource({"x": rng.normal(0, 1, (16, 3, 4, 4)).astype(np.float32)})
+    compiled, _ = _compile(model, data)
+    convs = [n for n in compiled.graph if n.op_type == "Conv"]
+    assert convs[0].inputs[1] is convs[1].inputs[1]
+    assert convs[0].inputs[1].producer().op_type == "DequantizeLinear"
+    assert sum(n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None and n.inputs[0].const_value.dtype == ir.DataType.INT8 for n in compiled.graph) == 1
