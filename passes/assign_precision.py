@@ -20,6 +20,7 @@ from qcompiler.errors import QCError
 from qcompiler.hessian import HESSIAN_FACT, HessianTrace
 from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.precision import ACTIVATION_BITS_FACT, WEIGHT_BITS_FACT
+from qcompiler.targets.spec import FLOAT_WIDTH
 from qcompiler.precision_ilp import pareto_front, smallest_feasible, solve_greedy, solve_ilp, solve_random, solve_uniform
 from qcompiler.registry import register_pass
 from qcompiler.sensitivity import TraceBound, WeightRange, layer_sensitivities
@@ -160,7 +161,8 @@ class AssignPrecision(Pass):
         op_of = {n.name: n.op_type for n in model.graph}
         op_types = [op_of.get(l.node, "") for l in layers]
         cost = resource_matrix(budget.kind, ctx.target, bits, sizes, macs, activation_bits, op_types)
-        full = int(np.argmax(bits))
+        # The reference is the widest integer width (a float option, 32, costs more than it).
+        full = max((j for j, b in enumerate(bits) if b != FLOAT_WIDTH), key=lambda j: bits[j])
         # The reference is the full-width model: every weight at full width, activations at the
         # activation dtype's width (W8A8 on ort-cpu), whatever activation-bits says.
         full_width = float(resource_matrix(budget.kind, ctx.target, bits, sizes, macs, op_types=op_types)[:, full].sum())

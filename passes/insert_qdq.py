@@ -35,7 +35,7 @@ from qcompiler.quant.uniform import affine_params, dequantize, quantize
 from qcompiler.registry import register_pass
 from qcompiler.cost_model import storage_dtype
 from qcompiler.sensitivity import WeightRange, block_axis, dequantize_weight, quantize_weight, weight_qrange
-from qcompiler.targets.spec import INTEGER_DTYPES, TargetSpec, TensorRule
+from qcompiler.targets.spec import FLOAT_WIDTH, INTEGER_DTYPES, TargetSpec, TensorRule
 
 _NP_DTYPES = {"int4": np.int8, "uint4": np.uint8, "int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16, "int32": np.int32}
 _IR_DTYPES = {"int4": ir.DataType.INT4, "uint4": ir.DataType.UINT4}
@@ -94,10 +94,14 @@ def _clip_bounds(node: ir.Node) -> tuple[float, float] | None:
     return lo, hi
 
 
-def plan_quantization(model: ir.Model, target: TargetSpec, observers: dict[str, Observer]) -> QuantPlan:
-    """Decide which nodes run quantized and which tensors share scales (no rewriting)."""
+def plan_quantization(model: ir.Model, target: TargetSpec, observers: dict[str, Observer], weight_bits: dict[str, int] | None = None) -> QuantPlan:
+    """Decide which nodes run quantized and which tensors share scales (no rewriting).
+
+    A weight assign-precision gave 32 bits (``FLOAT_WIDTH``) keeps its layer float.
+    """
+    weight_bits = weight_bits or {}
     if not target.activations.quantize:
-        return _plan_weight_only(model, target)
+        return _plan_weight_only(model, target, weight_bits)
     plan = QuantPlan()
     ops = target.ops
     graph_outputs = {v.name for v in model.graph.outputs}
@@ -154,6 +158,8 @@ def plan_quantization(model: ir.Model, target: TargetSpec, observers: dict[str, 
                 if w is None or constant_array(w) is None or not is_float_tensor(w):
                     reason = "weight is not a float constant"
             acts = [node.inputs[i] for i in roles.activations if i < len(node.inputs) and is_activation(node.inputs[i])]
+            if reason is None and roles.weight is not None and weight_bits.get(w.name) == FLOAT_WIDTH:
+                reason = "left float by assign-precision"
             if reason is None and not acts:
                 reason = "no float activation input"
             missing = [v.name for v in acts if v.name not in observers]
@@ -189,7 +195,7 @@ def plan_quantization(model: ir.Model, target: TargetSpec, observers: dict[str, 
     return plan
 
 
-def _plan_weight_only(model: ir.Model, target: TargetSpec) -> QuantPlan:
+def _plan_weight_only(model: ir.Model, target: TargetSpec, weight_bits: dict[str, int]) -> QuantPlan:
     """Weight-only targets: every listed op with a float constant weight gets integer weights;
     activations stay float, so nothing else is planned or reported."""
     plan = QuantPlan()
@@ -201,6 +207,9 @@ def _plan_weight_only(model: ir.Model, target: TargetSpec) -> QuantPlan:
         if w is None or constant_array(w) is None or not is_float_tensor(w) or w.dtype != ir.DataType.FLOAT:
             if roles.weight is not None:
                 plan.kept_float.append((node, "weight is not a float32 constant"))
+            continue
+        if weight_bits.get(w.name) == FLOAT_WIDTH:
+            plan.kept_float.append((node, "left float by assign-precision"))
             continue
         plan.quantized_nodes.append(node)
     return plan
@@ -274,7 +283,7 @@ class InsertQDQ(Pass):
             # Means of the float model's layer inputs, keyed by node before the rewrite renames them.
             means = ctx.analyses.get(LayerInputMeans(), model, ctx)
             input_means = {node: means[x.name] for node, x in correctable_inputs(model).items() if x.name in means}
-        plan = plan_quantization(model, target, observers)
+        plan = plan_quantization(model, target, observers, ctx.facts.get(WEIGHT_BITS_FACT))
         rewriter = _Rewriter(model, target, observers, plan, weight_range=self.options.weight_range, weight_bits=ctx.facts.get(WEIGHT_BITS_FACT), input_means=input_means, activation_bits=ctx.facts.get(ACTIVATION_BITS_FACT))
         unfused = rewriter.compute_group_params()
         for act in unfused:

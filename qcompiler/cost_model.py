@@ -21,17 +21,21 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.errors import QCError
-from qcompiler.targets.spec import TargetSpec
+from qcompiler.targets.spec import FLOAT_WIDTH, TargetSpec
 
 
 def storage_width(bits: int, native: tuple[int, ...]) -> int:
-    """The native width a ``bits``-wide weight is stored and computed in."""
+    """The native width a ``bits``-wide weight is stored and computed in (32: float)."""
+    if bits == FLOAT_WIDTH:
+        return FLOAT_WIDTH
     wider = [n for n in sorted(native) if n >= bits]
     return wider[0] if wider else max(native)
 
 
 def storage_dtype(target: TargetSpec, bits: int) -> str:
-    """The dtype name (``int8``, ``int4``, ...) a ``bits``-wide weight runs as on ``target``."""
+    """The dtype name (``int8``, ``int4``, ``float32``...) a ``bits``-wide weight runs as on ``target``."""
+    if bits == FLOAT_WIDTH:
+        return "float32"
     width = storage_width(bits, target.bits.native)
     base = target.weights.dtype
     return base if width == target.weights.bits else f"{'u' if base.startswith('u') else ''}int{width}"

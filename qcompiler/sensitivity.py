@@ -19,7 +19,7 @@ from qcompiler.analysis import Analysis
 from qcompiler.hessian import HessianTraceResult
 from qcompiler.op_roles import input_roles
 from qcompiler.quant.uniform import affine_params, channel_ranges, dequantize, mse_channel_ranges, quantize
-from qcompiler.targets.spec import TensorRule
+from qcompiler.targets.spec import FLOAT_WIDTH, TensorRule
 
 if TYPE_CHECKING:
     from qcompiler.pass_manager import PassContext
@@ -134,7 +134,9 @@ class LayerSensitivity:
 
 
 def _omega(trace: float, w: np.ndarray, rule: TensorRule, bits: int, axis: int | None, weight_range: str) -> float:
-    """Tr(H) / n x ||Q_b(W) - W||^2 for one weight at one width."""
+    """Tr(H) / n x ||Q_b(W) - W||^2 for one weight at one width (0 for a layer left float)."""
+    if bits == FLOAT_WIDTH:
+        return 0.0
     q, scale, zp = quantize_weight(w, rule, bits, axis, weight_range)
     err = float(np.sum((dequantize_weight(q, scale, zp, rule, axis) - w).astype(np.float64) ** 2))
     # A negative trace estimate (noise around a flat direction) means no measurable curvature.

@@ -26,7 +26,7 @@ RULES: dict[str, str] = {
     "symmetric": "zero points sit at the middle of the range where the target asks for symmetric quantization",
     "granularity": "weights are per-channel or per-tensor (or per-block) as the target says; activations per-tensor",
     "axis": "per-channel weight scales lie along the consuming op's output-channel axis",
-    "qdq-pair": "every QuantizeLinear is dequantized, every activation DequantizeLinear comes from a QuantizeLinear with the same scale and zero point, and a quantized op's inputs are all quantized",
+    "qdq-pair": "every QuantizeLinear is dequantized, every activation DequantizeLinear comes from a QuantizeLinear with the same scale and zero point, and a quantized op has all its activation inputs quantized (and its weight, without a float fallback)",
     "shared-scale": "inputs and output of ops that move bytes without requantizing (Concat) share one scale and zero point",
     "bias": "a quantized bias has scale = input scale x weight scale and zero point 0; it is quantized exactly when the target quantizes biases",
     "unsupported-op": "ops on integer tensors are ones the target runs on integers; without a float fallback, every op reading quantized data is one the target quantizes",
@@ -297,8 +297,10 @@ class _Checker:
             for value, dq in zip(acts, act_dqs):
                 if dq is None and not self._is_constant(value):
                     self.add("qdq-pair", node, f"input '{value.name}' is float while the other inputs are quantized: {op} cannot run quantized")
-            if weight is not None and w_dq is None and self._is_constant(weight):
-                self.add("qdq-pair", node, f"weight '{weight.name}' is float while the input is quantized")
+            # A float weight behind a quantized input is a float layer at the edge of a quantized
+            # region: fine where the backend falls back to float, a missing pair where it cannot.
+            if weight is not None and w_dq is None and self._is_constant(weight) and not self.target.ops.float_fallback:
+                self.add("qdq-pair", node, f"weight '{weight.name}' is float while the input is quantized, and target '{self.target.name}' has no float fallback")
         if w_dq is not None:
             self._check_weight_granularity(node, w_dq, roles.weight_axis)
         if b_dq is not None and w_dq is not None and act_dqs and act_dqs[0] is not None and self.target.bias.quantize:

@@ -34,6 +34,8 @@ INTEGER_DTYPES = {
     "int32": (-(2**31), 2**31 - 1, 32, True),
 }
 GRANULARITIES = ("per-tensor", "per-channel", "per-block")
+#: A weight "width" of 32 in ``[bits] allowed`` means: leave this layer float.
+FLOAT_WIDTH = 32
 
 
 @dataclass(frozen=True)
@@ -360,7 +362,9 @@ def load_target(name_or_path: str) -> TargetSpec:
             raise QCError(f"expected integer bit-widths >= 2, got {values}", file=f"{path}:bits.{key}")
         # Widths above the dtype's cannot be stored (e.g. inherited by a target that narrows
         # weights to int4): they do not apply, and the dtype's own width always does.
-        widths[key] = tuple(sorted({b for b in values if b <= rule.bits} | {rule.bits}))
+        # 32 among the allowed weight widths lets assign-precision leave a layer float.
+        keep_float = key == "allowed" and FLOAT_WIDTH in values
+        widths[key] = tuple(sorted({b for b in values if b <= rule.bits} | {rule.bits} | ({FLOAT_WIDTH} if keep_float else set())))
     allowed, native = widths["allowed"], widths["native"]
     default = bits_data.get("default")
     if default is not None and default not in allowed:

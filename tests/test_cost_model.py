@@ -137,3 +137,27 @@ def test_predicted_speedup_from_the_cost_table(tmp_path: Path) -> None:
     # ort-cpu-int4's [cost.op.Gemm]).
     gemm_int8 = load_target(str(target)).cost.per_mac("Gemm", "int8")
     assert predicted_speedup(compiled, load_target(str(target)), {"w3": 8}) == pytest.approx(sum(macs.values()) / (2.0 * (macs["conv1"] + macs["conv2"]) + gemm_int8 * macs["fc"]))
+
+
+def test_float_as_a_width_trades_latency_for_accuracy(tmp_path: Path) -> None:
+    """32 among the allowed widths leaves a layer float: zero sensitivity, the float cost per MAC.
+    A latency budget above the all-int8 model's buys float layers where they matter most."""
+    target = tmp_path / "float-or-int8.toml"
+    target.write_text('extends = "ort-cpu"\nname = "float-or-int8"\n[bits]\nallowed = [4, 8, 32]\n[cost.mac]\nfloat32 = 1.0\nint8 = 0.5\n')
+    spec = load_target(str(target))
+    assert spec.bits.allowed == (4, 8, 32) and storage_dtype(spec, 32) == "float32"
+    result = _compile("infer-shapes,hessian-trace{max-probes=8},assign-precision{budget=latency=1.3,measure-below=0},calibrate,insert-qdq", target=str(target))
+    stats = next(p for p in result.report.passes if p.name == "assign-precision").stats
+    macs = {"conv1": 8 * 16 * 27, "conv2": 8 * 16 * 36, "fc": 5 * 128}
+    bits = {l["node"]: l["bits"] for l in stats["layers"].values()}
+    # The reference is the all-int8 model (0.5 per MAC); 1.3x of it leaves room for some float.
+    assert stats["budget"]["full_width"] == pytest.approx(0.5 * sum(macs.values()))
+    used = sum(macs[n] * (1.0 if b == 32 else 0.5) for n, b in bits.items())
+    assert used == pytest.approx(stats["budget"]["used"]) and used <= 1.3 * 0.5 * sum(macs.values()) + 1e-6
+    assert 32 in bits.values() and all(l["sensitivity"] == 0.0 for l in stats["layers"].values() if l["bits"] == 32)
+    floats = {n for n, b in bits.items() if b == 32}
+    for node in result.model.graph:
+        if node.name in macs:
+            weight_is_float = node.inputs[1].const_value is not None
+            assert weight_is_float == (node.name in floats), node.name
+    assert any(k.reason == "left float by assign-precision" for k in result.report.kept_float)

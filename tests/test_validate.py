@@ -183,11 +183,15 @@ def test_rule_qdq_pair_quantizer_never_dequantized(calib: Path) -> None:
     assert _rules(model, "ort-cpu") == {"qdq-pair": [q.name]}
 
 
-def test_rule_qdq_pair_float_weight(calib: Path) -> None:
+def test_rule_qdq_pair_float_weight(calib: Path, tmp_path: Path) -> None:
     model = _compiled("ort-cpu", calib)
     gemm = _node(model, "fc")
     gemm.replace_input_with(1, _const(model, "float_w", np.zeros((5, 6), np.float32)))
-    assert "fc" in _rules(model, "ort-cpu").get("qdq-pair", [])
+    # With a float fallback that is a float layer reading a dequantized input (assign-precision
+    # leaves layers float that way); without one it is a missing pair.
+    assert _rules(model, "ort-cpu") == {}
+    target = _retarget(tmp_path, 'extends = "ort-cpu"\nname = "all-integer"\n[ops]\nfloat_fallback = false\n')
+    assert "fc" in _rules(model, target)["qdq-pair"]
 
 
 def test_rule_shared_scale(calib: Path) -> None:
