@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 import onnx
@@ -34,11 +35,11 @@ from qcompiler.quant.observers import Observer
 from qcompiler.quant.uniform import affine_params, dequantize, quantize
 from qcompiler.registry import register_pass
 from qcompiler.cost_model import storage_dtype
-from qcompiler.sensitivity import WeightRange, block_axis, dequantize_weight, quantize_weight, weight_qrange
-from qcompiler.targets.spec import FLOAT_WIDTH, INTEGER_DTYPES, TargetSpec, TensorRule
+from qcompiler.sensitivity import WeightRange, block_axis, dequantize_weight, quantize_float8, quantize_weight, weight_qrange
+from qcompiler.targets.spec import FLOAT8_DTYPES, FLOAT_WIDTH, INTEGER_DTYPES, TargetSpec, TensorRule
 
-_NP_DTYPES = {"int4": np.int8, "uint4": np.uint8, "int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16, "int32": np.int32}
-_IR_DTYPES = {"int4": ir.DataType.INT4, "uint4": ir.DataType.UINT4}
+_NP_DTYPES = {"int4": np.int8, "uint4": np.uint8, "int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16, "int32": np.int32, "float8e4m3fn": ml_dtypes.float8_e4m3fn, "float8e5m2": ml_dtypes.float8_e5m2}
+_IR_DTYPES = {"int4": ir.DataType.INT4, "uint4": ir.DataType.UINT4, "float8e4m3fn": ir.DataType.FLOAT8E4M3FN, "float8e5m2": ir.DataType.FLOAT8E5M2}
 
 
 class _UnionFind:
@@ -542,8 +543,11 @@ class _Rewriter:
         c = constant_array(c_value).astype(np.float32)
         rule = self.target.activations
         qmin, qmax = self.act_qrange
-        scale, zp = affine_params(c.min(), c.max(), qmin, qmax, rule.symmetric)
-        q = quantize(c, scale, zp, qmin, qmax)
+        if rule.is_float8:
+            q, scale, zp = quantize_float8(c, rule.dtype, (np.asarray(c.min()), np.asarray(c.max())), None)
+        else:
+            scale, zp = affine_params(c.min(), c.max(), qmin, qmax, rule.symmetric)
+            q = quantize(c, scale, zp, qmin, qmax)
         node.replace_input_with(index, self._dequantized_constant(c_value, q, scale.reshape(()), zp.reshape(()), rule.dtype, None))
         self._drop_if_unused(c_value)
 
@@ -589,6 +593,8 @@ class _Rewriter:
         return _IR_DTYPES.get(dtype) or ir.DataType.from_numpy(np.dtype(_NP_DTYPES[dtype]))
 
     def _as_qtype(self, array: np.ndarray, dtype: str) -> ir.TensorProtocol:
+        if dtype in FLOAT8_DTYPES:
+            return ir.tensor(np.asarray(array).astype(_NP_DTYPES[dtype]))
         if dtype in _IR_DTYPES:
             return ir.tensor(np.asarray(array).astype(_NP_DTYPES[dtype]), dtype=_IR_DTYPES[dtype])
         return ir.tensor(np.asarray(array).astype(_NP_DTYPES[dtype]))

@@ -100,7 +100,7 @@ def compile(  # noqa: A001 - the verb users expect: qcompiler.compile(...)
         if verify and check is not None:
             if verify_data is None:
                 report.diagnostics.append({"pass": None, "node": None, "level": "warning", "message": "verified on the calibration data: figures are optimistic; pass --data with held-out samples"})
-            report.verification = verify_models(float_proto, model_path if model_path else quant_proto, check, progress=progress, latency_runs=latency_runs)
+            report.verification = verify_models(float_proto, model_path if model_path else quant_proto, check, progress=progress, latency_runs=latency_runs, optimize=spec.verify_optimization == "all")
             report.verification.size.float_bytes = _float_size(model, float_proto)
             if report.verification.latency is not None:
                 report.verification.latency.predicted_speedup = predicted_speedup(compiled, spec, ctx.facts.get(WEIGHT_BITS_FACT))

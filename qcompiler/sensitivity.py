@@ -19,7 +19,7 @@ from qcompiler.analysis import Analysis
 from qcompiler.hessian import HessianTraceResult
 from qcompiler.op_roles import input_roles
 from qcompiler.quant.uniform import affine_params, channel_ranges, dequantize, mse_channel_ranges, quantize
-from qcompiler.targets.spec import FLOAT_WIDTH, TensorRule
+from qcompiler.targets.spec import FLOAT8_DTYPES, FLOAT_WIDTH, TensorRule
 
 if TYPE_CHECKING:
     from qcompiler.pass_manager import PassContext
@@ -55,6 +55,8 @@ def quantize_weight(w: np.ndarray, rule: TensorRule, bits: int, axis: int | None
     The one weight quantizer: insert-qdq stores what it returns, and the sensitivities and the
     empirical check measure its error, so the estimates describe the model that ships.
     """
+    if rule.is_float8:
+        return quantize_float8(w, rule.dtype, channel_ranges(w, axis), axis)
     qmin, qmax = weight_qrange(rule, bits)
     if rule.granularity == "per-block" and axis is not None:
         # Each block is a row of a [blocks, block_size] matrix: per-row ranges are per-block ones.
@@ -67,6 +69,21 @@ def quantize_weight(w: np.ndarray, rule: TensorRule, bits: int, axis: int | None
         lo, hi = channel_ranges(w, axis)
     scale, zp = affine_params(lo, hi, qmin, qmax, rule.symmetric)
     return quantize(w, scale, zp, qmin, qmax, axis=axis), scale, zp
+
+
+def quantize_float8(x: np.ndarray, dtype: str, ranges: tuple[np.ndarray, np.ndarray], axis: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(float8 values, scale, zero point 0) of ``x``: max |x| per channel maps to the type's largest
+    value; values are rounded to nearest-even in float8 and saturate, as QuantizeLinear does."""
+    import ml_dtypes
+
+    top = FLOAT8_DTYPES[dtype]
+    scale, zp = affine_params(ranges[0], ranges[1], -int(top), int(top), True)
+    s = scale if axis is None or scale.ndim == 0 else scale.reshape([-1 if i == axis else 1 for i in range(x.ndim)])
+    q = np.clip(x.astype(np.float32) / s, -top, top).astype(getattr(ml_dtypes, _ML_DTYPES[dtype]))
+    return q, scale, zp
+
+
+_ML_DTYPES = {"float8e4m3fn": "float8_e4m3fn", "float8e5m2": "float8_e5m2"}
 
 
 def _blocks(w: np.ndarray, axis: int, block: int):

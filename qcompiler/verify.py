@@ -142,9 +142,9 @@ def interleaved_latency(sessions: list[ort.InferenceSession], feed: dict[str, np
     return ms, speedups
 
 
-def measure_latency(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto, feed: dict[str, np.ndarray], *, runs: int = 50, block: int = 10) -> LatencyMetrics:
+def measure_latency(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto, feed: dict[str, np.ndarray], *, runs: int = 50, block: int = 10, optimize: bool = True) -> LatencyMetrics:
     """Latency of both models with the same session options, timed by `interleaved_latency`."""
-    sessions = [make_session(p, optimize=True, what=w) for p, w in ((float_proto, "float model"), (quant_proto, "quantized model"))]
+    sessions = [make_session(p, optimize=optimize, what=w) for p, w in ((float_proto, "float model"), (quant_proto, "quantized model"))]
     block = max(1, min(block, runs))
     cycles = max(1, runs // block)
     (f_ms, q_ms), _ = interleaved_latency(sessions, feed, cycles=cycles, block=block)
@@ -172,8 +172,13 @@ def verify(
     latency_runs: int = 50,
     batch_size: int = 64,
     progress: ProgressFactory = null_progress,
+    optimize: bool = True,
 ) -> VerificationReport:
-    """Run both models on ``data`` and measure output agreement, per-layer error, size and latency."""
+    """Run both models on ``data`` and measure output agreement, per-layer error, size and latency.
+
+    ``optimize`` False runs both at onnxruntime's basic optimization level, for models whose
+    numerics its extended fusions change (see a target's ``[verify]``).
+    """
     float_proto = load_proto(float_model, "float model")
     quant_proto = load_proto(quant_model, "quantized model")
     f_inputs = [i.name for i in float_proto.graph.input if i.name not in {t.name for t in float_proto.graph.initializer}]
@@ -190,8 +195,8 @@ def verify(
 
     data = data.for_inputs(InputSpec.of_proto(float_proto))
     matches = match_intermediates(float_proto, quant_proto) if per_layer else {}
-    float_session = make_session(float_proto, optimize=True, what="float model")
-    quant_session = make_session(quant_proto, optimize=True, what="quantized model")
+    float_session = make_session(float_proto, optimize=optimize, what="float model")
+    quant_session = make_session(quant_proto, optimize=optimize, what="quantized model")
     accs = {n: _Accumulator() for n in output_names}
     correct_f = correct_q = labelled = 0
     total_batches = len(range(0, data.usable_samples, data.fixed_batch or batch_size))
@@ -217,7 +222,7 @@ def verify(
         for n, a in accs.items()
     ]
     feed = data.first_batch(1)
-    latency = measure_latency(float_proto, quant_proto, feed, runs=latency_runs) if latency_runs > 0 else None
+    latency = measure_latency(float_proto, quant_proto, feed, runs=latency_runs, optimize=optimize) if latency_runs > 0 else None
     size = SizeMetrics(
         float_bytes=float_proto.ByteSize() if isinstance(float_model, onnx.ModelProto) else model_bytes_on_disk(float_model),
         quantized_bytes=quant_proto.ByteSize() if isinstance(quant_model, onnx.ModelProto) else model_bytes_on_disk(quant_model),

@@ -33,6 +33,9 @@ INTEGER_DTYPES = {
     "uint16": (0, 65535, 16, False),
     "int32": (-(2**31), 2**31 - 1, 32, True),
 }
+#: 8-bit floating-point types (ONNX opset 19): name -> largest finite value. Quantized with a
+#: symmetric scale (max |x| maps to that value) and zero point 0; no narrower widths.
+FLOAT8_DTYPES = {"float8e4m3fn": 448.0, "float8e5m2": 57344.0}
 GRANULARITIES = ("per-tensor", "per-channel", "per-block")
 #: A weight "width" of 32 in ``[bits] allowed`` means: leave this layer float.
 FLOAT_WIDTH = 32
@@ -62,7 +65,11 @@ class TensorRule:
 
     @property
     def qrange(self) -> tuple[int, int]:
-        """The integer range used: the dtype's range, minus its lowest value when narrow."""
+        """The integer range used: the dtype's range, minus its lowest value when narrow. For a
+        float8 type, (-max, max): the symmetric scale is then max |x| / max, as for integers."""
+        if self.dtype in FLOAT8_DTYPES:
+            top = int(FLOAT8_DTYPES[self.dtype])
+            return -top, top
         qmin, qmax, _, _ = INTEGER_DTYPES[self.dtype]
         return (qmin + 1 if self.narrow_range and INTEGER_DTYPES[self.dtype][3] else qmin), qmax
 
@@ -73,7 +80,11 @@ class TensorRule:
 
     @property
     def bits(self) -> int:
-        return INTEGER_DTYPES[self.dtype][2]
+        return 8 if self.dtype in FLOAT8_DTYPES else INTEGER_DTYPES[self.dtype][2]
+
+    @property
+    def is_float8(self) -> bool:
+        return self.dtype in FLOAT8_DTYPES
 
 
 @dataclass(frozen=True)
@@ -155,6 +166,9 @@ class TargetSpec:
     bits: BitRules = BitRules()
     #: Files written beside model.onnx (``qcompiler.artifacts.EMITTERS``), e.g. "qnn-encodings".
     emit: tuple[str, ...] = ()
+    #: onnxruntime optimization level the verifier runs both models at: "all" (as deployed) or
+    #: "basic", for models whose numerics onnxruntime's extended fusions change.
+    verify_optimization: str = "all"
     path: str = ""
 
     def quantizes(self, op_type: str) -> bool:
@@ -180,6 +194,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     },
     "cost": {"source": (str, True), "mac": (dict, False), "op": (dict, False)},
     "bits": {"allowed": (list, False), "native": (list, False), "activations": (list, False), "default": (int, False)},
+    "verify": {"optimization": (str, False)},
 }
 
 
@@ -266,14 +281,17 @@ def _tensor_rule(data: dict[str, Any], section: str, path: Path) -> TensorRule:
         # Weight-only: the activation keys do not apply and need not be written.
         return TensorRule(dtype="uint8", symmetric=False, granularity="per-tensor", quantize=False)
     dtype = _require(data, section, "dtype", path)
-    if dtype not in INTEGER_DTYPES or dtype == "int32":
-        raise QCError(f"'{dtype}' is not a supported dtype (accepted: {', '.join(d for d in INTEGER_DTYPES if d != 'int32')})", file=f"{path}:{section}.dtype")
+    names = [*(d for d in INTEGER_DTYPES if d != "int32"), *FLOAT8_DTYPES]
+    if dtype not in names:
+        raise QCError(f"'{dtype}' is not a supported dtype (accepted: {', '.join(names)})", file=f"{path}:{section}.dtype")
+    if dtype in FLOAT8_DTYPES and (data[section].get("symmetric") is not True or data[section].get("narrow_range", False)):
+        raise QCError(f"{dtype} is quantized symmetric (zero point 0) without narrow range: set symmetric = true", file=f"{path}:{section}.symmetric")
     granularity = _require(data, section, "granularity", path)
     if granularity not in GRANULARITIES:
         raise QCError(f"'{granularity}' is not one of: {', '.join(GRANULARITIES)}", file=f"{path}:{section}.granularity")
     also = data[section].get("also_accepted", [])
-    if stray := [d for d in also if d not in INTEGER_DTYPES or d == "int32"]:
-        raise QCError(f"'{stray[0]}' is not a supported dtype (accepted: {', '.join(d for d in INTEGER_DTYPES if d != 'int32')})", file=f"{path}:{section}.also_accepted")
+    if stray := [d for d in also if d not in names]:
+        raise QCError(f"'{stray[0]}' is not a supported dtype (accepted: {', '.join(names)})", file=f"{path}:{section}.also_accepted")
     block = data[section].get("block_size", 0)
     if granularity == "per-block" and (section != "weights" or block < 2):
         where = "granularity" if section != "weights" else "block_size"
@@ -352,6 +370,8 @@ def load_target(name_or_path: str) -> TargetSpec:
         for dtype, value in table.items():
             if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
                 raise QCError(f"expected a positive number, got {value!r}", file=f"{path}:cost.op.{op_type}.{dtype}")
+    if (activations.is_float8 or weights.is_float8) and min_opset < 19:
+        raise QCError("float8 QuantizeLinear/DequantizeLinear need opset 19: set min_opset = 19", file=f"{path}:min_opset")
     if weights.granularity == "per-block" and min_opset < 21:
         raise QCError("per-block weights need DequantizeLinear's block_size, opset 21: set min_opset = 21", file=f"{path}:min_opset")
     bits_data = data.get("bits", {})
@@ -362,9 +382,11 @@ def load_target(name_or_path: str) -> TargetSpec:
             raise QCError(f"expected integer bit-widths >= 2, got {values}", file=f"{path}:bits.{key}")
         # Widths above the dtype's cannot be stored (e.g. inherited by a target that narrows
         # weights to int4): they do not apply, and the dtype's own width always does.
-        # 32 among the allowed weight widths lets assign-precision leave a layer float.
+        # 32 among the allowed weight widths lets assign-precision leave a layer float. A float8
+        # type has no narrower widths (a target extending an integer one inherits its list).
         keep_float = key == "allowed" and FLOAT_WIDTH in values
-        widths[key] = tuple(sorted({b for b in values if b <= rule.bits} | {rule.bits} | ({FLOAT_WIDTH} if keep_float else set())))
+        narrower = set() if rule.is_float8 else {b for b in values if b <= rule.bits}
+        widths[key] = tuple(sorted(narrower | {rule.bits} | ({FLOAT_WIDTH} if keep_float else set())))
     allowed, native = widths["allowed"], widths["native"]
     default = bits_data.get("default")
     if default is not None and default not in allowed:
@@ -395,6 +417,7 @@ def load_target(name_or_path: str) -> TargetSpec:
         cost=CostModel(source=data["cost"]["source"], mac={k: float(v) for k, v in mac.items()}, op={o: {k: float(v) for k, v in t.items()} for o, t in op_costs.items()}),
         bits=BitRules(allowed=allowed, native=native, activations=widths["activations"], default=default),
         emit=tuple(emit),
+        verify_optimization=_choice(data.get("verify", {}), "optimization", ("all", "basic"), f"{path}:verify.optimization"),
         path=str(path),
     )
 
@@ -438,6 +461,7 @@ def target_to_toml(spec: TargetSpec) -> str:
     lines += ["[ops]"] + [f"{k} = {fmt(getattr(spec.ops, k))}" for k in ("quantized", "passthrough", "fused_activations", "shared_scale", "quantize_graph_outputs", "integer_passthrough", "placement", "activation_fusion", "float_fallback")] + [""]
     lines += ["[bits]", f"allowed = {fmt(list(spec.bits.allowed))}", f"native = {fmt(list(spec.bits.native))}", f"activations = {fmt(list(spec.bits.activations))}"]
     lines += [f"default = {spec.bits.default}"] if spec.bits.default is not None else []
+    lines += ["", "[verify]", f"optimization = {fmt(spec.verify_optimization)}"]
     lines += ["", "[cost]", f"source = {fmt(spec.cost.source)}", "", "[cost.mac]"] + [f"{key(k)} = {v}" for k, v in spec.cost.mac.items()]
     for op_type, table in spec.cost.op.items():
         lines += ["", f"[cost.op.{key(op_type)}]"] + [f"{key(k)} = {v}" for k, v in table.items()]

@@ -48,8 +48,10 @@ def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmin: int
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None = None) -> np.ndarray:
-    """DequantizeLinear: ``(q - zp) * scale`` as float32."""
+    """DequantizeLinear: ``(q - zp) * scale`` as float32 (``q`` integer, or float8 with zp 0)."""
     s = _broadcast(np.asarray(scale, dtype=np.float32), q.ndim, axis)
+    if q.dtype.kind not in "iub":  # float8 (ml_dtypes): its zero point is 0
+        return (q.astype(np.float32) * s).astype(np.float32)
     z = _broadcast(np.asarray(zero_point, dtype=np.int64), q.ndim, axis)
     return ((q - z).astype(np.float32) * s).astype(np.float32)
 
