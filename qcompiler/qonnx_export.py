@@ -23,6 +23,12 @@ activations. This module writes the same numerics that way, so ``model.qonnx.onn
   (``round(q x s / s) == q`` in float32 for any |q| < 2^21). The width is the one assign-precision
   chose for the weight (``weight_bits``, keyed by the weight's ``qc.source`` name), else the
   integer type's; ``narrow`` is the target's weight rule.
+- a 1-bit weight (integers -1 and +1, zero point 0: `qcompiler.sensitivity.quantize_bipolar`)
+  becomes its float values followed by ``BipolarQuant(x, scale)`` (same domain, opset 1; no
+  attributes), which computes ``where(x >= 0, +1, -1) x scale``
+  (docs/qonnx-custom-ops/bipolarquant_v1.md): with scale > 0 those are again exactly the values,
+  and 0 would map to +1, as the quantizer maps it. The scale broadcasts as a Quant's does. A
+  Quant cannot say this: its 1-bit signed range is {-1, 0} (narrow: {0}).
 - an int32 bias behind a DequantizeLinear is written as its dequantized float values with no
   Quant: FINN moves a bias into an Add (ExtractBiasFromConv) and absorbs float Adds into the next
   activation's thresholds; Brevitas layers, which produce most QONNX models, default to a float
@@ -51,6 +57,8 @@ from qcompiler.op_roles import input_roles
 from qcompiler.targets.spec import TargetSpec
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
+#: The weight width written as ``BipolarQuant`` rather than ``Quant``.
+BIPOLAR_BITS = 1
 QONNX_OPSET = 1
 FILENAME = "model.qonnx.onnx"
 
@@ -213,6 +221,9 @@ class _Exporter:
             for use in out.uses()
         )
         bits = int(self.weight_bits.get(source, width))
+        if bits == BIPOLAR_BITS:
+            self._bipolar(dq, float_value, q, scale, zp, signed, source)
+            return
         narrow = bool(self.target.weights.narrow_range and signed and is_weight)
         qmin, qmax = quant_range(bits, signed, narrow)
         if q.size and (q.min() < qmin or q.max() > qmax):
@@ -220,6 +231,21 @@ class _Exporter:
         quant = self._quant(float_value, scale, zp.astype(np.float32), bits, signed, narrow, source)
         quant.metadata_props[SOURCE_KEY] = source
         self.graph.insert_before(dq, quant)
+        self._take_over(quant.outputs[0], out, like=out)
+        self.graph.remove(dq, safe=True)
+
+    def _bipolar(self, dq: ir.Node, float_value: ir.Value, q: np.ndarray, scale: np.ndarray, zp: np.ndarray, signed: bool, source: str) -> None:
+        """A 1-bit weight: ``float_value`` (exactly q x scale) followed by BipolarQuant(x, scale),
+        which gives where(x >= 0, 1, -1) x scale, the same values when every scale is > 0."""
+        if not signed or np.any(zp) or (q.size and not np.all(np.abs(q) == 1)):
+            raise QCError(f"'{source}' is a 1-bit weight but not bipolar (integers -1 and +1, zero point 0, a signed type)", node=dq.name)
+        if np.any(scale <= 0):
+            raise QCError(f"'{source}' is a 1-bit weight with a scale <= 0: BipolarQuant would not give its values back", node=dq.name)
+        s = self._initializer(f"{source}_bipolarquant_scale", np.asarray(scale, np.float32))
+        quant = ir.Node(QONNX_DOMAIN, "BipolarQuant", [float_value, s], name=self.names.fresh(f"{source}_BipolarQuant"))
+        quant.metadata_props[SOURCE_KEY] = source
+        self.graph.insert_before(dq, quant)
+        out = dq.outputs[0]
         self._take_over(quant.outputs[0], out, like=out)
         self.graph.remove(dq, safe=True)
 

@@ -18,15 +18,23 @@ import onnx_ir as ir
 from qcompiler.analysis import Analysis
 from qcompiler.hessian import HessianTraceResult
 from qcompiler.op_roles import input_roles
-from qcompiler.quant.uniform import affine_params, channel_ranges, dequantize, mse_channel_ranges, quantize
+from qcompiler.quant.uniform import _MIN_SCALE, affine_params, channel_ranges, dequantize, mse_channel_ranges, quantize
 from qcompiler.targets.spec import FLOAT8_DTYPES, FLOAT_WIDTH, TensorRule
 
 if TYPE_CHECKING:
     from qcompiler.pass_manager import PassContext
 
 
+#: The weight width that is bipolar: values -scale and +scale (integers -1 and +1, zero point 0),
+#: QONNX's BipolarQuant. The spec allows it only for symmetric signed weight rules.
+BIPOLAR_BITS = 1
+
+
 def weight_qrange(rule: TensorRule, bits: int) -> tuple[int, int]:
-    """The integer range of a ``bits``-wide weight under ``rule`` (narrow and symmetric as it says)."""
+    """The integer range of a ``bits``-wide weight under ``rule`` (narrow and symmetric as it says);
+    at 1 bit (bipolar) [-1, 1], of which only -1 and +1 occur."""
+    if bits == BIPOLAR_BITS:
+        return -1, 1
     if rule.symmetric or rule.narrow_range:
         top = 2 ** (bits - 1) - 1
         return (-top if rule.narrow_range else -top - 1), top
@@ -54,6 +62,7 @@ def quantize_weight(w: np.ndarray, rule: TensorRule, bits: int, axis: int | None
 
     The one weight quantizer: insert-qdq stores what it returns, and the sensitivities and the
     empirical check measure its error, so the estimates describe the model that ships.
+    At 1 bit it is bipolar (`quantize_bipolar`); ``weight_range`` does not apply there.
     """
     if rule.is_float8:
         return quantize_float8(w, rule.dtype, channel_ranges(w, axis), axis)
@@ -61,14 +70,42 @@ def quantize_weight(w: np.ndarray, rule: TensorRule, bits: int, axis: int | None
     if rule.granularity == "per-block" and axis is not None:
         # Each block is a row of a [blocks, block_size] matrix: per-row ranges are per-block ones.
         rows, restore = _blocks(w, axis, rule.block_size)
-        q, scale, zp = quantize_weight(rows, dataclasses.replace(rule, granularity="per-channel"), bits, 0, weight_range)
+        if bits == BIPOLAR_BITS:
+            # The zero padding of the last block is no weight: mean |w| over the real ones only.
+            real, _ = _blocks(np.ones(w.shape, np.float32), axis, rule.block_size)
+            q, scale, zp = quantize_bipolar(rows, 0, real.sum(axis=1))
+        else:
+            q, scale, zp = quantize_weight(rows, dataclasses.replace(rule, granularity="per-channel"), bits, 0, weight_range)
         return restore(q), *(restore(p, blocked=True) for p in (scale, zp))
+    if bits == BIPOLAR_BITS:
+        return quantize_bipolar(w, axis)
     if resolve_weight_range(weight_range, bits) == "mse":
         lo, hi = mse_channel_ranges(w, axis, qmin, qmax, rule.symmetric)
     else:
         lo, hi = channel_ranges(w, axis)
     scale, zp = affine_params(lo, hi, qmin, qmax, rule.symmetric)
     return quantize(w, scale, zp, qmin, qmax, axis=axis), scale, zp
+
+
+def quantize_bipolar(w: np.ndarray, axis: int | None, counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(integers in {-1, +1}, scale, zero point 0) of ``w`` quantized to its sign, per channel along
+    ``axis`` (over the whole tensor when None): w >= 0 -> +1, else -1, as QONNX's BipolarQuant
+    (where(x >= 0, 1, -1) x scale; docs/qonnx-custom-ops/bipolarquant_v1.md). The scale is each
+    channel's mean |w|, which minimises ||w - scale x sign(w)||^2 (BinaryConnect, XNOR-Net), so
+    `dequantize` gives scale x sign(w) exactly. ``counts``: the number of real weights per channel
+    where some are padding zeros (per-block weights)."""
+    w = np.asarray(w, np.float32)
+    q = np.where(w >= 0, 1, -1).astype(np.int64)
+    magnitude = np.abs(w).astype(np.float64)
+    if axis is None:
+        total, n = magnitude.sum(), (w.size if counts is None else counts)
+    else:
+        total = np.moveaxis(magnitude, axis, 0).reshape(w.shape[axis], -1).sum(axis=1)
+        n = int(np.prod(w.shape)) // max(w.shape[axis], 1) if counts is None else np.asarray(counts, np.float64)
+    # A channel of zeros keeps a positive scale: QuantizeLinear and a bias at input x weight scale
+    # divide by it, and BipolarQuant gives back +scale only when scale > 0.
+    scale = np.maximum(np.asarray(total / np.maximum(n, 1)), _MIN_SCALE).astype(np.float32)
+    return q, scale, np.zeros(scale.shape, np.int64)
 
 
 def quantize_float8(x: np.ndarray, dtype: str, ranges: tuple[np.ndarray, np.ndarray], axis: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

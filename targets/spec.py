@@ -378,12 +378,23 @@ def load_target(name_or_path: str) -> TargetSpec:
     widths = {}
     for key, rule in (("allowed", weights), ("native", weights), ("activations", activations)):
         values = bits_data.get(key, [rule.bits])
-        if not isinstance(values, list) or not all(isinstance(b, int) and not isinstance(b, bool) and b >= 2 for b in values):
-            raise QCError(f"expected integer bit-widths >= 2, got {values}", file=f"{path}:bits.{key}")
+        # 1 bit is bipolar (sign x scale, QONNX BipolarQuant): weights only, and only where the
+        # weight rule is symmetric and signed, whose integers -1 and +1 it stores.
+        least = 1 if key == "allowed" else 2
+        if not isinstance(values, list) or not all(isinstance(b, int) and not isinstance(b, bool) and b >= least for b in values):
+            bipolar = " (1 bit, bipolar, is for weights only: [bits] allowed)" if key == "activations" and isinstance(values, list) and 1 in values else ""
+            weights_too = " (or 1: bipolar weights)" if key == "allowed" else ""
+            raise QCError(f"expected integer bit-widths >= 2{weights_too}, got {values}{bipolar}", file=f"{path}:bits.{key}")
+        if key == "allowed" and 1 in values and not rule.is_float8 and not (rule.symmetric and INTEGER_DTYPES[rule.dtype][3]):
+            raise QCError(
+                f"1-bit (bipolar) weights need a symmetric signed weight rule ([weights] here: {rule.dtype}, symmetric = {str(rule.symmetric).lower()}): drop 1 or change [weights]",
+                file=f"{path}:bits.{key}",
+            )
         # Widths above the dtype's cannot be stored (e.g. inherited by a target that narrows
         # weights to int4): they do not apply, and the dtype's own width always does.
         # 32 among the allowed weight widths lets assign-precision leave a layer float. A float8
-        # type has no narrower widths (a target extending an integer one inherits its list).
+        # type has no narrower widths (a target extending an integer one inherits its list, 1
+        # included).
         keep_float = key == "allowed" and FLOAT_WIDTH in values
         narrower = set() if rule.is_float8 else {b for b in values if b <= rule.bits}
         widths[key] = tuple(sorted(narrower | {rule.bits} | ({FLOAT_WIDTH} if keep_float else set())))
@@ -405,6 +416,9 @@ def load_target(name_or_path: str) -> TargetSpec:
     emit = data.get("emit", [])
     if stray := [e for e in emit if e not in EMITTERS]:
         raise QCError(f"unknown artifact {stray[0]!r} (known: {', '.join(EMITTERS)})", file=f"{path}:emit")
+    if "qnn-encodings" in emit and 1 in allowed:
+        # AIMET's encodings hold an affine range: two levels offset x s, (offset + 1) x s cannot say +-s.
+        raise QCError("1-bit (bipolar) weights cannot be written as QNN encodings: drop 1", file=f"{path}:bits.allowed")
     return TargetSpec(
         name=data["name"],
         description=data.get("description", ""),

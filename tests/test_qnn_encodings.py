@@ -68,3 +68,11 @@ def test_unknown_artifact_names_the_key(tmp_path: Path) -> None:
     with pytest.raises(QCError) as info:
         load_target(str(target))
     assert info.value.file == f"{target}:emit" and "qnn-encodings" in info.value.message
+
+
+def test_one_bit_weights_are_refused_for_qnn_encodings(tmp_path: Path) -> None:
+    target = tmp_path / "t.toml"
+    target.write_text('extends = "qnn"\n[bits]\nallowed = [1, 8]\n')
+    with pytest.raises(QCError) as info:
+        load_target(str(target))
+    assert info.value.file == f"{target}:bits.allowed"

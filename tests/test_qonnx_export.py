@@ -3,7 +3,8 @@ node (what FINN reads), computing exactly what onnxruntime computes on model.onn
 
 Quant nodes are executed here by lowering each to its definition in standard ops (qonnx's
 docs/qonnx-custom-ops/intquant_v1.md: clamp(round(x / scale + zeropt), qmin, qmax) - zeropt,
-times scale) and running the result in onnxruntime, so the test needs no qonnx install.
+times scale; bipolarquant_v1.md: where(x >= 0, 1, -1) x scale) and running the result in
+onnxruntime, so the test needs no qonnx install.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import onnx
 import onnx_ir as ir
 import pytest
 
+import subprocess
+import sys
+
 import qcompiler
 from qcompiler.errors import QCError
 from qcompiler.ir import NameAuthority, add_initializer, load_model
@@ -24,6 +28,10 @@ from qcompiler.targets.spec import load_target
 from tests.helpers import small_cnn
 
 MIXED = "infer-shapes,fold-constants,fold-batchnorm,hessian-trace,assign-precision{budget=bits=5,pareto-points=0,measure-below=0%s},calibrate,insert-qdq"
+#: An average below 2 bits per weight: some layer must get 1 bit (bipolar).
+BIPOLAR = "infer-shapes,fold-constants,fold-batchnorm,hessian-trace,assign-precision{budget=bits=1.5,pareto-points=0,measure-below=0},calibrate,insert-qdq"
+#: The QONNX quantizer ops the exporter writes.
+QUANTIZERS = ("Quant", "BipolarQuant")
 
 
 @pytest.fixture(scope="module")
@@ -54,15 +62,32 @@ def _inits(proto: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
 
 
+def _lower_bipolar(graph: ir.Graph, names: NameAuthority, node: ir.Node) -> list[ir.Node]:
+    """BipolarQuant(x, scale) as GreaterOrEqual, Where, Mul: where(x >= 0, 1, -1) x scale."""
+    assert not node.attributes and len(node.inputs) == 2
+    x, scale = node.inputs
+    zero = add_initializer(graph, names, "zero", np.asarray(0.0, np.float32))
+    plus = add_initializer(graph, names, "plus_one", np.asarray(1.0, np.float32))
+    minus = add_initializer(graph, names, "minus_one", np.asarray(-1.0, np.float32))
+    ge = ir.node("GreaterOrEqual", [x, zero])
+    where = ir.node("Where", [ge.outputs[0], plus, minus])
+    mul = ir.node("Mul", [where.outputs[0], scale])
+    return [ge, where, mul]
+
+
 def lower_quant(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """``proto`` with each Quant replaced by Div, Add, Clip, Round, Sub, Mul (its definition)."""
+    """``proto`` with each Quant replaced by Div, Add, Clip, Round, Sub, Mul (its definition), each
+    BipolarQuant by GreaterOrEqual, Where, Mul (its)."""
     model = ir.serde.deserialize_model(proto)
     graph = model.graph
     names = NameAuthority(graph)
     for node in list(graph):
         if node.domain != QONNX_DOMAIN:
             continue
-        assert node.op_type == "Quant", node.op_type
+        assert node.op_type in QUANTIZERS, node.op_type
+        if node.op_type == "BipolarQuant":
+            _replace(graph, names, node, _lower_bipolar(graph, names, node))
+            continue
         x, scale, zeropt, bitwidth = node.inputs
         bits = int(bitwidth.const_value.numpy())
         assert bits == bitwidth.const_value.numpy()
@@ -77,18 +102,24 @@ def lower_quant(proto: onnx.ModelProto) -> onnx.ModelProto:
         rnd = ir.node("Round", [clip.outputs[0]])
         sub = ir.node("Sub", [rnd.outputs[0], zeropt])
         mul = ir.node("Mul", [sub.outputs[0], scale])
-        graph.insert_before(node, [div, add, clip, rnd, sub, mul])
-        for n in (div, add, clip, rnd, sub, mul):
-            n.outputs[0].name = names.fresh(f"{node.name}_{n.op_type}")
-        out = node.outputs[0]
-        name = out.name
-        out.name = names.fresh(f"{name}_quant")
-        mul.outputs[0].name = name
-        mul.outputs[0].dtype, mul.outputs[0].shape = out.dtype, out.shape
-        out.replace_all_uses_with(mul.outputs[0], replace_graph_outputs=True)
-        graph.remove(node, safe=True)
+        _replace(graph, names, node, [div, add, clip, rnd, sub, mul])
     model.opset_imports.pop(QONNX_DOMAIN, None)
     return ir.serde.serialize_model(model)
+
+
+def _replace(graph: ir.Graph, names: NameAuthority, node: ir.Node, nodes: list[ir.Node]) -> None:
+    """Put ``nodes`` in place of ``node``; the last one's output takes over its output's name."""
+    graph.insert_before(node, nodes)
+    for n in nodes:
+        n.outputs[0].name = names.fresh(f"{node.name}_{n.op_type}")
+    last = nodes[-1].outputs[0]
+    out = node.outputs[0]
+    name = out.name
+    out.name = names.fresh(f"{name}_quant")
+    last.name = name
+    last.dtype, last.shape = out.dtype, out.shape
+    out.replace_all_uses_with(last, replace_graph_outputs=True)
+    graph.remove(node, safe=True)
 
 
 def _run(proto: onnx.ModelProto, x: np.ndarray, names: list[str]) -> dict[str, np.ndarray]:
@@ -101,7 +132,7 @@ def _check_same_numerics(out: Path) -> None:
     """model.qonnx.onnx (Quant nodes lowered to their definition) computes what onnxruntime
     computes on model.onnx, on every quantized tensor and on the outputs."""
     qonnx = onnx.load(out / "model.qonnx.onnx")
-    quantized = [n.output[0] for n in qonnx.graph.node if n.op_type == "Quant"]
+    quantized = [n.output[0] for n in qonnx.graph.node if n.op_type in QUANTIZERS]
     lowered = lower_quant(qonnx)
     reference = onnx.load(out / "model.onnx")
     for x in (np.random.default_rng(5).normal(0, 1, (32, 3, 8, 8)), np.random.default_rng(6).normal(0, 3, (16, 3, 8, 8))):
@@ -165,11 +196,14 @@ def test_mixed_widths_become_quant_bitwidths(tmp_path: Path, calib: Path, activa
     inits = _inits(proto)
     by_output = {o: n for n in proto.graph.node for o in n.output}
     quants = [n for n in proto.graph.node if n.op_type == "Quant"]
-    weights = {n.input[0]: n for n in quants if n.input[0] in inits}
+    weights = {n.input[0]: n for n in proto.graph.node if n.op_type in QUANTIZERS and n.input[0] in inits}
     assert set(weights) == set(chosen)
     for name, bits in chosen.items():
         n = weights[name]
-        assert inits[n.input[3]] == bits and _attrs(n)["narrow"] == 1
+        if bits == 1:
+            _check_bipolar(n, inits)
+            continue
+        assert n.op_type == "Quant" and inits[n.input[3]] == bits and _attrs(n)["narrow"] == 1
         lo, hi = _int_range(bits, 1, 1)
         q = np.round(inits[name] / inits[n.input[1]])
         assert np.array_equal(q * inits[n.input[1]], inits[name]) and q.min() >= lo and q.max() <= hi
@@ -179,6 +213,46 @@ def test_mixed_widths_become_quant_bitwidths(tmp_path: Path, calib: Path, activa
             after_relu = n.input[0] in by_output and by_output[n.input[0]].op_type == "Relu"
             assert inits[n.input[3]] == (act_bits - 1 if after_relu else act_bits)
     _check_same_numerics(tmp_path / "out")
+
+
+def _check_bipolar(n: onnx.NodeProto, inits: dict[str, np.ndarray]) -> None:
+    """A 1-bit weight: BipolarQuant (no attributes) of float values that are exactly +-scale per
+    output channel, so the node gives them back."""
+    assert n.op_type == "BipolarQuant" and n.domain == QONNX_DOMAIN and len(n.input) == 2 and not n.attribute
+    w, scale = inits[n.input[0]], inits[n.input[1]]
+    assert scale.dtype == np.float32 and scale.shape == (w.shape[0],) + (1,) * (w.ndim - 1) and np.all(scale > 0)
+    sign = np.where(w >= 0, 1, -1).astype(np.float32)
+    assert np.array_equal(sign * scale, w)
+
+
+def test_one_bit_weights_become_bipolar_quant(tmp_path: Path, calib: Path) -> None:
+    out = tmp_path / "out"
+    result = qcompiler.compile(small_cnn(), "qonnx", calibration=calib, pipeline=BIPOLAR, output_dir=out, verify=False)
+    stats = next(p.stats for p in result.report.passes if p.name == "assign-precision")
+    chosen = {w: layer["bits"] for w, layer in stats["layers"].items()}
+    bipolar = {w for w, bits in chosen.items() if bits == 1}
+    assert bipolar  # 1.5 bits per weight on average: some layer has 1
+    # model.onnx: int8 -1/+1 behind a DequantizeLinear with zero point 0 and scale mean |w|.
+    compiled_model = load_model(out / "model.onnx")
+    for dq in compiled_model.graph:
+        if dq.op_type == "DequantizeLinear" and dq.metadata_props.get("qc.source") in bipolar:
+            q = dq.inputs[0].const_value.numpy()
+            assert dq.inputs[0].dtype == ir.DataType.INT8 and set(np.unique(q)) == {-1, 1} and not np.any(dq.inputs[2].const_value.numpy())
+    proto = onnx.load(out / "model.qonnx.onnx")
+    onnx.checker.check_model(proto)
+    inits = _inits(proto)
+    quantizers = [n for n in proto.graph.node if n.domain == QONNX_DOMAIN]
+    assert {n.op_type for n in quantizers} == set(QUANTIZERS)
+    # BipolarQuant on exactly the 1-bit weights, Quant on the other weights and the activations.
+    assert {n.input[0] for n in quantizers if n.op_type == "BipolarQuant"} == bipolar
+    for n in quantizers:
+        if n.op_type == "BipolarQuant":
+            _check_bipolar(n, inits)
+        elif n.input[0] in inits:
+            assert inits[n.input[3]] == chosen[n.input[0]] >= 2
+    _check_same_numerics(out)
+    validate = subprocess.run([sys.executable, "-m", "qcompiler.cli", "validate", str(out / "model.onnx"), "--target", "qonnx"], capture_output=True, text=True)
+    assert validate.returncode == 0, validate.stdout + validate.stderr
 
 
 def test_model_is_not_changed_and_integer_passthrough_is_refused(calib: Path) -> None:

@@ -516,3 +516,46 @@ def test_op_costs_round_trip(tmp_path: Path) -> None:
     assert spec.cost.per_mac("Conv", "int8") == 0.5 and spec.cost.per_mac("Gemm", "int8") == spec.cost.mac["int8"]
     dumped = write(tmp_path / "d.toml", target_to_toml(spec))
     assert load_target(str(dumped)).cost == spec.cost
+
+
+# --------------------------------------------------------------------------------------------
+# 1-bit (bipolar) weights
+# --------------------------------------------------------------------------------------------
+
+
+def test_qonnx_allows_bipolar_weights() -> None:
+    qonnx = load_target("qonnx")
+    assert qonnx.bits.allowed[0] == 1 and 1 not in qonnx.bits.activations
+
+
+def test_one_bit_weights_on_a_symmetric_signed_rule(tmp_path: Path) -> None:
+    path = write(tmp_path / "t.toml", 'extends = "ort-cpu"\n[bits]\nallowed = [1, 2, 8]\n')
+    spec = load_target(str(path))
+    assert spec.bits.allowed == (1, 2, 8)
+    dumped = write(tmp_path / "d.toml", target_to_toml(spec))
+    assert load_target(str(dumped)).bits == spec.bits
+
+
+def test_float8_weights_drop_an_inherited_one_bit(tmp_path: Path) -> None:
+    path = write(tmp_path / "t.toml", 'extends = "qonnx"\nmin_opset = 19\n[weights]\ndtype = "float8e4m3fn"\nnarrow_range = false\n')
+    assert load_target(str(path)).bits.allowed == (8,)
+
+
+@pytest.mark.parametrize(
+    ("body", "key"),
+    [
+        ('extends = "qonnx"\n[weights]\nsymmetric = false\nnarrow_range = false\n', "bits.allowed"),  # asymmetric
+        ('extends = "ort-cpu"\n[weights]\ndtype = "uint8"\nnarrow_range = false\n[bits]\nallowed = [1, 8]\n', "bits.allowed"),  # unsigned
+        ('extends = "qonnx"\n[bits]\nactivations = [1, 8]\n', "bits.activations"),
+        ('extends = "ort-cpu"\n[bits]\nnative = [1, 8]\n', "bits.native"),
+        ('extends = "ort-cpu"\n[bits]\nallowed = [0, 8]\n', "bits.allowed"),
+    ],
+)
+def test_one_bit_errors(tmp_path: Path, body: str, key: str) -> None:
+    path = write(tmp_path / "t.toml", body)
+    exc = load_error(path)
+    assert_names(exc, path, key)
+    if key == "bits.allowed" and "[0, 8]" not in body:
+        assert "1-bit (bipolar) weights need a symmetric signed weight rule" in str(exc)
+    if key == "bits.activations":
+        assert "weights only" in str(exc)
