@@ -140,6 +140,13 @@ class AssignPrecision(Pass):
                 raise ValueError("options 'measure-below' must be >= 0 and 'measure-samples' >= 1")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
+        # Option checks first: the traces and measurements below take minutes on a deep model.
+        activation_bits = self.options.activation_bits or ctx.target.activations.bits
+        if activation_bits not in ctx.target.bits.activations:
+            raise QCError(f"{activation_bits}-bit activations are not allowed by target '{ctx.target.name}' (its [bits] activations: {list(ctx.target.bits.activations)})", pass_name=self.name, option="activation-bits")
+        if activation_bits < ctx.target.activations.bits and ctx.target.activations.bits == 16:
+            # Narrower widths are a Clip on the integer tensor; onnxruntime 1.32 has no 16-bit Clip.
+            raise QCError(f"{activation_bits}-bit activations inside {ctx.target.activations.dtype} need a Clip onnxruntime cannot run on 16-bit integers: use 16, or an 8-bit activation dtype", pass_name=self.name, option="activation-bits")
         # The traces the pipeline's hessian-trace pass computed (same options), else its defaults.
         analysis = ctx.facts.get(HESSIAN_FACT, HessianTrace(seed=ctx.seed))
         traces = ctx.analyses.get(analysis, model, ctx)
@@ -150,9 +157,6 @@ class AssignPrecision(Pass):
         hessian_only = omega.copy()
         measured = self._measure_narrow(model, ctx, layers, bits, traces.loss, omega)
         budget = Budget.parse(self.options.budget)
-        activation_bits = self.options.activation_bits or ctx.target.activations.bits
-        if activation_bits not in ctx.target.bits.activations:
-            raise QCError(f"{activation_bits}-bit activations are not allowed by target '{ctx.target.name}' (its [bits] activations: {list(ctx.target.bits.activations)})", pass_name=self.name, option="activation-bits")
         if self.options.activation_bits:
             ctx.facts[ACTIVATION_BITS_FACT] = activation_bits
         macs = None

@@ -20,7 +20,7 @@ from rich.table import Table
 from qcompiler.errors import QCError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="qcompiler: quantize ONNX models for a target backend and verify them with onnxruntime.")
-targets_app = typer.Typer(help="List the built-in targets, or show one.", invoke_without_command=True)
+targets_app = typer.Typer(help="List the built-in targets, show one, or measure a cost table on this machine (qc target measure).", invoke_without_command=True)
 app.add_typer(targets_app, name="targets")
 # `qc target measure ...` reads naturally too; one group, two names.
 app.add_typer(targets_app, name="target", hidden=True)

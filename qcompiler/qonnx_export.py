@@ -1,10 +1,11 @@
 """The compiled QDQ model rewritten in QONNX, the dialect FINN and hls4ml read.
 
 onnxruntime needs quantization spelled with standard ops: QuantizeLinear -> DequantizeLinear,
-with a Clip between them when a width is narrower than its int8 type ("QCDQ"), and integer
-weights behind a DequantizeLinear. FINN reads none of that: it wants the custom ``Quant`` op of
-the ``qonnx.custom_op.general`` domain (opset 1), ``Quant(x, scale, zeropt, bitwidth)`` with
-attributes ``signed``, ``narrow`` and ``rounding_mode``, computing
+with a Clip between them when a width is narrower than its integer type ("QCDQ"; int8, or int16
+for widths up to 16 at opset 21), and integer or float8 weights behind a DequantizeLinear. FINN
+reads none of that: it wants the custom ``Quant`` op of the ``qonnx.custom_op.general`` domain
+(opset 1), ``Quant(x, scale, zeropt, bitwidth)`` with attributes ``signed``, ``narrow`` and
+``rounding_mode``, computing
 ``y = (clamp(round(x / scale + zeropt), qmin, qmax) - zeropt) * scale``
 (fastmachinelearning/qonnx, docs/qonnx-custom-ops/intquant_v1.md), on float weights as well as on
 activations. This module writes the same numerics that way, so ``model.qonnx.onnx`` and
@@ -29,6 +30,26 @@ activations. This module writes the same numerics that way, so ``model.qonnx.onn
   (docs/qonnx-custom-ops/bipolarquant_v1.md): with scale > 0 those are again exactly the values,
   and 0 would map to +1, as the quantizer maps it. The scale broadcasts as a Quant's does. A
   Quant cannot say this: its 1-bit signed range is {-1, 0} (narrow: {0}).
+- float8 quantizers (float8e4m3fn or float8e5m2 QuantizeLinear -> DequantizeLinear chains and
+  float8 weights behind a DequantizeLinear, opset 19) become ``FloatQuant(x, scale,
+  exponent_bitwidth, mantissa_bitwidth, exponent_bias, max_val)`` nodes (same domain, opset 1;
+  docs/qonnx-custom-ops/floatquant_v1.md, src/qonnx/custom_op/general/floatquant.py), which
+  compute x / scale rounded half-to-even to the minifloat with that exponent and mantissa width
+  and exponent bias (subnormals included: the smallest step is 2^(1 - bias - mantissa)), clamped
+  to +-max_val, times scale. E4M3FN is (4, 3, 7, 448), E5M2 (5, 2, 15, 57344): max_val is the
+  largest finite value, below what the widths alone give (480, 114688) because E4M3FN spends its
+  top code on NaN and E5M2 its top exponent on inf/NaN. QuantizeLinear to float8 saturates
+  (``saturate = 1``, the only mode written here) and rounds half-to-even, so FloatQuant gives the
+  same values bit for bit. The attributes describe the format to backends and do not change the
+  computation: ``has_inf`` (named so in qonnx's implementation, which requires it; the spec page
+  calls it ``has_infinity``), ``has_nan``, ``has_subnormal`` = 1, ``saturation`` = 1,
+  ``rounding_mode`` = "ROUND", as Brevitas exports its FP8 quantizers
+  (src/qonnx/data/onnx/floatquant_exec/qonnx_act_weight_fp8.onnx). A float8 weight becomes its
+  float values (``float8 x scale``, what DequantizeLinear computes) followed by a FloatQuant
+  whose scale is shaped as a Quant's; ``value / scale`` in float32 lies within a float32 rounding
+  of the float8 value, so the FloatQuant rounds it back exactly. There is no ``signed``: FloatQuant
+  is always signed, so no unsigned rewrite after a Relu either. FINN's streamlining converts
+  Quant nodes only; FloatQuant is for hls4ml and the qonnx tools.
 - an int32 bias behind a DequantizeLinear is written as its dequantized float values with no
   Quant: FINN moves a bias into an Add (ExtractBiasFromConv) and absorbs float Adds into the next
   activation's thresholds; Brevitas layers, which produce most QONNX models, default to a float
@@ -46,6 +67,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -71,6 +93,25 @@ _INT_TYPES: dict[ir.DataType, tuple[int, bool]] = {
     ir.DataType.INT16: (16, True),
     ir.DataType.UINT16: (16, False),
     ir.DataType.INT32: (32, True),
+}
+
+
+class FloatFormat(NamedTuple):
+    """A FloatQuant's parameters: the minifloat a float8 type is."""
+
+    exponent_bitwidth: int
+    mantissa_bitwidth: int
+    exponent_bias: int
+    max_val: float
+    has_inf: bool
+    has_nan: bool
+
+
+#: The float8 types QuantizeLinear/DequantizeLinear may carry (those targets can choose) as
+#: FloatQuant parameters; both have subnormals.
+FLOAT8_FORMATS: dict[ir.DataType, FloatFormat] = {
+    ir.DataType.FLOAT8E4M3FN: FloatFormat(4, 3, 7, 448.0, has_inf=False, has_nan=True),
+    ir.DataType.FLOAT8E5M2: FloatFormat(5, 2, 15, 57344.0, has_inf=True, has_nan=True),
 }
 
 
@@ -121,6 +162,27 @@ class _Exporter:
         attrs = [ir.AttrInt64("signed", int(signed)), ir.AttrInt64("narrow", int(narrow)), ir.AttrString("rounding_mode", "ROUND")]
         return ir.Node(QONNX_DOMAIN, "Quant", [x, s, z, b], attrs, name=self.names.fresh(f"{base}_Quant"))
 
+    def _float_quant(self, x: ir.Value, scale: np.ndarray, fmt: FloatFormat, base: str) -> ir.Node:
+        """A FloatQuant node reading ``x`` with fresh float32 parameter initializers."""
+        params = [
+            self._initializer(f"{base}_floatquant_{name}", np.asarray(value, np.float32))
+            for name, value in (
+                ("scale", scale),
+                ("exponent_bitwidth", float(fmt.exponent_bitwidth)),
+                ("mantissa_bitwidth", float(fmt.mantissa_bitwidth)),
+                ("exponent_bias", float(fmt.exponent_bias)),
+                ("max_val", fmt.max_val),
+            )
+        ]
+        attrs = [
+            ir.AttrInt64("has_inf", int(fmt.has_inf)),
+            ir.AttrInt64("has_nan", int(fmt.has_nan)),
+            ir.AttrInt64("has_subnormal", 1),
+            ir.AttrInt64("saturation", 1),
+            ir.AttrString("rounding_mode", "ROUND"),
+        ]
+        return ir.Node(QONNX_DOMAIN, "FloatQuant", [x, *params], attrs, name=self.names.fresh(f"{base}_FloatQuant"))
+
     def _take_over(self, new: ir.Value, old: ir.Value, like: ir.Value) -> None:
         """Give ``new`` the name, type and readers (graph outputs included) of ``old``."""
         name = old.name
@@ -141,7 +203,11 @@ class _Exporter:
             raise QCError("QuantizeLinear with a computed scale or zero point: QONNX export needs constants", node=q.name)
         if scale.size != 1:
             raise QCError("per-channel activation quantizer: QONNX export handles per-tensor activations", node=q.name)
-        width, signed = _int_type(q_out) if q_out.dtype is not None else _INT_TYPES[zp_value.dtype if zp_value is not None else ir.DataType.UINT8]
+        out_type = q_out.dtype if q_out.dtype is not None else (zp_value.dtype if zp_value is not None else ir.DataType.UINT8)
+        if out_type in FLOAT8_FORMATS:
+            self._float_activation(q, x, scale, zp, FLOAT8_FORMATS[out_type])
+            return
+        width, signed = _int_type(q_out) if q_out.dtype is not None else _INT_TYPES[out_type]
         lo, hi = quant_range(width, signed, False)
         clips = [n for n in q_out.consumers() if _is_standard(n, "Clip")]
         readers = [n for n in q_out.consumers() if not _is_standard(n, "Clip")]
@@ -155,10 +221,35 @@ class _Exporter:
             lo, hi = max(lo, int(bounds[0])), min(hi, int(bounds[1]))
             readers = list(narrowed_by.outputs[0].consumers())
         bits, narrow = _format_of_range(lo, hi, signed)
+        dqs = self._dequantizers(q, readers, scale, zp)
+        producer = x.producer()
+        if signed and producer is not None and _is_standard(producer, "Relu") and not np.any(zp) and bits >= 2:
+            # x >= 0: clamp(round(x/s), -(2^(b-1)) [+1], 2^(b-1)-1) == clamp(round(x/s), 0, 2^(b-1)-1).
+            bits, signed, narrow = bits - 1, False, False
+        base = dqs[0].outputs[0].metadata_props.get(SOURCE_KEY) or x.name
+        quant = self._quant(x, scale.reshape(()), zp.astype(np.float32).reshape(()), bits, signed, narrow, base)
+        self._replace_chain(q, quant, dqs, narrowed_by, base)
+
+    def _float_activation(self, q: ir.Node, x: ir.Value, scale: np.ndarray, zp: np.ndarray, fmt: FloatFormat) -> None:
+        """A float8 QuantizeLinear -> DequantizeLinear chain as one FloatQuant."""
+        if "saturate" in q.attributes and q.attributes["saturate"].as_int() == 0:
+            raise QCError("float8 QuantizeLinear with saturate = 0 (overflow to NaN/inf): the FloatQuant written is saturating", node=q.name)
+        if np.any(zp.astype(np.float32)):
+            raise QCError("float8 QuantizeLinear with a non-zero zero point: FloatQuant has none", node=q.name)
+        readers = list(q.outputs[0].consumers())
+        if clip := next((n for n in readers if _is_standard(n, "Clip")), None):
+            raise QCError("Clip on a float8 tensor: FloatQuant has no range narrower than its format's", node=clip.name)
+        dqs = self._dequantizers(q, readers, scale, zp)
+        base = dqs[0].outputs[0].metadata_props.get(SOURCE_KEY) or x.name
+        self._replace_chain(q, self._float_quant(x, scale.astype(np.float32).reshape(()), fmt, base), dqs, None, base)
+
+    def _dequantizers(self, q: ir.Node, readers: list[ir.Node], scale: np.ndarray, zp: np.ndarray) -> list[ir.Node]:
+        """``readers`` (of ``q``'s output, or of its Clip's), all DequantizeLinear nodes undoing
+        ``q``; QCError otherwise."""
         dqs = [n for n in readers if _is_standard(n, "DequantizeLinear")]
         if stray := [n for n in readers if n not in dqs]:
             raise QCError(
-                f"{stray[0].op_type} '{stray[0].name}' runs on the integer tensor: QONNX has float tensors only; compile with integer_passthrough = [] in the target",
+                f"{stray[0].op_type} '{stray[0].name}' runs on the quantized (integer or float8) tensor: QONNX has float tensors only; compile with integer_passthrough = [] in the target",
                 node=q.name,
             )
         if not dqs:
@@ -168,12 +259,10 @@ class _Exporter:
             dq_zp = constant_array(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else np.zeros_like(zp)
             if dq_scale is None or dq_zp is None or not (np.array_equal(dq_scale.reshape(-1), scale.reshape(-1)) and np.array_equal(dq_zp.reshape(-1), zp.reshape(-1))):
                 raise QCError("DequantizeLinear does not undo its QuantizeLinear (another scale or zero point)", node=dq.name)
-        producer = x.producer()
-        if signed and producer is not None and _is_standard(producer, "Relu") and not np.any(zp) and bits >= 2:
-            # x >= 0: clamp(round(x/s), -(2^(b-1)) [+1], 2^(b-1)-1) == clamp(round(x/s), 0, 2^(b-1)-1).
-            bits, signed, narrow = bits - 1, False, False
-        base = dqs[0].outputs[0].metadata_props.get(SOURCE_KEY) or x.name
-        quant = self._quant(x, scale.reshape(()), zp.astype(np.float32).reshape(()), bits, signed, narrow, base)
+        return dqs
+
+    def _replace_chain(self, q: ir.Node, quant: ir.Node, dqs: list[ir.Node], narrowed_by: ir.Node | None, base: str) -> None:
+        """Put ``quant`` in place of ``q`` -> [``narrowed_by``] -> ``dqs``."""
         quant.metadata_props[SOURCE_KEY] = base
         self.graph.insert_after(q, quant)
         for i, dq in enumerate(dqs):
@@ -191,6 +280,9 @@ class _Exporter:
         q_value, out = dq.inputs[0], dq.outputs[0]
         if "block_size" in dq.attributes and dq.attributes["block_size"].as_int() > 0:
             raise QCError("block-wise DequantizeLinear (block_size): QONNX Quant has no blocked scales", node=dq.name)
+        if q_value.dtype in FLOAT8_FORMATS:
+            self._float_constant(dq, FLOAT8_FORMATS[q_value.dtype])
+            return
         width, signed = _int_type(q_value)
         q = q_value.const_value.numpy().astype(np.int64)
         scale = constant_array(dq.inputs[1])
@@ -234,6 +326,35 @@ class _Exporter:
         self._take_over(quant.outputs[0], out, like=out)
         self.graph.remove(dq, safe=True)
 
+    def _float_constant(self, dq: ir.Node, fmt: FloatFormat) -> None:
+        """A float8 weight: its float values (float8 x scale, what the DequantizeLinear computes)
+        followed by a FloatQuant with the same scale, which gives them back bit for bit. The
+        width assign-precision recorded does not apply: a float8 weight is float8 at any width."""
+        q_value, out = dq.inputs[0], dq.outputs[0]
+        q = q_value.const_value.numpy().astype(np.float32)
+        scale = constant_array(dq.inputs[1])
+        zp_value = dq.inputs[2] if len(dq.inputs) > 2 else None
+        zp = constant_array(zp_value) if zp_value is not None else np.zeros((), np.float32)
+        if scale is None or zp is None:
+            raise QCError("DequantizeLinear of a constant with a computed scale or zero point", node=dq.name)
+        if np.any(zp.astype(np.float32)):
+            raise QCError("float8 DequantizeLinear with a non-zero zero point: FloatQuant has none", node=dq.name)
+        axis = dq.attributes["axis"].as_int() if "axis" in dq.attributes else 1
+        shape = [1] * q.ndim
+        if scale.size > 1:
+            shape[axis % q.ndim] = -1
+        scale = scale.astype(np.float32).reshape(shape if scale.size > 1 else ())
+        values = q * scale
+        source = dq.metadata_props.get(SOURCE_KEY) or out.metadata_props.get(SOURCE_KEY) or q_value.name
+        base = source if source not in self.graph.initializers and not any(v.name == source for v in self.graph.inputs) else f"{source}_float"
+        float_value = self._initializer(base, values)
+        float_value.metadata_props[SOURCE_KEY] = source
+        quant = self._float_quant(float_value, scale, fmt, source)
+        quant.metadata_props[SOURCE_KEY] = source
+        self.graph.insert_before(dq, quant)
+        self._take_over(quant.outputs[0], out, like=out)
+        self.graph.remove(dq, safe=True)
+
     def _bipolar(self, dq: ir.Node, float_value: ir.Value, q: np.ndarray, scale: np.ndarray, zp: np.ndarray, signed: bool, source: str) -> None:
         """A 1-bit weight: ``float_value`` (exactly q x scale) followed by BipolarQuant(x, scale),
         which gives where(x >= 0, 1, -1) x scale, the same values when every scale is > 0."""
@@ -258,8 +379,8 @@ class _Exporter:
 
 def qonnx_model(model: ir.Model, target: TargetSpec, weight_bits: Mapping[str, int] | None = None) -> onnx.ModelProto:
     """``model`` (a QDQ model compiled for ``target``) with every quantizer written as a QONNX Quant
-    node; ``weight_bits`` are the widths assign-precision chose, by weight name. ``model`` is not
-    changed."""
+    node (BipolarQuant for a 1-bit weight, FloatQuant for a float8 type); ``weight_bits`` are the
+    widths assign-precision chose, by weight name. ``model`` is not changed."""
     work = ir.serde.deserialize_model(to_proto(model))
     exporter = _Exporter(work, target, weight_bits or {})
     for node in list(work.graph):
