@@ -285,18 +285,8 @@ class _Exporter:
             return
         width, signed = _int_type(q_value)
         q = q_value.const_value.numpy().astype(np.int64)
-        scale = constant_array(dq.inputs[1])
-        zp_value = dq.inputs[2] if len(dq.inputs) > 2 else None
-        zp = constant_array(zp_value) if zp_value is not None else np.zeros((), np.int64)
-        if scale is None or zp is None:
-            raise QCError("DequantizeLinear of a constant with a computed scale or zero point", node=dq.name)
-        # Per-channel parameters broadcast along the axis attribute (DequantizeLinear's default: 1).
-        axis = dq.attributes["axis"].as_int() if "axis" in dq.attributes else 1
-        shape = [1] * q.ndim
-        if scale.size > 1:
-            shape[axis % q.ndim] = -1
-        scale = scale.astype(np.float32).reshape(shape if scale.size > 1 else ())
-        zp = zp.astype(np.int64).reshape(shape if zp.size > 1 else ())
+        scale, zp = _constant_params(dq, q.ndim)
+        zp = zp.astype(np.int64)
         # What DequantizeLinear computes: (q - zero point) in float32, times the float32 scale.
         values = (q - zp).astype(np.float32) * scale
         source = dq.metadata_props.get(SOURCE_KEY) or out.metadata_props.get(SOURCE_KEY) or q_value.name
@@ -332,18 +322,9 @@ class _Exporter:
         width assign-precision recorded does not apply: a float8 weight is float8 at any width."""
         q_value, out = dq.inputs[0], dq.outputs[0]
         q = q_value.const_value.numpy().astype(np.float32)
-        scale = constant_array(dq.inputs[1])
-        zp_value = dq.inputs[2] if len(dq.inputs) > 2 else None
-        zp = constant_array(zp_value) if zp_value is not None else np.zeros((), np.float32)
-        if scale is None or zp is None:
-            raise QCError("DequantizeLinear of a constant with a computed scale or zero point", node=dq.name)
+        scale, zp = _constant_params(dq, q.ndim)
         if np.any(zp.astype(np.float32)):
             raise QCError("float8 DequantizeLinear with a non-zero zero point: FloatQuant has none", node=dq.name)
-        axis = dq.attributes["axis"].as_int() if "axis" in dq.attributes else 1
-        shape = [1] * q.ndim
-        if scale.size > 1:
-            shape[axis % q.ndim] = -1
-        scale = scale.astype(np.float32).reshape(shape if scale.size > 1 else ())
         values = q * scale
         source = dq.metadata_props.get(SOURCE_KEY) or out.metadata_props.get(SOURCE_KEY) or q_value.name
         base = source if source not in self.graph.initializers and not any(v.name == source for v in self.graph.inputs) else f"{source}_float"
@@ -401,3 +382,18 @@ def write_qonnx_model(model: ir.Model, target: TargetSpec, folder: Path, weight_
     path = Path(folder) / FILENAME
     write_file_atomically(path, qonnx_model(model, target, weight_bits).SerializeToString())
     return path
+
+
+def _constant_params(dq: ir.Node, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """Scale (float32) and zero point of a weight's DequantizeLinear, shaped to broadcast against
+    a rank-``rank`` weight along its axis attribute (DequantizeLinear's default: 1)."""
+    scale = constant_array(dq.inputs[1])
+    zp_value = dq.inputs[2] if len(dq.inputs) > 2 else None
+    zp = constant_array(zp_value) if zp_value is not None else np.zeros((), np.int64)
+    if scale is None or zp is None:
+        raise QCError("DequantizeLinear of a constant with a computed scale or zero point", node=dq.name)
+    axis = dq.attributes["axis"].as_int() if "axis" in dq.attributes else 1
+    shape = [1] * rank
+    if scale.size > 1:
+        shape[axis % rank] = -1
+    return scale.astype(np.float32).reshape(shape if scale.size > 1 else ()), np.asarray(zp).reshape(shape if np.asarray(zp).size > 1 else ())
