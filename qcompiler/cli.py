@@ -297,7 +297,7 @@ def targets_measure(
     target: Annotated[str, typer.Argument(help="Built-in target name or a .toml file.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Target file to write: extends TARGET, with the measured [cost].")],
     model: Annotated[Optional[Path], typer.Option("--model", help="Measure this model's own Conv/Gemm/MatMul layers instead of representative ones.")] = None,
-    runs: Annotated[int, typer.Option("--runs", min=10, help="Timed runs per layer and dtype.")] = 60,
+    runs: Annotated[int, typer.Option("--runs", min=10, help="Timed runs per layer and dtype.")] = 300,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
 ) -> None:
     """Measure per-op latency by weight dtype in onnxruntime on this machine; write a target file with it."""

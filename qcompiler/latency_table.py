@@ -4,7 +4,7 @@ A target's ``[cost]`` table drives latency budgets (``assign-precision{budget=la
 figures depend on the machine and the runtime, so this measures them: for every op type the target
 quantizes (that has a weight), single-layer models run in onnxruntime in float and as the target
 compiles them at each native weight width, timed with the verifier's interleaved timing, same
-session options. Each variant runs once and four times side by side on the same input; the
+session options. Each variant runs once and eight times side by side on the same input; the
 difference is the layer's own time, free of what a session run costs besides its kernels. A QDQ
 layer reads and writes integers, as between quantized neighbours. The cost of a dtype is its time
 over the float layer's. The layers are either
@@ -41,7 +41,7 @@ from qcompiler.verify import interleaved_latency
 
 WEIGHT_OPS = ("Conv", "Gemm", "MatMul")
 #: Side-by-side copies of a layer in its second timed model (see `measure`).
-COPIES = 4
+COPIES = 8
 
 
 @dataclass
@@ -180,7 +180,7 @@ def _integer_boundaries(model: ir.Model) -> ir.Model:
     return model
 
 
-def measure(target: TargetSpec, layers: list[Layer] | None = None, *, runs: int = 60, block: int = 10, progress: ProgressFactory = null_progress) -> CostTable:
+def measure(target: TargetSpec, layers: list[Layer] | None = None, *, runs: int = 300, block: int = 10, progress: ProgressFactory = null_progress) -> CostTable:
     """Time each layer in float and at each of the target's native weight widths."""
     layers = layers or representative_layers()
     ops = [l for l in layers if l.op_type in target.ops.quantized]
