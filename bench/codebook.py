@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_ort import REPO, RESULTS, SHARED, Bars, _f, _tail, cifar, rel, shell_line  # noqa: E402
+from compare_ort import REPO, RESULTS, SHARED, Bars, _f, _tail, cifar, exit_status, rel, shell_line  # noqa: E402
 
 sys.path.insert(0, str(REPO / "models"))
 import train_lenet5_mnist as mnist  # noqa: E402
@@ -265,8 +265,7 @@ def main() -> None:
     if args.from_json:
         rows = [Row(**{k: v for k, v in r.items() if k != "drop_pts"}) for r in json.loads(args.from_json.read_text())["rows"]]
         print_table(rows)
-        checks(rows)
-        return
+        sys.exit(exit_status(checks(rows)))
     start = time.perf_counter()
     rows = []
     for setup in prepare([m.strip() for m in args.models.split(",")], args.quick):
@@ -286,6 +285,7 @@ def main() -> None:
     print(f"\ntotal run time {time.perf_counter() - start:.0f} s")
     args.json.write_text(json.dumps({"rows": [asdict(r) | {"drop_pts": r.drop_pts} for r in rows], "checks": results}, indent=2))
     print(f"wrote {rel(args.json)}")
+    sys.exit(exit_status(results))
 
 
 if __name__ == "__main__":

@@ -353,6 +353,11 @@ class Bars:
         print(f"{verdict}  {who:<9} {text}")
 
 
+def exit_status(results: list[dict]) -> int:
+    """What a bench exits with: 1 when a bar failed, so scripts and CI can tell."""
+    return 1 if any(c["result"] == "FAIL" for c in results) else 0
+
+
 def checks(networks: list[Network], rows: list[Row]) -> list[dict]:
     """The bars of qcompiler against onnxruntime's quantizer, one PASS/FAIL line each."""
     bars = Bars("network")
@@ -432,6 +437,7 @@ def main() -> None:
         }
         args.json.write_text(json.dumps(payload, indent=2))
         print(f"wrote {rel(args.json)}")
+    sys.exit(exit_status(results))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 # Shared helpers of the other bench: paths, the CIFAR-10 preprocessing module, log tail, formatting.
-from compare_ort import RESULTS, SHARED, Bars, _f, _tail, cifar, rel, shell_line  # noqa: E402
+from compare_ort import RESULTS, SHARED, Bars, _f, _tail, cifar, exit_status, rel, shell_line  # noqa: E402
 
 MODELS = {"resnet20": "cifar10_resnet20.onnx", "resnet56": "cifar10_resnet56.onnx"}
 BUDGETS = (0.35, 0.5, 0.6, 0.75)
@@ -327,9 +327,9 @@ def main() -> None:
         rows = [Row(**{k: v for k, v in r.items() if k != "delta_pts"}) for r in stored["rows"]]
         spearman_rows = [Row(**r) for r in stored["spearman"]]
         print_table(rows, spearman_rows)
-        checks(rows, spearman_rows, stored["trace_seconds_resnet20"], stored["ilp_seconds"])
+        results = checks(rows, spearman_rows, stored["trace_seconds_resnet20"], stored["ilp_seconds"])
         print_published()
-        return
+        sys.exit(exit_status(results))
     names = [n.strip() for n in (args.models or ("resnet20" if args.quick else ",".join(MODELS))).split(",") if n.strip()]
     if unknown := [n for n in names if n not in MODELS]:
         parser.error(f"unknown model(s) {unknown}; choose from {','.join(MODELS)}")
@@ -375,6 +375,7 @@ def main() -> None:
         }
         args.json.write_text(json.dumps(payload, indent=2))
         print(f"wrote {rel(args.json)}")
+    sys.exit(exit_status(results))
 
 
 if __name__ == "__main__":

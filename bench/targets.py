@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_ort import REPO, RESULTS, SHARED, Bars, _tail, cifar, rel, shell_line  # noqa: E402
+from compare_ort import REPO, RESULTS, SHARED, Bars, _tail, cifar, exit_status, rel, shell_line  # noqa: E402
 
 sys.path.insert(0, str(REPO))
 from qcompiler.targets.spec import list_targets, load_target  # noqa: E402
@@ -169,8 +169,7 @@ def main() -> None:
             target = next((c.split("--target ")[1].split()[0] for c in r.commands if " compile " in c), r.target)
             r.int8 = _is_int8(target)
         print_table(rows)
-        results = checks(rows)
-        sys.exit(1 if any(c["result"] == "FAIL" for c in results) else 0)
+        sys.exit(exit_status(checks(rows)))
     models = (args.models or ("resnet20" if args.quick else "resnet20,resnet56")).split(",")
     RESULTS.mkdir(parents=True, exist_ok=True)
     count = 2000 if args.quick else None
@@ -197,8 +196,7 @@ def main() -> None:
     results = checks(rows)
     args.json.write_text(json.dumps({"rows": [asdict(r) for r in rows], "checks": results}, indent=2))
     print(f"\nwrote {rel(args.json)}")
-    if any(c["result"] == "FAIL" for c in results):
-        sys.exit(1)
+    sys.exit(exit_status(results))
 
 
 if __name__ == "__main__":
