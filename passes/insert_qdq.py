@@ -18,7 +18,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 import onnx
@@ -35,11 +34,10 @@ from qcompiler.quant.observers import Observer
 from qcompiler.quant.uniform import affine_params, dequantize, quantize
 from qcompiler.registry import register_pass
 from qcompiler.cost_model import storage_dtype
-from qcompiler.sensitivity import WeightRange, block_axis, dequantize_weight, quantize_float8, quantize_weight, weight_qrange
-from qcompiler.targets.spec import FLOAT8_DTYPES, FLOAT_WIDTH, INTEGER_DTYPES, TargetSpec, TensorRule
+from qcompiler.sensitivity import FLOAT8_NUMPY, WeightRange, block_axis, dequantize_weight, quantize_float8, quantize_weight, weight_qrange
+from qcompiler.targets.spec import FLOAT_WIDTH, INTEGER_DTYPES, IR_TYPES, TargetSpec, TensorRule
 
-_NP_DTYPES = {"int4": np.int8, "uint4": np.uint8, "int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16, "int32": np.int32, "float8e4m3fn": ml_dtypes.float8_e4m3fn, "float8e5m2": ml_dtypes.float8_e5m2}
-_IR_DTYPES = {"int4": ir.DataType.INT4, "uint4": ir.DataType.UINT4, "float8e4m3fn": ir.DataType.FLOAT8E4M3FN, "float8e5m2": ir.DataType.FLOAT8E5M2}
+_NP_DTYPES = {"int4": np.int8, "uint4": np.uint8, "int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16, "int32": np.int32, **FLOAT8_NUMPY}
 
 
 class _UnionFind:
@@ -590,14 +588,10 @@ class _Rewriter:
 
     @staticmethod
     def _ir_dtype(dtype: str) -> ir.DataType:
-        return _IR_DTYPES.get(dtype) or ir.DataType.from_numpy(np.dtype(_NP_DTYPES[dtype]))
+        return IR_TYPES[dtype]
 
     def _as_qtype(self, array: np.ndarray, dtype: str) -> ir.TensorProtocol:
-        if dtype in FLOAT8_DTYPES:
-            return ir.tensor(np.asarray(array).astype(_NP_DTYPES[dtype]))
-        if dtype in _IR_DTYPES:
-            return ir.tensor(np.asarray(array).astype(_NP_DTYPES[dtype]), dtype=_IR_DTYPES[dtype])
-        return ir.tensor(np.asarray(array).astype(_NP_DTYPES[dtype]))
+        return ir.tensor(np.asarray(array).astype(_NP_DTYPES[dtype]), dtype=IR_TYPES[dtype])
 
     def _drop_if_unused(self, value: ir.Value) -> None:
         if not value.uses() and value.name in self.graph.initializers and not value.is_graph_input() and not value.is_graph_output():

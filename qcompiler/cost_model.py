@@ -21,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.errors import QCError
+from qcompiler.ir import SOURCE_KEY
 from qcompiler.targets.spec import FLOAT_WIDTH, TargetSpec
 
 
@@ -86,7 +87,7 @@ def predicted_speedup(model: ir.Model, target: TargetSpec, weight_bits: dict[str
         producer = w.producer()
         if producer is not None and producer.op_type == "DequantizeLinear" and producer.inputs[0] is not None and producer.inputs[0].const_value is not None:
             shape = tuple(producer.inputs[0].const_value.shape)
-            source = producer.metadata_props.get("qc.source", "")
+            source = producer.metadata_props.get(SOURCE_KEY, "")
             dtype = storage_dtype(target, weight_bits.get(source, default))
         elif w.const_value is not None:
             shape, dtype = tuple(w.const_value.shape), "float32"

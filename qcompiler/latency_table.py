@@ -29,7 +29,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from qcompiler.cost_model import storage_dtype
+from qcompiler.cost_model import node_macs, storage_dtype
 from qcompiler.data import DataSource
 from qcompiler.errors import QCError
 from qcompiler.ir import annotate_types, to_proto
@@ -139,8 +139,7 @@ def model_layers(model: ir.Model) -> list[Layer]:
         x_shape, y_shape = (1, *dims[0][1:]), (1, *dims[1][1:])
         w = node.inputs[roles.weight].const_value.numpy().astype(np.float32)
         attrs = {k: a.value for k, a in node.attributes.items()}
-        macs = int(np.prod(y_shape)) * (w.size // (w.shape[0] if node.op_type == "Conv" else w.shape[roles.weight_axis]))
-        layers.append(Layer(node.op_type, node.name, x_shape, y_shape, w, attrs, macs))
+        layers.append(Layer(node.op_type, node.name, x_shape, y_shape, w, attrs, node_macs(node, w.shape)))
     if not layers:
         raise QCError("no Conv/Gemm/MatMul with a constant weight and static shapes to measure", option="--model")
     return layers
@@ -201,7 +200,7 @@ def measure(target: TargetSpec, layers: list[Layer] | None = None, *, runs: int 
             sessions = [make_session(p, optimize=True, what=f"{layer.name} layer") for p in protos]
             ms = _time(sessions, layer.input_shape, rng, cycles=max(1, runs // block), block=block)
             per_layer = [max((many - one) / (COPIES - 1), 1e-6) for one, many in zip(ms[::2], ms[1::2])]
-            table = sums.setdefault(layer.op_type, {"float32": [0.0, 0.0], **{d: [0.0, 0.0] for d in dtypes}})
+            table = sums.setdefault(layer.op_type, {d: [0.0, 0.0] for d in dtypes})
             for dtype, t in zip(dtypes, per_layer[1:]):
                 table[dtype][0] += per_layer[0]
                 table[dtype][1] += t
@@ -210,8 +209,8 @@ def measure(target: TargetSpec, layers: list[Layer] | None = None, *, runs: int 
     source = f"qc target measure {target.name}: {len(ops)} layers, onnxruntime {ort.__version__}, {platform.machine()} {platform.processor() or ''} x{_cores()}, {date}".replace("  ", " ")
     result = CostTable(target=target.name, source=source)
     for op_type, table in sums.items():
-        result.op[op_type] = {"float32": 1.0, **{d: t[1] / t[0] for d, t in table.items() if d != "float32"}}
-        result.timings[op_type] = {d: (t[0], t[1]) for d, t in table.items() if d != "float32"}
+        result.op[op_type] = {"float32": 1.0, **{d: t[1] / t[0] for d, t in table.items()}}
+        result.timings[op_type] = {d: (t[0], t[1]) for d, t in table.items()}
     return result
 
 

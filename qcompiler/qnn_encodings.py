@@ -20,13 +20,12 @@ import onnx_ir as ir
 
 from qcompiler.ir import SOURCE_KEY, constant_array, write_file_atomically
 from qcompiler.op_roles import input_roles
-from qcompiler.targets.spec import TargetSpec
+from qcompiler.targets.spec import INTEGER_BITS, TargetSpec
 
-_BITS = {ir.DataType.INT4: (4, True), ir.DataType.UINT4: (4, False), ir.DataType.INT8: (8, True), ir.DataType.UINT8: (8, False), ir.DataType.INT16: (16, True), ir.DataType.UINT16: (16, False), ir.DataType.INT32: (32, True)}
 
 
 def _entries(scale: np.ndarray, zero_point: np.ndarray, dtype: ir.DataType, symmetric: bool, bits: int | None = None) -> list[dict[str, Any]]:
-    width, signed = _BITS[dtype]
+    width, signed = INTEGER_BITS[dtype]
     bits = bits or width
     scale = np.asarray(scale, np.float64).reshape(-1)
     zp = np.broadcast_to(np.asarray(zero_point, np.int64).reshape(-1), scale.shape)
@@ -78,7 +77,7 @@ def encodings(model: ir.Model, target: TargetSpec, weight_bits: Mapping[str, int
             scale = constant_array(node.inputs[1])
             zp = constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else np.zeros(1, np.int64)
             dtype = node.inputs[0].const_value.dtype
-            if scale is None or zp is None or dtype not in _BITS:
+            if scale is None or zp is None or dtype not in INTEGER_BITS:
                 continue
             name = node.metadata_props.get(SOURCE_KEY) or node.inputs[0].name
             if role == "weight":

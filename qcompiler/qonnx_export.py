@@ -76,24 +76,12 @@ import onnx_ir as ir
 from qcompiler.errors import QCError
 from qcompiler.ir import SOURCE_KEY, NameAuthority, add_initializer, constant_array, to_proto, write_file_atomically
 from qcompiler.op_roles import input_roles
-from qcompiler.targets.spec import TargetSpec
+from qcompiler.sensitivity import BIPOLAR_BITS
+from qcompiler.targets.spec import INTEGER_BITS, TargetSpec
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
-#: The weight width written as ``BipolarQuant`` rather than ``Quant``.
-BIPOLAR_BITS = 1
 QONNX_OPSET = 1
 FILENAME = "model.qonnx.onnx"
-
-# (bits, signed) of the integer types a QuantizeLinear/DequantizeLinear may carry.
-_INT_TYPES: dict[ir.DataType, tuple[int, bool]] = {
-    ir.DataType.INT4: (4, True),
-    ir.DataType.UINT4: (4, False),
-    ir.DataType.INT8: (8, True),
-    ir.DataType.UINT8: (8, False),
-    ir.DataType.INT16: (16, True),
-    ir.DataType.UINT16: (16, False),
-    ir.DataType.INT32: (32, True),
-}
 
 
 class FloatFormat(NamedTuple):
@@ -133,9 +121,9 @@ def _format_of_range(lo: int, hi: int, signed: bool) -> tuple[int, bool]:
 
 def _int_type(value: ir.Value | None) -> tuple[int, bool]:
     dtype = value.dtype if value is not None else None
-    if dtype not in _INT_TYPES:
+    if dtype not in INTEGER_BITS:
         raise QCError(f"'{value.name if value is not None else '?'}' has type {dtype}: not an integer type QONNX export knows")
-    return _INT_TYPES[dtype]
+    return INTEGER_BITS[dtype]
 
 
 def _is_standard(node: ir.Node, op_type: str) -> bool:
@@ -207,7 +195,7 @@ class _Exporter:
         if out_type in FLOAT8_FORMATS:
             self._float_activation(q, x, scale, zp, FLOAT8_FORMATS[out_type])
             return
-        width, signed = _int_type(q_out) if q_out.dtype is not None else _INT_TYPES[out_type]
+        width, signed = _int_type(q_out) if q_out.dtype is not None else INTEGER_BITS[out_type]
         lo, hi = quant_range(width, signed, False)
         clips = [n for n in q_out.consumers() if _is_standard(n, "Clip")]
         readers = [n for n in q_out.consumers() if not _is_standard(n, "Clip")]

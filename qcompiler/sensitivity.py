@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+import ml_dtypes
 import numpy as np
 import onnx_ir as ir
 
@@ -111,16 +112,15 @@ def quantize_bipolar(w: np.ndarray, axis: int | None, counts: np.ndarray | None 
 def quantize_float8(x: np.ndarray, dtype: str, ranges: tuple[np.ndarray, np.ndarray], axis: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(float8 values, scale, zero point 0) of ``x``: max |x| per channel maps to the type's largest
     value; values are rounded to nearest-even in float8 and saturate, as QuantizeLinear does."""
-    import ml_dtypes
-
     top = FLOAT8_DTYPES[dtype]
     scale, zp = affine_params(ranges[0], ranges[1], -int(top), int(top), True)
     s = scale if axis is None or scale.ndim == 0 else scale.reshape([-1 if i == axis else 1 for i in range(x.ndim)])
-    q = np.clip(x.astype(np.float32) / s, -top, top).astype(getattr(ml_dtypes, _ML_DTYPES[dtype]))
+    q = np.clip(x.astype(np.float32) / s, -top, top).astype(FLOAT8_NUMPY[dtype])
     return q, scale, zp
 
 
-_ML_DTYPES = {"float8e4m3fn": "float8_e4m3fn", "float8e5m2": "float8_e5m2"}
+#: The numpy (ml_dtypes) type of each float8 dtype name.
+FLOAT8_NUMPY = {"float8e4m3fn": ml_dtypes.float8_e4m3fn, "float8e5m2": ml_dtypes.float8_e5m2}
 
 
 def _blocks(w: np.ndarray, axis: int, block: int):

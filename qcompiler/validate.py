@@ -14,10 +14,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.cost_model import storage_dtype
 from qcompiler.ir import constant_array, opset_version
 from qcompiler.op_roles import InputRoles, input_roles
 from qcompiler.sensitivity import block_axis
-from qcompiler.targets.spec import INTEGER_DTYPES, TargetSpec, TensorRule
+from qcompiler.targets.spec import INTEGER_BITS, INTEGER_DTYPES, IR_TYPES, TargetSpec, TensorRule
 
 #: Every rule `validate` checks, with what it means (printed by ``qc validate --rules``).
 RULES: dict[str, str] = {
@@ -64,22 +65,13 @@ class Violation:
         return {**asdict(self), "fix": self.fix}
 
 
-_ONNX_TO_NAME = {
-    ir.DataType.INT4: "int4",
-    ir.DataType.UINT4: "uint4",
-    ir.DataType.INT8: "int8",
-    ir.DataType.UINT8: "uint8",
-    ir.DataType.INT16: "int16",
-    ir.DataType.UINT16: "uint16",
-    ir.DataType.INT32: "int32",
-}
-_FLOAT8 = {ir.DataType.FLOAT8E4M3FN: "float8e4m3fn", ir.DataType.FLOAT8E4M3FNUZ: "float8e4m3fnuz", ir.DataType.FLOAT8E5M2: "float8e5m2", ir.DataType.FLOAT8E5M2FNUZ: "float8e5m2fnuz"}
+_NAMES = {ir_type: name for name, ir_type in IR_TYPES.items()}
 
 
 def _dtype_name(dtype: ir.DataType | None) -> str | None:
     if dtype is None:
         return None
-    return _ONNX_TO_NAME.get(dtype) or _FLOAT8.get(dtype) or dtype.name.lower()
+    return _NAMES.get(dtype) or dtype.name.lower()
 
 
 def _value_dtype(value: ir.Value | None) -> ir.DataType | None:
@@ -92,7 +84,7 @@ def _value_dtype(value: ir.Value | None) -> ir.DataType | None:
 
 
 def _is_integer(value: ir.Value | None) -> bool:
-    return _value_dtype(value) in _ONNX_TO_NAME
+    return _value_dtype(value) in INTEGER_BITS
 
 
 @dataclass
@@ -175,10 +167,6 @@ class _Checker:
                 return None
             value, seen = producer.inputs[0], seen + 1
         return None
-
-    def _source_quantizer_or_self(self, value: ir.Value) -> ir.Node | None:
-        producer = value.producer()
-        return producer if producer is not None and producer.op_type == "QuantizeLinear" else self._source_quantizer(value)
 
     def _dequantized(self, value: ir.Value, depth: int = 0) -> bool:
         """Whether an integer value reaches a DequantizeLinear, through integer-only ops."""
@@ -265,8 +253,6 @@ class _Checker:
             self.add("symmetric", node, f"weight zero points {_fmt(p.zero_point)}; the target's weights are symmetric (zero point {_symmetric_zero_point(p.dtype)})")
 
     def _weight_dtypes(self) -> tuple[str, ...]:
-        from qcompiler.cost_model import storage_dtype
-
         return tuple(dict.fromkeys((*self.target.weights.accepted, *(storage_dtype(self.target, b) for b in self.target.bits.native))))
 
     def _check_consumer(self, node: ir.Node, roles_of: dict[int, str]) -> None:
@@ -310,7 +296,7 @@ class _Checker:
         if op in self.target.ops.shared_scale and quantized_input:
             self._check_shared_scale(node, act_dqs)
         ops = self.target.ops
-        integer_inputs = [v for v in node.inputs if _is_integer(v) and self._source_quantizer_or_self(v) is not None]
+        integer_inputs = [v for v in node.inputs if _is_integer(v) and self._source_quantizer(v) is not None]
         if integer_inputs and op != "Clip" and op not in ops.integer_passthrough:
             # Clip narrows a width inside its integer type; other ops on Q's integers must be ones
             # the backend runs on integers.

@@ -19,6 +19,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
+import onnx_ir as ir
+
 from qcompiler.errors import QCError
 
 BUILTIN_DIR = Path(__file__).parent
@@ -33,6 +35,13 @@ INTEGER_DTYPES = {
     "uint16": (0, 65535, 16, False),
     "int32": (-(2**31), 2**31 - 1, 32, True),
 }
+#: ONNX element type of each dtype name, and (bits, signed) of each integer element type.
+IR_TYPES: dict[str, ir.DataType] = {
+    "int4": ir.DataType.INT4, "uint4": ir.DataType.UINT4, "int8": ir.DataType.INT8, "uint8": ir.DataType.UINT8,
+    "int16": ir.DataType.INT16, "uint16": ir.DataType.UINT16, "int32": ir.DataType.INT32,
+    "float8e4m3fn": ir.DataType.FLOAT8E4M3FN, "float8e5m2": ir.DataType.FLOAT8E5M2,
+}
+INTEGER_BITS: dict[ir.DataType, tuple[int, bool]] = {IR_TYPES[name]: (bits, signed) for name, (_, _, bits, signed) in INTEGER_DTYPES.items()}
 #: 8-bit floating-point types (ONNX opset 19): name -> largest finite value. Quantized with a
 #: symmetric scale (max |x| maps to that value) and zero point 0; no narrower widths.
 FLOAT8_DTYPES = {"float8e4m3fn": 448.0, "float8e5m2": 57344.0}
