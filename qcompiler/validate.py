@@ -18,7 +18,7 @@ from qcompiler.cost_model import storage_dtype
 from qcompiler.ir import constant_array, opset_version
 from qcompiler.op_roles import InputRoles, input_roles
 from qcompiler.sensitivity import block_axis
-from qcompiler.targets.spec import INTEGER_BITS, INTEGER_DTYPES, IR_TYPES, TargetSpec, TensorRule
+from qcompiler.targets.spec import FLOAT_WIDTH, INTEGER_BITS, INTEGER_DTYPES, IR_TYPES, TargetSpec, TensorRule
 
 #: Every rule `validate` checks, with what it means (printed by ``qc validate --rules``).
 RULES: dict[str, str] = {
@@ -27,7 +27,8 @@ RULES: dict[str, str] = {
     "symmetric": "zero points sit at the middle of the range where the target asks for symmetric quantization",
     "granularity": "weights are per-channel or per-tensor (or per-block) as the target says; activations per-tensor",
     "axis": "per-channel weight scales lie along the consuming op's output-channel axis",
-    "qdq-pair": "every QuantizeLinear is dequantized, every activation DequantizeLinear comes from a QuantizeLinear with the same scale and zero point, and a quantized op has all its activation inputs quantized (and its weight, without a float fallback)",
+    "qdq-pair": "every QuantizeLinear is dequantized, every activation DequantizeLinear comes from a QuantizeLinear with the same scale and zero point, and a quantized op has all its activation inputs quantized",
+    "float-weight": "an op the target quantizes whose activation input is quantized has its weight quantized too (an integer or float8 constant behind a DequantizeLinear), unless the target lets layers stay float (32 in bits.allowed, with a float fallback)",
     "shared-scale": "inputs and output of ops that move bytes without requantizing (Concat) share one scale and zero point",
     "bias": "a quantized bias has scale = input scale x weight scale and zero point 0; it is quantized exactly when the target quantizes biases",
     "unsupported-op": "ops on integer tensors are ones the target runs on integers; without a float fallback, every op reading quantized data is one the target quantizes",
@@ -41,6 +42,7 @@ _FIXES: dict[str, str] = {
     "granularity": "re-quantize this weight with the target's granularity",
     "axis": "re-quantize this weight per channel along the output-channel axis",
     "qdq-pair": "insert the missing QuantizeLinear/DequantizeLinear or remove the stray one",
+    "float-weight": "store the weight as a quantized constant behind a DequantizeLinear (re-run qc compile); to keep the layer float, dequantize its input before it instead",
     "shared-scale": "give all inputs and the output of this op one scale and zero point (quantize them as one group)",
     "bias": "quantize the bias to int32 with scale = input scale x weight scale, zero point 0 (or keep it float where the target fuses float biases)",
     "unsupported-op": "move the op out of the quantized region (dequantize before it) or choose a target that runs it quantized",
@@ -85,6 +87,38 @@ def _value_dtype(value: ir.Value | None) -> ir.DataType | None:
 
 def _is_integer(value: ir.Value | None) -> bool:
     return _value_dtype(value) in INTEGER_BITS
+
+
+#: Full-precision float types. Float8 is a storage type read through a DequantizeLinear, not one.
+_FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE})
+#: Ops that hand a weight on unchanged in value (copy, cast, relayout): a float constant seen through
+#: them is still a float weight. Q/DQ and anything that computes (a custom Quant node) end the walk.
+_WEIGHT_CARRIERS = frozenset({"Identity", "Cast", "CastLike", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Expand", "Slice", "Tile"})
+
+
+def _float_constant_source(value: ir.Value | None, depth: int = 0) -> ir.Value | None:
+    """The float constant ``value`` is, or is carried from through copy/cast/relayout ops; else None.
+
+    An initializer or a Constant node of a float type counts; a DequantizeLinear, a graph input or
+    any computing op does not (their outputs are quantized or computed at run time).
+    """
+    if value is None or depth > 16:
+        return None
+    if value.const_value is not None:
+        return value if value.const_value.dtype in _FLOAT_TYPES else None
+    producer = value.producer()
+    if producer is None or producer.domain not in ("", "ai.onnx"):
+        return None
+    if producer.op_type == "Constant":
+        if "value" in producer.attributes:
+            return value if producer.attributes["value"].as_tensor().dtype in _FLOAT_TYPES else None
+        return value if any(name in producer.attributes for name in ("value_float", "value_floats")) else None
+    if producer.op_type not in _WEIGHT_CARRIERS or not producer.inputs:
+        return None
+    # Shapes, axes and starts (the other inputs) must be constant too, or the weight is computed.
+    if any(v is not None and v.const_value is None and not _Checker._is_constant(v) for v in producer.inputs[1:]):
+        return None
+    return _float_constant_source(producer.inputs[0], depth + 1)
 
 
 @dataclass
@@ -263,6 +297,9 @@ class _Checker:
         if node.op_type == "MatMul" and (b_dq := self._weight_dq(node.inputs[1])) is not None:
             # A quantized MatMul's weight is a DequantizeLinear output, not a constant.
             roles = InputRoles(activations=(0,), weight=1, weight_axis=np.ndim(constant_array(b_dq.inputs[0])) - 1)
+        elif node.op_type == "MatMul" and roles.weight is None and len(node.inputs) > 1 and _float_constant_source(node.inputs[1]) is not None:
+            # A float constant behind an Identity or Reshape is still a weight, not a second activation.
+            roles = InputRoles(activations=(0,), weight=1)
         acts = [
             node.inputs[i]
             for i in roles.activations
@@ -283,10 +320,8 @@ class _Checker:
             for value, dq in zip(acts, act_dqs):
                 if dq is None and not self._is_constant(value):
                     self.add("qdq-pair", node, f"input '{value.name}' is float while the other inputs are quantized: {op} cannot run quantized")
-            # A float weight behind a quantized input is a float layer at the edge of a quantized
-            # region: fine where the backend falls back to float, a missing pair where it cannot.
-            if weight is not None and w_dq is None and self._is_constant(weight) and not self.target.ops.float_fallback:
-                self.add("qdq-pair", node, f"weight '{weight.name}' is float while the input is quantized, and target '{self.target.name}' has no float fallback")
+            if w_dq is None:
+                self._check_float_weight(node, weight, next(v for v, dq in zip(acts, act_dqs) if dq is not None))
         if w_dq is not None:
             self._check_weight_granularity(node, w_dq, roles.weight_axis)
         if b_dq is not None and w_dq is not None and act_dqs and act_dqs[0] is not None and self.target.bias.quantize:
@@ -309,6 +344,26 @@ class _Checker:
             producer = source.inputs[0].producer() if source is not None else None
             if producer is not None and producer.op_type in ops.quantized:
                 self.add("fusion", node, f"a Q/DQ pair between {producer.op_type} '{producer.name}' and this {op} keeps target '{self.target.name}' from fusing them")
+
+    def _check_float_weight(self, node: ir.Node, weight: ir.Value | None, activation: ir.Value) -> None:
+        """A quantized op reading a quantized activation with a float weight: a layer left half
+        quantized (the weight's DequantizeLinear replaced or never inserted)."""
+        source = _float_constant_source(weight)
+        if source is None or not self.target.activations.quantize:
+            return  # no weight, a weight computed at run time, or a weight-only target's float activation
+        ops = self.target.ops
+        # 32 among the allowed widths is how a target lets assign-precision leave a layer float;
+        # the layer then reads a dequantized input, which a backend with a float fallback runs.
+        if ops.float_fallback and FLOAT_WIDTH in self.target.bits.allowed:
+            return
+        carried = f" (through {weight.producer().op_type})" if source is not weight else ""
+        why = "and has no float fallback" if not ops.float_fallback else "and does not let layers stay float (no 32 in bits.allowed)"
+        accepted = "/".join(self._weight_dtypes())
+        self.add(
+            "float-weight",
+            node,
+            f"weight '{source.name}'{carried} is float while input '{activation.name}' is quantized: target '{self.target.name}' runs {node.op_type} on {accepted} weights behind a DequantizeLinear {why}",
+        )
 
     def _check_weight_granularity(self, node: ir.Node, w_dq: ir.Node, axis: int | None) -> None:
         p = _qparams(w_dq)

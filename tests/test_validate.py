@@ -16,7 +16,7 @@ import pytest
 import qcompiler
 from qcompiler.ir import load_model, to_proto
 from qcompiler.targets.spec import list_targets, load_target
-from qcompiler.validate import RULES, validate
+from qcompiler.validate import RULES, Violation, validate
 from tests.helpers import small_cnn
 
 QC = [sys.executable, "-m", "qcompiler.cli"]
@@ -55,6 +55,27 @@ def test_bundled_resnet20_for_tensorrt_validates_clean_from_the_cli(tmp_path: Pa
     # The same file against ort-cpu: int8 activations and float biases are not what ort-cpu's kernels take.
     dirty = subprocess.run([*QC, "validate", str(out / "model.onnx"), "--target", "ort-cpu"], capture_output=True, text=True)
     assert dirty.returncode == 1 and "dtype" in dirty.stdout and "bias" in dirty.stdout
+
+
+def test_piped_output_is_one_violation_per_line(calib: Path, tmp_path: Path) -> None:
+    # Piped (not a terminal), each violation is one tab-separated line with the full node name,
+    # so `qc validate ... | grep NODE` finds it; the table would wrap a long name across rows.
+    from typer.testing import CliRunner
+
+    from qcompiler.cli import app
+
+    model = _compiled("ort-cpu", calib)
+    dq = _node(model, "conv_c").inputs[2].producer()
+    dq.name = "backbone/stage_3/block_2/conv_c/bias_DequantizeLinear_with_a_name_longer_than_a_table_cell"
+    dq.replace_input_with(1, _const(model, "bias_scale", dq.inputs[1].const_value.numpy() * 2))
+    path = tmp_path / "model.onnx"
+    onnx.save(to_proto(model), path)
+    result = CliRunner().invoke(app, ["validate", str(path), "--target", "ort-cpu"])
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.stdout.splitlines() if dq.name in line]
+    assert len(lines) == 1
+    rule, node, op, message, fix = lines[0].split("\t")
+    assert (rule, node, op, fix) == ("bias", dq.name, "DequantizeLinear", Violation("bias", "", "", "").fix) and "conv_c" in message
 
 
 def test_unreadable_input_exits_2(tmp_path: Path) -> None:
@@ -183,15 +204,96 @@ def test_rule_qdq_pair_quantizer_never_dequantized(calib: Path) -> None:
     assert _rules(model, "ort-cpu") == {"qdq-pair": [q.name]}
 
 
-def test_rule_qdq_pair_float_weight(calib: Path, tmp_path: Path) -> None:
+def _float_weight(model: ir.Model, layer: str, how: str) -> ir.Value:
+    """Replace ``layer``'s weight DequantizeLinear by a float copy of the dequantized weight, fed
+    the way ``how`` says: an initializer, a Constant node, or an Identity / Cast + Reshape chain."""
+    node = _node(model, layer)
+    dq = node.inputs[1].producer()
+    stored, scale = dq.inputs[0].const_value.numpy().astype(np.float32), dq.inputs[1].const_value.numpy()
+    axis = dq.attributes["axis"].as_int() if "axis" in dq.attributes and scale.size > 1 else 0
+    dequantized = stored * (scale.reshape([-1 if i == axis else 1 for i in range(stored.ndim)]) if scale.size > 1 else scale)
+    if how == "constant":
+        feed = ir.Node("", "Constant", [], attributes=[ir.AttrTensor("value", ir.tensor(dequantized.astype(np.float32)))], name="w_const")
+        chain = [feed]
+    else:
+        copy = _const(model, f"{layer}_float_w", dequantized.astype(np.float16 if how == "cast-reshape" else np.float32).reshape(-1 if how == "cast-reshape" else dequantized.shape))
+        if how == "initializer":
+            chain = []
+        elif how == "identity":
+            chain = [ir.Node("", "Identity", [copy], name="w_identity")]
+        else:
+            cast = ir.Node("", "Cast", [copy], attributes=[ir.AttrInt64("to", ir.DataType.FLOAT)], name="w_cast")
+            shape = _const(model, f"{layer}_w_shape", np.array(dequantized.shape, np.int64))
+            chain = [cast, ir.Node("", "Reshape", [cast.outputs[0], shape], name="w_reshape")]
+    if chain:
+        model.graph.insert_before(node, chain)
+    weight = chain[-1].outputs[0] if chain else copy
+    node.replace_input_with(1, weight)
+    model.graph.remove(dq, safe=True)
+    return weight
+
+
+@pytest.mark.parametrize("how", ["initializer", "identity", "constant", "cast-reshape"])
+def test_rule_float_weight_behind_a_quantized_input(calib: Path, how: str) -> None:
+    # TensorRT runs a Conv whose input is quantized in int8: a float weight there, however it is
+    # fed, is a layer the compiler (or a hand edit) forgot to quantize.
+    model = _compiled("tensorrt", calib)
+    _float_weight(model, "conv_b", how)
+    assert _rules(model, "tensorrt") == {"float-weight": ["conv_b"]}
+
+
+def test_rule_float_weight_matmul_through_identity(calib: Path) -> None:
+    # A MatMul whose B is a float constant behind an Identity has a weight, not a second activation.
+    model = _compiled("ort-cpu", calib)
+    gemm = _node(model, "fc")
+    w = _const(model, "mm_w", np.zeros((6, 5), np.float32))
+    ident = ir.Node("", "Identity", [w], name="mm_identity")
+    matmul = ir.Node("", "MatMul", [gemm.inputs[0], ident.outputs[0]], name="fc_matmul")
+    model.graph.insert_before(gemm, [ident, matmul])
+    gemm.replace_input_with(0, matmul.outputs[0])
+    matmul.outputs[0].dtype = ir.DataType.FLOAT
+    found = _rules(model, "ort-cpu")
+    assert found.get("float-weight") == ["fc_matmul"] and "qdq-pair" not in found
+
+
+def test_rule_float_weight_only_where_the_target_has_no_float_layers(calib: Path, tmp_path: Path) -> None:
     model = _compiled("ort-cpu", calib)
     gemm = _node(model, "fc")
     gemm.replace_input_with(1, _const(model, "float_w", np.zeros((5, 6), np.float32)))
-    # With a float fallback that is a float layer reading a dequantized input (assign-precision
-    # leaves layers float that way); without one it is a missing pair.
-    assert _rules(model, "ort-cpu") == {}
-    target = _retarget(tmp_path, 'extends = "ort-cpu"\nname = "all-integer"\n[ops]\nfloat_fallback = false\n')
-    assert "fc" in _rules(model, target)["qdq-pair"]
+    assert _rules(model, "ort-cpu") == {"float-weight": ["fc"]}
+    # 32 among the allowed widths lets assign-precision leave a layer float, reading a dequantized
+    # input; the backend runs it in float.
+    float_layers = _retarget(tmp_path, 'extends = "ort-cpu"\nname = "float-layers"\n[bits]\nallowed = [4, 8, 32]\n')
+    assert _rules(model, float_layers) == {}
+    # Without a float fallback such a layer cannot run at all.
+    all_integer = _retarget(tmp_path, 'extends = "ort-cpu"\nname = "all-integer"\n[bits]\nallowed = [4, 8, 32]\n[ops]\nfloat_fallback = false\n')
+    assert _rules(model, all_integer)["float-weight"] == ["fc"]
+
+
+def test_float_weight_of_a_layer_outside_the_quantized_region_is_fine(calib: Path) -> None:
+    # conv0 reading the float graph input with a float weight is a float layer, not a broken one.
+    model = _compiled("tensorrt", calib)
+    conv0 = _node(model, "conv0")
+    x_dq = conv0.inputs[0].producer()
+    x_q = x_dq.inputs[0].producer()
+    _float_weight(model, "conv0", "identity")
+    conv0.replace_input_with(0, model.graph.inputs[0])
+    model.graph.remove([x_dq, x_q], safe=True)
+    assert _rules(model, "tensorrt") == {}
+
+
+def test_bundled_resnet20_float_conv_weight_is_flagged_from_the_cli(tmp_path: Path, bundled_model: Path, bundled_calib: Path) -> None:
+    out = tmp_path / "out"
+    subprocess.run([*QC, "compile", str(bundled_model), "--target", "tensorrt", "--calib", str(bundled_calib), "-o", str(out), "--latency-runs", "0", "--no-verify"], check=True, capture_output=True)
+    model = load_model(out / "model.onnx")
+    conv = [n for n in model.graph if n.op_type == "Conv"][3]
+    _float_weight(model, conv.name, "identity")
+    broken = tmp_path / "broken.onnx"
+    onnx.save(to_proto(model), broken)
+    result = subprocess.run([*QC, "validate", str(broken), "--target", "tensorrt"], capture_output=True, text=True)
+    assert result.returncode == 1, result.stdout
+    lines = [line.split("\t") for line in result.stdout.splitlines()]
+    assert [line[:3] for line in lines] == [["float-weight", conv.name, "Conv"]]
 
 
 def test_rule_shared_scale(calib: Path) -> None:
@@ -240,5 +342,5 @@ def test_rule_fusion(calib: Path) -> None:
 
 
 def test_every_rule_has_a_test() -> None:
-    tested = {name.removeprefix("test_rule_").split("_")[0].replace("qdq", "qdq-pair").replace("shared", "shared-scale").replace("unsupported", "unsupported-op") for name in globals() if name.startswith("test_rule_")}
+    tested = {name.removeprefix("test_rule_").split("_")[0].replace("qdq", "qdq-pair").replace("shared", "shared-scale").replace("unsupported", "unsupported-op").replace("float", "float-weight") for name in globals() if name.startswith("test_rule_")}
     assert tested == set(RULES)
