@@ -20,7 +20,7 @@ from qcompiler.errors import QCError
 from qcompiler.hessian import HESSIAN_FACT, HessianTrace
 from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.precision import ACTIVATION_BITS_FACT, WEIGHT_BITS_FACT
-from qcompiler.targets.spec import FLOAT_WIDTH
+from qcompiler.targets.spec import FLOAT_WIDTH, TargetSpec
 from qcompiler.precision_ilp import pareto_front, smallest_feasible, solve_greedy, solve_ilp, solve_random, solve_uniform
 from qcompiler.registry import register_pass
 from qcompiler.sensitivity import TraceBound, WeightRange, layer_sensitivities
@@ -46,15 +46,15 @@ class Budget:
     def parse(cls, text: str) -> Budget:
         """``size=0.6``, ``bits=4.5``, ``bops=0.4`` or ``latency=0.8``."""
         kind, eq, value = text.partition("=")
+        accepted = ", ".join(f"{k}={v}" for k, v in BUDGET_KINDS.items())
         if not eq or kind not in BUDGET_KINDS:
-            accepted = ", ".join(f"{k}={v}" for k, v in BUDGET_KINDS.items())
             raise QCError(f"'{text}' is not a budget (accepted: {accepted})", pass_name="assign-precision", option="budget")
         try:
             number = float(value)
         except ValueError:
-            raise QCError(f"'{value}' is not a number", pass_name="assign-precision", option="budget") from None
-        if not number > 0:
-            raise QCError(f"the budget must be positive, got {number}", pass_name="assign-precision", option="budget")
+            raise QCError(f"'{text}': '{value}' is not a number (accepted: {accepted})", pass_name="assign-precision", option="budget") from None
+        if not (number > 0 and math.isfinite(number)):
+            raise QCError(f"the budget must be a positive number, got {number} (accepted: {accepted})", pass_name="assign-precision", option="budget")
         return cls(kind, number)
 
     def limit(self, full_width: float, parameters: np.ndarray) -> float:
@@ -62,6 +62,28 @@ class Budget:
         if self.kind == "bits":
             return self.number * float(parameters.sum())
         return self.number * full_width
+
+
+def budget_pipeline(spec: TargetSpec, budget: str, *, option: str = "budget") -> str:
+    """The target's ``mixed_pipeline`` with assign-precision's budget set to ``budget``.
+
+    What ``qc compile --budget`` and ``qcompiler.compile(budget=...)`` run. Errors name ``option``:
+    a target without a mixed-precision pipeline, or a budget that does not parse.
+    """
+    from qcompiler.pipeline import split_pipeline
+
+    if not spec.mixed_pipeline:
+        raise QCError(f"target '{spec.name}' has no mixed-precision pipeline (its file sets no mixed_pipeline, or [bits] allows one weight width: {list(spec.bits.allowed)})", option=option)
+    try:
+        # Checked here, before the passes: hessian-trace takes minutes before assign-precision reads it.
+        Budget.parse(budget)
+    except QCError as exc:
+        raise QCError(exc.message, option=option) from None
+    steps = []
+    for step in split_pipeline(spec.mixed_pipeline):
+        options = list(step.options) + ([("budget", budget)] if step.name == AssignPrecision.name else [])
+        steps.append(step.name + ("{" + ",".join(f"{k}={v}" for k, v in options) + "}" if options else ""))
+    return ",".join(steps)
 
 
 def parse_budget(text: str, weights: int, int8_bits: int = 8) -> float:
@@ -136,6 +158,8 @@ class AssignPrecision(Pass):
         measure_cache: str = ""
 
         def __post_init__(self) -> None:
+            # When the pipeline is parsed: a typo should not wait for minutes of Hessian traces.
+            Budget.parse(self.budget)
             if self.measure_below < 0 or self.measure_samples < 1:
                 raise ValueError("options 'measure-below' must be >= 0 and 'measure-samples' >= 1")
 

@@ -13,7 +13,7 @@ from qcompiler.registry import register_pass
 
 @register_pass
 class HessianTracePass(Pass):
-    """Estimate Tr(H) of the loss for every weight tensor (Hutchinson, Rademacher probes, double backward)."""
+    """Estimate Tr(H) of the loss for every weight tensor (Rademacher probes: Gauss-Newton backward passes, or double backward)."""
 
     name = "hessian-trace"
     requires = (HessianTrace,)
@@ -31,6 +31,11 @@ class HessianTracePass(Pass):
         loss: Literal["auto", "cross-entropy", "kl", "mse"] = "auto"
         #: JSON file that keeps the traces: reused when model, data and options are unchanged.
         cache: str = ""
+        #: auto: gauss-newton where it is exact (every weight enters the output piecewise linearly:
+        #: Conv/Gemm/MatMul, ReLU, pooling, adds; one backward pass per probe for all layers), else
+        #: hessian-vector (a double backward per layer and probe; any graph). gauss-newton forced
+        #: on a curved graph (Tanh, Softmax, LayerNorm, ...) estimates the Gauss-Newton traces.
+        estimator: Literal["auto", "gauss-newton", "hessian-vector"] = "auto"
 
         def __post_init__(self) -> None:
             if not 0 < self.tolerance < 1:
@@ -40,11 +45,11 @@ class HessianTracePass(Pass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         o = self.options
-        analysis = HessianTrace(tolerance=o.tolerance, max_probes=o.max_probes, batch_size=o.batch_size, samples=o.samples, loss=o.loss, seed=ctx.seed, cache=o.cache)
+        analysis = HessianTrace(tolerance=o.tolerance, max_probes=o.max_probes, batch_size=o.batch_size, samples=o.samples, loss=o.loss, seed=ctx.seed, cache=o.cache, estimator=o.estimator)
         result = ctx.analyses.get(analysis, model, ctx)
         ctx.facts[HESSIAN_FACT] = analysis
         worst = max(e.relative_stderr for e in result.estimates.values())
         if not result.converged:
             ctx.note(self.name, f"tolerance {o.tolerance} not reached after {result.probes} probes (worst relative standard error {worst:.3f}); intervals are in the report", level="warning")
         traces = {name: {"node": e.node, "trace": e.trace, "ci95": list(e.ci95), "parameters": e.parameters, "probes": e.probes} for name, e in result.estimates.items()}
-        return PassResult(model, False, {"loss": result.loss, "probes": result.probes, "converged": result.converged, "worst_relative_stderr": round(worst, 4), "traces": traces})
+        return PassResult(model, False, {"loss": result.loss, "estimator": result.estimator, "probes": result.probes, "converged": result.converged, "worst_relative_stderr": round(worst, 4), "traces": traces})

@@ -15,6 +15,7 @@ Plan first, rewrite second:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -24,7 +25,7 @@ import onnx
 import onnx.version_converter
 
 from qcompiler.calibration import CALIBRATION_FACT, CalibrationRanges
-from qcompiler.precision import ACTIVATION_BITS_FACT, WEIGHT_BITS_FACT
+from qcompiler.precision import ACTIVATION_BITS_FACT, FLOAT_LAYER_INPUTS_FACT, WEIGHT_BITS_FACT
 from qcompiler.errors import QCError
 from qcompiler.ir import SOURCE_KEY, NameAuthority, annotate_types, add_initializer, constant_array, is_float_tensor, opset_version, to_proto
 from qcompiler.op_roles import input_roles
@@ -231,6 +232,12 @@ def _keep_input_quantizers(plan: QuantPlan, compute_ops: tuple[str, ...]) -> Non
     plan.values = {name: value for name, value in plan.values.items() if name in needed}
 
 
+def _is_depthwise(node: ir.Node, w: np.ndarray) -> bool:
+    """A Conv with one input channel per group and as many groups as output channels."""
+    group = node.attributes["group"].as_int() if "group" in node.attributes else 1
+    return node.op_type == "Conv" and w.ndim >= 3 and w.shape[1] == 1 and group == w.shape[0] and group > 1
+
+
 @dataclass
 class _Params:
     scale: np.ndarray
@@ -286,8 +293,9 @@ class InsertQDQ(Pass):
         rewriter = _Rewriter(model, target, observers, plan, weight_range=self.options.weight_range, weight_bits=ctx.facts.get(WEIGHT_BITS_FACT), input_means=input_means, activation_bits=ctx.facts.get(ACTIVATION_BITS_FACT))
         unfused = rewriter.compute_group_params()
         for act in unfused:
-            ctx.note(self.name, "activation kept (its range does not start at the quantizer's zero)", node=act.name)
+            ctx.note(self.name, "activation kept between quantizers of its range (its bounds are not exactly the quantizer's ends)", node=act.name)
         rewriter.apply()
+        ctx.facts[FLOAT_LAYER_INPUTS_FACT] = {name: inputs for name, inputs in rewriter.float_inputs.items() if inputs}
         for note in sorted(rewriter.notes):
             ctx.note(self.name, note, level="warning")
         for node, reason in plan.kept_float:
@@ -323,6 +331,8 @@ class _Rewriter:
         self.dq_of: dict[str, ir.Value] = {}  # activation name -> its DequantizeLinear output
         # id(weight value) -> (DQ output, scale, float weight, dequantized weight)
         self.weight_cache: dict[int, tuple[ir.Value, np.ndarray, np.ndarray, np.ndarray]] = {}
+        #: quantized node -> {input index: its float weight or bias before quantization}
+        self.float_inputs: dict[str, dict[int, np.ndarray]] = {}
 
     # -- planning the numbers -------------------------------------------------------------------
     def compute_group_params(self) -> list[ir.Node]:
@@ -332,8 +342,11 @@ class _Rewriter:
         members: dict[str, list[str]] = {}
         for name in self.plan.values:
             members.setdefault(self.plan.groups.find(name), []).append(name)
+        # A fused activation's output never leaves its bounds: calibration noise (a histogram bin,
+        # an MSE search) must not widen the quantizer past them and waste levels.
+        bounds = {act.outputs[0].name: _clip_bounds(act) for act, _ in self.plan.fused.values()}
         for root, names in members.items():
-            ranges = [self.observers[n].range(levels=self.act_levels, symmetric=rule.symmetric) for n in names]
+            ranges = [self._bounded(self.observers[n].range(levels=self.act_levels, symmetric=rule.symmetric), bounds.get(n)) for n in names]
             lo = min(r[0] for r in ranges)
             hi = max(r[1] for r in ranges)
             scale, zp = affine_params(lo, hi, qmin, qmax, rule.symmetric)
@@ -341,19 +354,29 @@ class _Rewriter:
         unfused = []
         for key, (act, producer) in list(self.plan.fused.items()):
             p = self.params[self.plan.groups.find(act.outputs[0].name)]
-            lo_q = float((qmin - p.zero_point) * p.scale)
-            hi_q = float((qmax - p.zero_point) * p.scale)
             clip_lo, clip_hi = _clip_bounds(act)
-            if not (clip_lo == 0.0 and lo_q == 0.0 and hi_q <= clip_hi):
-                # The activation stays: its input (the producer's output) needs its own quantizer.
+            # QuantizeLinear is monotone and saturates, so Q(clip(x)) == Q(x) for every x exactly
+            # when the bounds themselves quantize to the ends of the integer range.
+            # An infinite bound (Relu's top) clips nothing on its side.
+            lo_exact = clip_lo == -np.inf or quantize(np.float32(clip_lo), p.scale, p.zero_point, qmin, qmax) == qmin
+            hi_exact = clip_hi == np.inf or quantize(np.float32(clip_hi), p.scale, p.zero_point, qmin, qmax) == qmax
+            if not (lo_exact and hi_exact):
+                # The activation stays, between quantizers of its own output's scale: the
+                # producer's output is quantized over the activation's range, not its own wider
+                # one (quantizing it twice over different ranges wastes most of the levels).
                 del self.plan.fused[key]
                 unfused.append(act)
                 out = producer.outputs[0]
                 self.plan.values[out.name] = out
-                r = self.observers[out.name].range(levels=self.act_levels, symmetric=rule.symmetric)
-                scale, zp = affine_params(r[0], r[1], qmin, qmax, rule.symmetric)
-                self.params[self.plan.groups.find(out.name)] = _Params(scale, zp)
+                self.params[self.plan.groups.find(out.name)] = p
         return unfused
+
+    @staticmethod
+    def _bounded(r: tuple[float, float], bounds: tuple[float, float] | None) -> tuple[float, float]:
+        if bounds is None:
+            return r
+        lo, hi = max(float(r[0]), bounds[0]), min(float(r[1]), bounds[1])
+        return (lo, hi) if lo <= hi else (bounds[0], max(bounds[0], min(float(r[1]), bounds[1])))
 
     def _activation_params(self, name: str) -> _Params:
         p = self.params[self.plan.groups.find(name)]
@@ -365,6 +388,14 @@ class _Rewriter:
 
     # -- rewriting ------------------------------------------------------------------------------
     def apply(self) -> None:
+        for node in self.plan.quantized_nodes:
+            if node.op_type in self.target.ops.quantized:
+                roles = input_roles(node)
+                kept = {i: constant_array(node.inputs[i]) for i in (roles.weight, roles.bias) if i is not None and i < len(node.inputs) and node.inputs[i] is not None}
+                kept = {i: a for i, a in kept.items() if a is not None}
+                if roles.weight in kept and roles.bias is None and node.op_type in ("Conv", "ConvTranspose", "Gemm"):
+                    kept[2] = None  # no bias: bias correction may add one (third input), the float layer has none
+                self.float_inputs[node.name] = kept
         for act, producer in self.plan.fused.values():
             out = act.outputs[0]
             name = out.name
@@ -481,6 +512,8 @@ class _Rewriter:
         # A width chosen by assign-precision, stored in the weight dtype with its values limited
         # to the narrower range: the integer kernels then compute exactly the b-bit quantizer.
         bits = self.weight_bits.get(w_value.name, self.target.bits.default or rule.bits)
+        if rule.pair_sum_limit and self.target.machine is not None and self.target.machine.depthwise_exact and _is_depthwise(node, w):
+            rule = dataclasses.replace(rule, pair_sum_limit=None)  # its kernel accumulates exactly
         q, scale, zp = quantize_weight(w, rule, bits, ax, self.weight_range)
         dq_out = self._dequantized_constant(w_value, q, scale, zp, self._weight_dtype(bits), ax, block)
         for use in list(w_value.uses()):

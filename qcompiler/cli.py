@@ -6,6 +6,7 @@ exit status 2; a traceback means a bug in qcompiler.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ out = Console()
 err = Console(stderr=True)
 
 PluginOpt = Annotated[Optional[list[Path]], typer.Option("--plugin", help="Python file that registers passes (repeatable).")]
+CpuOpt = Annotated[Optional[str], typer.Option("--cpu", help="Compile for this ISA instead of this machine's: avx512-vnni, avx-vnni, avx512, avx2, sse4, arm64-dot, arm64.")]
 
 
 @contextmanager
@@ -59,6 +61,7 @@ def compile_cmd(
     data: Annotated[Optional[Path], typer.Option("--data", help=".npz to verify on (default: the calibration data).")] = None,
     calib_count: Annotated[Optional[int], typer.Option("--calib-count", help="Use only the first N calibration samples.")] = None,
     pipeline: Annotated[Optional[str], typer.Option("--pipeline", help="Pass pipeline, e.g. 'fold-batchnorm,calibrate{method=mse},insert-qdq'.")] = None,
+    budget: Annotated[Optional[str], typer.Option("--budget", help="Mixed-precision weights under a budget: size=0.6 (of the int8 bytes), bits=4.5 (average), bops=0.4 or latency=0.8 (of the int8 model's); runs the target's mixed_pipeline.")] = None,
     print_after: Annotated[Optional[list[str]], typer.Option("--print-after", help="Print the model after this pass ('all' for every pass).")] = None,
     time_passes: Annotated[bool, typer.Option("--time-passes", help="Print the time each pass and analysis took.")] = False,
     verify_each: Annotated[bool, typer.Option("--verify-each", help="ONNX checker + onnxruntime run (+ declared tolerance) after every pass.")] = False,
@@ -68,23 +71,35 @@ def compile_cmd(
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
     seed: Annotated[int, typer.Option("--seed")] = 0,
     plot: Annotated[bool, typer.Option("--plot", help="Also write OUTPUT/pareto.png: assign-precision's budget vs sensitivity front.")] = False,
+    cpu: CpuOpt = None,
+    min_sqnr: Annotated[Optional[float], typer.Option("--min-sqnr", help="Accuracy guard: every output's SQNR (dB) against the float model, as onnxruntime runs it on held-out data; layers fall back to float until met (default 20; 0 turns the bound off). Given explicitly, it also overrides the widths of a --budget.")] = None,
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Accuracy guard: largest top-1 drop in points on labelled held-out data.")] = None,
     plugin: PluginOpt = None,
 ) -> None:
-    """Quantize MODEL for a target, write OUTPUT/model.onnx and OUTPUT/report.json, print the report."""
-    from qcompiler.compiler import compile as run_compile
+    """Quantize MODEL for a target, write OUTPUT/model.onnx and OUTPUT/report.json, print the report.
+
+    Exits 1 (with the best model found written) when the accuracy guard's goal is missed."""
+    from qcompiler.compiler import DEFAULT_MIN_SQNR_DB, compile as run_compile
     from qcompiler.instruments import DumpDir, PrintAfter, VerifyEach
 
     _load_plugins(plugin)
+    if budget is not None:
+        pipeline = _budget_pipeline(target, cpu, pipeline, budget)
     if plot:
         _check_plot(pipeline)
     if calib is None:
         from qcompiler.targets.spec import load_target
 
-        spec = load_target(target)
+        spec = load_target(target, cpu=cpu)
         steps = pipeline if pipeline is not None else spec.pipeline
         # Weight-only targets quantize without data; anything that calibrates needs it.
         if "calibrate" in steps or ("insert-qdq" in steps and spec.activations.quantize):
             raise QCError("calibration data is required: pass --calib FILE.npz", option="--calib")
+    for name, value in (("--min-sqnr", min_sqnr), ("--max-drop", max_drop)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise QCError(f"expected a finite number >= 0, got {value}", option=name)
+    if max_drop is not None and no_verify:
+        raise QCError("the accuracy guard measures the compiled model: it cannot run with --no-verify", option="--max-drop")
     instruments = []
     if print_after:
         from qcompiler.registry import all_passes
@@ -112,6 +127,11 @@ def compile_cmd(
         instruments=instruments,
         progress=_progress,
         latency_runs=latency_runs,
+        cpu=cpu,
+        min_sqnr=(None if min_sqnr == 0 else min_sqnr) if min_sqnr is not None else DEFAULT_MIN_SQNR_DB,
+        max_drop=max_drop,
+        # An explicit goal may override the widths a budget chose; the default only measures them.
+        guard_fallback=True if (min_sqnr or max_drop is not None) else None,
     )
     result.report.render(out)
     if time_passes:
@@ -122,6 +142,19 @@ def compile_cmd(
 
         stats = next(p.stats for p in reversed(result.report.passes) if p.name == "assign-precision")
         out.print(f"wrote {plot_pareto(stats, output / 'pareto.png', title=f'{model.name}: precision assignment')}")
+    if result.report.guard is not None and not result.report.guard["met"] and result.report.guard["fell_back"]:
+        err.print(f"error: accuracy guard: {result.report.guard['note']} (goal: {result.report.guard['goal']}); the best model found is in {output}", markup=False, highlight=False)
+        raise typer.Exit(1)
+
+
+def _budget_pipeline(target: str, cpu: str | None, pipeline: str | None, budget: str) -> str:
+    """The pipeline ``--budget`` runs: the target's mixed_pipeline with the budget filled in."""
+    from qcompiler.passes.assign_precision import budget_pipeline
+    from qcompiler.targets.spec import load_target
+
+    if pipeline is not None:
+        raise QCError("cannot be combined with --pipeline: put assign-precision{budget=...} in the pipeline instead", option="--budget")
+    return budget_pipeline(load_target(target, cpu=cpu), budget, option="--budget")
 
 
 def _check_plot(pipeline: str | None) -> None:
@@ -175,32 +208,57 @@ def validate_cmd(
     model: Annotated[Path, typer.Argument(help="A quantized ONNX model (from qcompiler or any other tool).")],
     target: Annotated[str, typer.Option("--target", "-t", help="Built-in target name or a .toml file.")] = "ort-cpu",
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the violations as JSON here.")] = None,
+    cpu: CpuOpt = None,
 ) -> None:
-    """Check MODEL against a target's rules; list every violation. Exit 0 when clean, 1 with violations, 2 on bad input."""
+    """Check MODEL against a target's rules (for this CPU, or --cpu); list every violation. Exit 0 when clean, 1 with violations, 2 on bad input."""
     import json
 
     from qcompiler.ir import load_model, write_file_atomically
     from qcompiler.targets.spec import load_target
     from qcompiler.validate import RULES, validate
 
-    spec = load_target(target)
+    spec = load_target(target, cpu=cpu)
     if json_path is not None and not json_path.parent.is_dir():
         raise QCError("its folder does not exist", file=str(json_path), option="--json")
     violations = validate(load_model(model), spec)
-    if violations:
-        table = Table(title=f"{model}: {len(violations)} violation(s) of target '{spec.name}'")
+    summary = f"{model}: {len(violations)} violation(s) of target '{spec.name}'" if violations else f"{model}: clean against target '{spec.name}' ({len(RULES)} rules checked)"
+    if not _stdout_is_terminal():
+        # Piped or redirected: one violation per line, names whole, fields tab-separated, so
+        # `qc validate ... | grep NODE` (or cut/awk) finds them; the count goes to stderr.
+        for v in violations:
+            typer.echo("\t".join(_plain_field(f) for f in (v.rule, v.node, v.op_type, v.message, v.fix)))
+        if violations:
+            err.print(summary, markup=False, highlight=False, soft_wrap=True)
+        else:
+            typer.echo(summary)
+    elif violations:
+        from rich.text import Text
+
+        # Text cells: node names such as 'block[conv]' are not rich markup.
+        table = Table(title=Text(summary))
         for col in ("node", "op", "rule", "problem", "fix"):
             table.add_column(col, overflow="fold")
         for v in violations:
-            table.add_row(v.node, v.op_type, v.rule, v.message, v.fix)
+            table.add_row(*(Text(f) for f in (v.node, v.op_type, v.rule, v.message, v.fix)))
         out.print(table)
     else:
-        out.print(f"{model}: clean against target '{spec.name}' ({len(RULES)} rules checked)")
+        out.print(summary, markup=False, highlight=False)
     if json_path is not None:
         payload = {"model": str(model), "target": spec.name, "clean": not violations, "rules": RULES, "violations": [v.to_dict() for v in violations]}
         write_file_atomically(json_path, (json.dumps(payload, indent=2) + "\n").encode())
     if violations:
         raise typer.Exit(1)
+
+
+def _stdout_is_terminal() -> bool:
+    """Whether `qc validate` writes to a terminal (a table) or to a pipe or file (plain lines)."""
+    isatty = getattr(sys.stdout, "isatty", None)
+    return bool(isatty and isatty())
+
+
+def _plain_field(text: str) -> str:
+    """One field of a plain `qc validate` line: tabs and newlines would split the record."""
+    return " ".join(text.replace("\t", " ").splitlines())
 
 
 def _writable_file(path: Path, force: bool, option: str) -> None:
@@ -283,13 +341,14 @@ def targets_list(ctx: typer.Context) -> None:
 
 
 @targets_app.command("show")
-def targets_show(target: Annotated[str, typer.Argument(help="Built-in target name or a .toml file.")]) -> None:
-    """Print one target's effective description (after 'extends') as TOML."""
+def targets_show(target: Annotated[str, typer.Argument(help="Built-in target name or a .toml file.")], cpu: CpuOpt = None) -> None:
+    """Print one target's effective description (after 'extends') as TOML, resolved for this CPU (or --cpu)."""
     from qcompiler.targets.spec import load_target, target_to_toml
 
-    spec = load_target(target)
-    out.print(f"# {spec.path}", markup=False, highlight=False)
-    out.print(target_to_toml(spec), markup=False, highlight=False)
+    spec = load_target(target, cpu=cpu)
+    # soft_wrap: the TOML must stay valid when piped to a file, whatever the terminal's width.
+    out.print(f"# {spec.path}", markup=False, highlight=False, soft_wrap=True)
+    out.print(target_to_toml(spec), markup=False, highlight=False, soft_wrap=True)
 
 
 @targets_app.command("measure")

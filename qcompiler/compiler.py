@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 
+from qcompiler.accuracy_guard import Goal, guard
 from qcompiler.artifacts import emit_artifacts
 from qcompiler.calibration import CALIBRATION_FACT
 from qcompiler.cost_model import predicted_speedup
@@ -18,10 +19,16 @@ from qcompiler.errors import QCError
 from qcompiler.ir import SOURCE_KEY, annotate_types, atomic_output_dir, load_model, model_bytes_on_disk, save_model, to_proto
 from qcompiler.pass_manager import Instrument, Pass, PassContext, PassManager, ProgressFactory, null_progress
 from qcompiler.pipeline import format_pipeline, parse_pipeline
-from qcompiler.precision import WEIGHT_BITS_FACT
+from qcompiler.precision import FLOAT_LAYER_INPUTS_FACT, WEIGHT_BITS_FACT
 from qcompiler.report import KeptFloat, PassTiming, Report
 from qcompiler.targets.spec import TargetSpec, load_target
-from qcompiler.verify import verify as verify_models
+from qcompiler.verify import kernel_gap_warnings, verify as verify_models
+
+
+#: The accuracy guard's default goal: every output within 20 dB SQNR of the float model.
+DEFAULT_MIN_SQNR_DB = 20.0
+#: Without --data, the last fifth of the calibration samples, at most this many, is verified on.
+MAX_HELD_OUT = 1000
 
 
 @dataclass
@@ -57,15 +64,30 @@ def compile(  # noqa: A001 - the verb users expect: qcompiler.compile(...)
     instruments: list[Instrument] | None = None,
     progress: ProgressFactory = null_progress,
     latency_runs: int = 50,
+    cpu: str | None = None,
+    min_sqnr: float | None = DEFAULT_MIN_SQNR_DB,
+    max_drop: float | None = None,
+    guard_fallback: bool | None = None,
 ) -> CompileResult:
     """Quantize ``model`` for ``target`` and verify it with onnxruntime.
 
-    ``pipeline`` defaults to the target's own. ``verify_data`` (default: the calibration data)
-    is what the report's accuracy and SQNR are measured on. With ``output_dir`` the model and
+    A target whose kernels depend on the CPU (``[cpu]`` in its file) is compiled for the CPU this
+    runs on, or for the ISA ``cpu`` names (``"avx2"``, ``"avx512-vnni"``, ...).
+
+    ``pipeline`` defaults to the target's own. ``verify_data`` is what the report's accuracy and
+    SQNR are measured on; without it the last fifth of the calibration data (at most
+    `MAX_HELD_OUT` samples) is held out from calibration and verified on instead.
+
+    The accuracy guard (`qcompiler.accuracy_guard`) then checks the model as onnxruntime runs it
+    against ``min_sqnr`` (dB, every output; None: no bound) and ``max_drop`` (top-1 points, needs
+    labels) and puts the most damaging layers back in float until both hold; the report's
+    ``guard`` says what it reached and did. Both None turn it off. ``guard_fallback`` None: fall
+    back unless assign-precision chose the widths under a budget (the guard then only measures,
+    since a fallback would break the budget); True or False to decide. With ``output_dir`` the model and
     ``report.json`` are written there atomically (all or nothing). The input file is never changed.
     """
     start = time.perf_counter()
-    spec = target if isinstance(target, TargetSpec) else load_target(target)
+    spec = target if isinstance(target, TargetSpec) else load_target(target, cpu=cpu)
     if isinstance(model, ir.Model):
         # Passes rewrite in place: work on a copy so the caller's model stays as it was.
         float_proto = to_proto(model)
@@ -77,18 +99,31 @@ def compile(  # noqa: A001 - the verb users expect: qcompiler.compile(...)
         float_proto = to_proto(ir_model)
     calib = _as_data(calibration, ir_model, calib_count)
     check = _as_data(verify_data, ir_model, None) if verify_data is not None else calib
+    if verify and verify_data is None and calib is not None and calib.num_samples >= 2 * (calib.fixed_batch or 1):
+        # Never verify on what was calibrated on: hold the last samples out (whole fixed batches).
+        step = calib.fixed_batch or 1
+        held = max(step, min(MAX_HELD_OUT, calib.num_samples // 5) // step * step)
+        calib, check = calib.split(held)
+    goal = Goal(min_sqnr, max_drop) if (min_sqnr is not None or max_drop is not None) else None
     manager = parse_pipeline(pipeline if pipeline is not None else spec.pipeline)
     ctx = PassContext(target=spec, data=calib, seed=seed, progress=progress, instruments=list(instruments or []))
 
     def run(folder: Path | None) -> CompileResult:
         result = manager.run(ir_model, ctx)
         compiled = result.model
+        guard_report = None
+        if goal is not None and verify and check is not None:
+            fall_back = guard_fallback if guard_fallback is not None else WEIGHT_BITS_FACT not in ctx.facts
+            compiled, guard_report = guard(float_proto, compiled, ctx.facts.get(FLOAT_LAYER_INPUTS_FACT, {}), check, goal, optimize=spec.verify_optimization == "all", progress=progress, fall_back=fall_back)
         quant_proto = to_proto(compiled)
         try:
             onnx.checker.check_model(quant_proto, full_check=True)
         except Exception as exc:
             raise QCError(f"compiled model fails the ONNX checker: {str(exc).splitlines()[0]}") from None
         report = _report(float_name, manager, spec, ctx)
+        report.guard = asdict(guard_report) if guard_report is not None else None
+        if spec.machine is not None:
+            report.machine = {"cpu": spec.machine.cpu, "isa": spec.machine.isa, "accumulation": spec.machine.accumulation, "reason": spec.machine.reason}
         report.compile_seconds = time.perf_counter() - start
         model_path = None
         if folder is not None:
@@ -98,9 +133,11 @@ def compile(  # noqa: A001 - the verb users expect: qcompiler.compile(...)
             written = emit_artifacts(compiled, spec, folder, ctx.facts.get(WEIGHT_BITS_FACT))
             report.artifacts = [str(Path(output_dir) / p.name) for p in written]
         if verify and check is not None:
-            if verify_data is None:
-                report.diagnostics.append({"pass": None, "node": None, "level": "warning", "message": "verified on the calibration data: figures are optimistic; pass --data with held-out samples"})
+            if verify_data is None and check is calib:
+                report.diagnostics.append({"pass": None, "node": None, "level": "warning", "message": "verified on the calibration data (too few samples to hold any out): figures are optimistic; pass --data with held-out samples"})
             report.verification = verify_models(float_proto, model_path if model_path else quant_proto, check, progress=progress, latency_runs=latency_runs, optimize=spec.verify_optimization == "all")
+            for message in kernel_gap_warnings(report.verification):
+                report.diagnostics.append({"pass": None, "node": None, "level": "warning", "message": message})
             report.verification.size.float_bytes = _float_size(model, float_proto)
             if report.verification.latency is not None:
                 report.verification.latency.predicted_speedup = predicted_speedup(compiled, spec, ctx.facts.get(WEIGHT_BITS_FACT))

@@ -136,6 +136,19 @@ class DataSource:
         head.fixed_batch = self.fixed_batch
         return head
 
+    def split(self, held_out: int) -> tuple[DataSource, DataSource]:
+        """(the first samples, the last ``held_out``): calibrate on one, verify on the other.
+        Each names its sample range in ``origin`` so a report says which samples it used."""
+        cut = self.num_samples - held_out
+        if not 0 < cut < self.num_samples:
+            raise ValueError(f"cannot hold out {held_out} of {self.num_samples} samples")
+        parts = []
+        for lo, hi in ((0, cut), (cut, self.num_samples)):
+            part = DataSource({k: a[lo:hi] for k, a in self.arrays.items()}, None if self.labels is None else self.labels[lo:hi], origin=f"{self.origin} samples {lo}-{hi - 1}")
+            part.fixed_batch = self.fixed_batch
+            parts.append(part)
+        return parts[0], parts[1]
+
     def for_inputs(self, inputs: list[InputSpec]) -> DataSource:
         """This data, batched as the model's inputs require (a fixed batch dimension wins)."""
         sizes = {spec.shape[0] for spec in inputs if spec.shape and isinstance(spec.shape[0], int)}

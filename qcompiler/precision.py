@@ -5,3 +5,7 @@ WEIGHT_BITS_FACT = "weight_bits"
 #: The facts key holding the activation width (int) every quantized activation uses, written by
 #: assign-precision{activation-bits=N}, read by insert-qdq (absent: the activation dtype's width).
 ACTIVATION_BITS_FACT = "activation_bits"
+#: The facts key holding {quantized node name: {input index: float array}}: the float weight and
+#: bias each layer had before insert-qdq quantized them, read by the accuracy guard to put a
+#: layer back in float.
+FLOAT_LAYER_INPUTS_FACT = "float_layer_inputs"

@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 
 @dataclass
@@ -23,6 +23,9 @@ class OutputMetrics:
     max_abs_error: float
     top1_agreement: float | None
     nonfinite: int = 0
+    #: The same output with Q/DQ run in float (onnxruntime's basic level, no integer kernels):
+    #: far above ``sqnr_db`` means the integer kernels do not compute what the graph says.
+    sqnr_db_simulated: float | None = None
 
 
 @dataclass
@@ -32,6 +35,9 @@ class LayerMetrics:
     op_type: str
     sqnr_db: float
     max_abs_error: float
+    #: The same tensor as onnxruntime computes it with all optimizations (its integer kernels),
+    #: where the tensor survives fusion as a quantized value (None elsewhere).
+    sqnr_db_as_run: float | None = None
 
 
 @dataclass
@@ -63,6 +69,8 @@ class VerificationReport:
     layers: list[LayerMetrics]
     size: SizeMetrics
     latency: LatencyMetrics | None
+    #: onnxruntime's optimization level the outputs were measured at ("all": as deployed).
+    optimization: str = "all"
 
 
 @dataclass
@@ -96,6 +104,10 @@ class Report:
     compile_seconds: float | None = None
     #: Files the target needs beside the model (e.g. QNN's encodings.json), as written.
     artifacts: list[str] = field(default_factory=list)
+    #: The CPU the target was compiled for and what that decided (targets with a [cpu] section).
+    machine: dict[str, Any] | None = None
+    #: The accuracy guard's goal, what it measured and which layers it put back in float.
+    guard: dict[str, Any] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
@@ -148,6 +160,9 @@ def render_report(report: Report, console: Console) -> None:
     console.print(head)
     if report.pipeline:
         console.print(f"pipeline: {report.pipeline}")
+    if report.machine:
+        console.print(f"compiled for: {report.machine['cpu']}", markup=False, highlight=False)
+        console.print(f"weights: {report.machine['reason']}", markup=False, highlight=False)
     if report.artifacts:
         console.print(f"also written for the target: {', '.join(report.artifacts)}")
     v = report.verification
@@ -162,7 +177,8 @@ def render_report(report: Report, console: Console) -> None:
             summary.add_row("top-1 accuracy", _pct(v.accuracy_float), _pct(v.accuracy_quantized), f"{delta:+.2f} pts")
         for o in v.outputs:
             agree = f", top-1 agree {_pct(o.top1_agreement)}" if o.top1_agreement is not None else ""
-            summary.add_row(f"output '{o.name}'", "", f"SQNR {_db(o.sqnr_db)}", f"max |err| {o.max_abs_error:.3g}{agree}")
+            simulated = f" (Q/DQ in float: {_db(o.sqnr_db_simulated)})" if o.sqnr_db_simulated is not None else ""
+            summary.add_row(f"output '{o.name}'", "", f"SQNR {_db(o.sqnr_db)}{simulated}", f"max |err| {o.max_abs_error:.3g}{agree}")
             if o.nonfinite:
                 summary.add_row(f"output '{o.name}'", "", f"[red]{o.nonfinite} non-finite values[/red]", "")
         s = v.size
@@ -178,10 +194,10 @@ def render_report(report: Report, console: Console) -> None:
         if v.layers:
             worst = sorted(v.layers, key=lambda l: l.sqnr_db)
             layers = Table(title=f"Per-layer SQNR ({len(v.layers)} tensors, worst first, 10 shown)")
-            for col in ("tensor", "node", "op", "SQNR", "max |err|"):
-                layers.add_column(col, justify="right" if col in ("SQNR", "max |err|") else "left")
+            for col in ("tensor", "node", "op", "SQNR", "as run", "max |err|"):
+                layers.add_column(col, justify="right" if col in ("SQNR", "as run", "max |err|") else "left")
             for l in worst[:10]:
-                layers.add_row(l.tensor, l.node, l.op_type, _db(l.sqnr_db), f"{l.max_abs_error:.3g}")
+                layers.add_row(l.tensor, l.node, l.op_type, _db(l.sqnr_db), _db(l.sqnr_db_as_run) if l.sqnr_db_as_run is not None else "-", f"{l.max_abs_error:.3g}")
             console.print(layers)
     if report.kept_float:
         kept = Table(title=f"Kept in float ({len(report.kept_float)} nodes)")
@@ -192,6 +208,7 @@ def render_report(report: Report, console: Console) -> None:
         if len(report.kept_float) > 20:
             kept.add_row("...", "", f"{len(report.kept_float) - 20} more in report.json")
         console.print(kept)
+    _render_guard(report, console)
     _render_precision(report, console)
     for d in report.diagnostics:
         if d.get("level") == "warning":
@@ -231,3 +248,23 @@ def _render_precision(report: Report, console: Console) -> None:
         shown = "; ".join(f"{c['estimate']} estimate, no layer below {c['floor']} bits: {c['measured_loss_increase']:.4g}" + (" (chosen)" if c["selected"] else "")
                           for c in candidates)
         console.print(f"ILP candidates, measured with every weight quantized ({loss} from the float outputs): {shown}")
+
+
+def _render_guard(report: Report, console: Console) -> None:
+    """The accuracy guard's verdict, and each fallback with its measured effect."""
+    g = report.guard
+    if not g:
+        return
+    drop = lambda d: f", top-1 drop {d:.2f} pts" if d is not None else ""  # noqa: E731
+    status = "[green]met[/green]" if g["met"] else "[red]MISSED[/red]"
+    console.print(f"accuracy guard ({g['goal']}, as onnxruntime runs it, on {g['samples']} held-out samples from {g['data']}): {status}: "
+                  f"SQNR {_db(g['sqnr_db'])}{drop(g['drop_points'])} (as compiled: {_db(g['initial_sqnr_db'])}{drop(g['initial_drop_points'])})")
+    if g["fallbacks"]:
+        table = Table(title=f"Accuracy guard: {len(g['fallbacks'])} layer(s) put back in float, most damaging first")
+        for col in ("node", "op", "SQNR before", "SQNR after", "top-1 drop after"):
+            table.add_column(col, justify="left" if col in ("node", "op") else "right")
+        for f in g["fallbacks"]:
+            table.add_row(f["node"], f["op_type"], _db(f["sqnr_before_db"]), _db(f["sqnr_after_db"]), "-" if f["drop_after_points"] is None else f"{f['drop_after_points']:.2f} pts")
+        console.print(table)
+    if g.get("note"):
+        console.print(f"[yellow]accuracy guard[/yellow]: {g['note']}")

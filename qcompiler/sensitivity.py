@@ -19,6 +19,7 @@ import onnx_ir as ir
 from qcompiler.analysis import Analysis
 from qcompiler.hessian import HessianTraceResult
 from qcompiler.op_roles import input_roles
+from qcompiler.quant.pair_limit import pair_safe_scale
 from qcompiler.quant.uniform import _MIN_SCALE, affine_params, channel_ranges, dequantize, mse_channel_ranges, quantize
 from qcompiler.targets.spec import FLOAT8_DTYPES, FLOAT_WIDTH, TensorRule
 
@@ -85,6 +86,12 @@ def quantize_weight(w: np.ndarray, rule: TensorRule, bits: int, axis: int | None
     else:
         lo, hi = channel_ranges(w, axis)
     scale, zp = affine_params(lo, hi, qmin, qmax, rule.symmetric)
+    if rule.pair_sum_limit and rule.symmetric and qmax - qmin > rule.pair_sum_limit:
+        # The kernels of this CPU add pairs of products in int16: narrow each channel just enough.
+        bound = np.maximum(-np.minimum(lo, 0), np.maximum(hi, 0))
+        scale, top = pair_safe_scale(w, axis, bound, qmax, rule.pair_sum_limit)
+        top = top if axis is None or top.ndim == 0 else top.reshape([-1 if i == axis else 1 for i in range(w.ndim)])
+        return np.clip(quantize(w, scale, zp, qmin, qmax, axis=axis), -top, top), scale, zp
     return quantize(w, scale, zp, qmin, qmax, axis=axis), scale, zp
 
 

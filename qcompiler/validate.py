@@ -16,6 +16,7 @@ import onnx_ir as ir
 
 from qcompiler.cost_model import storage_dtype
 from qcompiler.ir import constant_array, opset_version
+from qcompiler.quant.pair_limit import max_pair_sum
 from qcompiler.op_roles import InputRoles, input_roles
 from qcompiler.sensitivity import block_axis
 from qcompiler.targets.spec import FLOAT_WIDTH, INTEGER_BITS, INTEGER_DTYPES, IR_TYPES, TargetSpec, TensorRule
@@ -33,6 +34,7 @@ RULES: dict[str, str] = {
     "bias": "a quantized bias has scale = input scale x weight scale and zero point 0; it is quantized exactly when the target quantizes biases",
     "unsupported-op": "ops on integer tensors are ones the target runs on integers; without a float fallback, every op reading quantized data is one the target quantizes",
     "fusion": "no Q/DQ pair between a quantized op and the activation the target fuses into it",
+    "saturation": "where the CPU compiled for adds pairs of uint8 x int8 products in int16 ([cpu] accumulation), no two weights of one sign in an output channel sum to more than the int16 limit allows (128)",
 }
 
 _FIXES: dict[str, str] = {
@@ -47,6 +49,7 @@ _FIXES: dict[str, str] = {
     "bias": "quantize the bias to int32 with scale = input scale x weight scale, zero point 0 (or keep it float where the target fuses float biases)",
     "unsupported-op": "move the op out of the quantized region (dequantize before it) or choose a target that runs it quantized",
     "fusion": "remove the Q/DQ pair between the op and its activation; quantize after the activation",
+    "saturation": "re-compile for this CPU (qc compile --target ort-cpu, or --cpu ISA), which narrows each channel just enough; or quantize with 7-bit weights (onnxruntime: reduce_range=True)",
 }
 
 
@@ -324,6 +327,8 @@ class _Checker:
                 self._check_float_weight(node, weight, next(v for v, dq in zip(acts, act_dqs) if dq is not None))
         if w_dq is not None:
             self._check_weight_granularity(node, w_dq, roles.weight_axis)
+            if quantized_input and op in self.target.ops.quantized:
+                self._check_pair_sums(node, w_dq, roles.weight_axis)
         if b_dq is not None and w_dq is not None and act_dqs and act_dqs[0] is not None and self.target.bias.quantize:
             self._check_bias_scale(node, b_dq, act_dqs[0], w_dq)
         elif bias is not None and b_dq is None and self._is_constant(bias) and w_dq is not None and quantized_input and self.target.bias.quantize and op in self.target.ops.quantized:
@@ -364,6 +369,21 @@ class _Checker:
             node,
             f"weight '{source.name}'{carried} is float while input '{activation.name}' is quantized: target '{self.target.name}' runs {node.op_type} on {accepted} weights behind a DequantizeLinear {why}",
         )
+
+    def _check_pair_sums(self, node: ir.Node, w_dq: ir.Node, axis: int | None) -> None:
+        """Weights that can overflow the int16 pair sums of the CPU compiled for (VPMADDUBSW)."""
+        limit = self.target.weights.pair_sum_limit
+        machine = self.target.machine
+        stored = constant_array(w_dq.inputs[0])
+        if not limit or machine is None or stored is None or stored.dtype.kind != "i" or stored.dtype.itemsize != 1:
+            return
+        group = node.attributes["group"].as_int() if "group" in node.attributes else 1
+        if machine.depthwise_exact and node.op_type == "Conv" and stored.ndim >= 3 and stored.shape[1] == 1 and group == stored.shape[0] > 1:
+            return  # depthwise: a kernel of its own that accumulates exactly
+        channel_axis = axis if axis is not None and stored.ndim > 1 else None
+        worst = max_pair_sum(stored, channel_axis)
+        if worst > limit:
+            self.add("saturation", w_dq, f"weight of {node.op_type} '{node.name}' has two same-sign values summing to {worst} (> {limit}): on {machine.isa} onnxruntime's int8 kernels add pairs of products in int16 and saturate")
 
     def _check_weight_granularity(self, node: ir.Node, w_dq: ir.Node, axis: int | None) -> None:
         p = _qparams(w_dq)

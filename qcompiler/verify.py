@@ -20,6 +20,7 @@ from qcompiler.data import DataSource, InputSpec
 from qcompiler.errors import QCError
 from qcompiler.ir import SOURCE_KEY, model_bytes_on_disk
 from qcompiler.pass_manager import ProgressFactory, null_progress
+from qcompiler.quant.uniform import dequantize
 from qcompiler.report import LatencyMetrics, LayerMetrics, OutputMetrics, SizeMetrics, VerificationReport
 from qcompiler.runtime import make_session, with_extra_outputs
 
@@ -197,7 +198,11 @@ def verify(
     matches = match_intermediates(float_proto, quant_proto) if per_layer else {}
     float_session = make_session(float_proto, optimize=optimize, what="float model")
     quant_session = make_session(quant_proto, optimize=optimize, what="quantized model")
+    # As run (integer kernels) and as the graph says (Q/DQ in float): a gap between the two
+    # means the kernels do not compute what was verified in simulation (saturation, fusion bugs).
+    simulated_session = make_session(quant_proto, optimize=False, what="quantized model") if optimize else None
     accs = {n: _Accumulator() for n in output_names}
+    simulated = {n: _Accumulator() for n in output_names}
     correct_f = correct_q = labelled = 0
     total_batches = len(range(0, data.usable_samples, data.fixed_batch or batch_size))
     with progress("verifying", total_batches + (1 if matches else 0)) as bar:
@@ -207,6 +212,9 @@ def verify(
             q_out = dict(zip(output_names, quant_session.run(output_names, batch)))
             for name in output_names:
                 accs[name].update(f_out[name], q_out[name], _is_classifier_output(f_out[name].shape))
+            if simulated_session is not None:
+                for name, got in zip(output_names, simulated_session.run(output_names, batch)):
+                    simulated[name].update(f_out[name], got, False)
             if data.labels is not None and _is_classifier_output(f_out[output_names[0]].shape):
                 labels = data.labels[start : start + len(f_out[output_names[0]])]
                 correct_f += int(np.sum(f_out[output_names[0]].argmax(-1) == labels))
@@ -214,11 +222,11 @@ def verify(
                 labelled += len(labels)
             start += len(f_out[output_names[0]])
             bar.advance()
-        layers = _per_layer(float_proto, quant_proto, matches, data.head(layer_samples), LAYER_BATCH) if matches else []
+        layers = _per_layer(float_proto, quant_proto, matches, data.head(layer_samples), LAYER_BATCH, as_run=optimize) if matches else []
         if matches:
             bar.advance()
     outputs = [
-        OutputMetrics(name=n, sqnr_db=a.sqnr_db, max_abs_error=a.max_abs, top1_agreement=(a.agree / a.count if a.count else None), nonfinite=a.nonfinite)
+        OutputMetrics(name=n, sqnr_db=a.sqnr_db, max_abs_error=a.max_abs, top1_agreement=(a.agree / a.count if a.count else None), nonfinite=a.nonfinite, sqnr_db_simulated=simulated[n].sqnr_db if simulated_session is not None else None)
         for n, a in accs.items()
     ]
     feed = data.first_batch(1)
@@ -238,27 +246,77 @@ def verify(
         layers=layers,
         size=size,
         latency=latency,
+        optimization="all" if optimize else "basic",
     )
 
 
-def _per_layer(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto, matches: dict[str, tuple[str, str, str]], data: DataSource, batch_size: int) -> list[LayerMetrics]:
+#: A quantized model whose integer kernels lose more than this against its Q/DQ simulation is
+#: not computing what was verified in simulation (saturating kernels, a fusion bug).
+KERNEL_GAP_DB = 3.0
+
+
+def kernel_gap_warnings(verification: VerificationReport, threshold_db: float = KERNEL_GAP_DB) -> list[str]:
+    """Warnings for outputs and layers that onnxruntime's integer kernels compute more than
+    ``threshold_db`` worse than the same graph with Q/DQ run in float, worst layers named."""
+    warnings = []
+    for o in verification.outputs:
+        if o.sqnr_db_simulated is not None and o.sqnr_db_simulated - o.sqnr_db > threshold_db:
+            warnings.append(f"output '{o.name}': SQNR {o.sqnr_db:.2f} dB as run by onnxruntime's integer kernels, {o.sqnr_db_simulated:.2f} dB with Q/DQ in float")
+    gaps = sorted(((l.sqnr_db - l.sqnr_db_as_run, l) for l in verification.layers if l.sqnr_db_as_run is not None and l.sqnr_db - l.sqnr_db_as_run > threshold_db), key=lambda g: -g[0])
+    if gaps:
+        named = ", ".join(f"{l.node} ({l.sqnr_db_as_run:.1f} dB as run vs {l.sqnr_db:.1f} simulated)" for _, l in gaps[:5])
+        more = f" and {len(gaps) - 5} more" if len(gaps) > 5 else ""
+        warnings.append(f"{len(gaps)} layer(s) lose more than {threshold_db:g} dB in the integer kernels: {named}{more}")
+    return warnings
+
+
+def _integer_sources(quant_proto: onnx.ModelProto, dq_outputs: list[str]) -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
+    """DequantizeLinear output -> (its QuantizeLinear's integer output, scale, zero point), for
+    per-tensor activation quantizers: the integer tensor is what the fused kernels produce."""
+    consts = {t.name: onnx.numpy_helper.to_array(t) for t in quant_proto.graph.initializer}
+    q_outputs = {n.output[0] for n in quant_proto.graph.node if n.op_type == "QuantizeLinear"}
+    wanted, found = set(dq_outputs), {}
+    for node in quant_proto.graph.node:
+        if node.op_type == "DequantizeLinear" and node.output[0] in wanted and node.input[0] in q_outputs:
+            scale = consts.get(node.input[1])
+            zp = consts.get(node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros((), np.uint8)
+            if scale is not None and zp is not None and scale.size == 1:
+                found[node.output[0]] = (node.input[0], scale.astype(np.float32).reshape(()), zp.reshape(()))
+    return found
+
+
+def _per_layer(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto, matches: dict[str, tuple[str, str, str]], data: DataSource, batch_size: int, as_run: bool = False) -> list[LayerMetrics]:
     f_names = list(matches)
     q_names = [matches[n][0] for n in f_names]
     # Unoptimized sessions: exposing every intermediate defeats fusion anyway, and this keeps the
     # tensors exactly those the graphs name.
     f_session = make_session(with_extra_outputs(float_proto, f_names), optimize=False, what="float model")
     q_session = make_session(with_extra_outputs(quant_proto, q_names), optimize=False, what="quantized model")
+    # As run: the integer outputs of the QuantizeLinear nodes, exposed from a fully optimized
+    # session (exposing them keeps onnxruntime's QLinear fusion; exposing the float DQ outputs
+    # would not), dequantized here.
+    integer = _integer_sources(quant_proto, q_names) if as_run else {}
+    run_names = [integer[q][0] for q in q_names if q in integer]
+    run_session = make_session(with_extra_outputs(quant_proto, run_names), optimize=True, what="quantized model") if run_names else None
     accs = {n: _Accumulator() for n in f_names}
+    run_accs = {n: _Accumulator() for n in f_names}
     for batch in data.batches(batch_size):
         f_out = f_session.run(f_names, batch)
         q_out = q_session.run(q_names, batch)
-        for name, ref, got in zip(f_names, f_out, q_out):
+        run_out = dict(zip(run_names, run_session.run(run_names, batch))) if run_session is not None else {}
+        for name, q_name, ref, got in zip(f_names, q_names, f_out, q_out):
             # An integer tensor of the same name (data movement run on quantized values) is not
             # comparable with the float one; its DequantizeLinear output is matched instead.
             if ref.shape == got.shape and np.issubdtype(got.dtype, np.floating):
                 accs[name].update(ref, got, False)
+                if q_name in integer and integer[q_name][0] in run_out:
+                    _, scale, zp = integer[q_name]
+                    codes = run_out[integer[q_name][0]]
+                    if codes.shape == ref.shape:
+                        run_accs[name].update(ref, dequantize(codes, scale, zp), False)
     return [
-        LayerMetrics(tensor=n, node=matches[n][1], op_type=matches[n][2], sqnr_db=accs[n].sqnr_db, max_abs_error=accs[n].max_abs)
+        LayerMetrics(tensor=n, node=matches[n][1], op_type=matches[n][2], sqnr_db=accs[n].sqnr_db, max_abs_error=accs[n].max_abs,
+                     sqnr_db_as_run=run_accs[n].sqnr_db if run_accs[n].signal > 0 else None)
         for n in f_names
         if accs[n].signal > 0 or accs[n].noise > 0
     ]

@@ -7,6 +7,7 @@ file is checked: an unknown key or a bad value fails with ``file:key: message``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import sys
@@ -66,6 +67,10 @@ class TensorRule:
     block_size: int = 0
     #: Activations: false keeps them float (weight-only quantization).
     quantize: bool = True
+    #: Weights: the largest |w0| + |w1| of two same-sign integer weights in one channel, where
+    #: the CPU's kernels add pairs of products in int16 (set from ``[cpu] accumulation``, never
+    #: written in a file); None where products accumulate exactly.
+    pair_sum_limit: int | None = None
 
     @property
     def accepted(self) -> tuple[str, ...]:
@@ -159,6 +164,26 @@ class CostModel:
         return self.op.get(op_type, {}).get(dtype, self.mac.get(dtype))
 
 
+#: How a backend's integer kernels sum uint8 x int8 products on one instruction set: exactly in
+#: int32, or pairs of products first in int16 with saturation (VPMADDUBSW).
+ACCUMULATIONS = ("int32", "int16-pairs")
+
+
+@dataclass(frozen=True)
+class MachineChoice:
+    """The CPU a target was resolved for, and what its kernels made the compiler do."""
+
+    cpu: str
+    isa: str
+    accumulation: str
+    #: ``[cpu] accumulation`` as the file gives it: ISA -> accumulation.
+    table: dict[str, str]
+    reason: str
+    #: ``[cpu] depthwise_exact``: depthwise convolutions run in a kernel of their own that
+    #: accumulates exactly, so their weights keep the full range whatever the accumulation.
+    depthwise_exact: bool = False
+
+
 @dataclass(frozen=True)
 class TargetSpec:
     """A backend as data: what it runs quantized, with which dtypes and rules, and what it costs."""
@@ -179,6 +204,12 @@ class TargetSpec:
     #: "basic", for models whose numerics onnxruntime's extended fusions change.
     verify_optimization: str = "all"
     path: str = ""
+    #: The pipeline ``qc compile --budget`` runs: per-layer weight widths by hessian-trace and
+    #: assign-precision, whose ``budget`` option the budget fills in. Empty: no mixed precision.
+    mixed_pipeline: str = ""
+    #: Set for targets whose kernels depend on the CPU (a ``[cpu]`` section): which CPU, and why
+    #: the weights are what they are there.
+    machine: MachineChoice | None = None
 
     def quantizes(self, op_type: str) -> bool:
         return op_type in self.ops.quantized
@@ -186,7 +217,7 @@ class TargetSpec:
 
 # The schema: section -> key -> (type, required). Top-level keys live under "".
 _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
-    "": {"name": (str, True), "description": (str, False), "extends": (str, False), "min_opset": (int, True), "pipeline": (str, True), "emit": (list, False)},
+    "": {"name": (str, True), "description": (str, False), "extends": (str, False), "min_opset": (int, True), "pipeline": (str, True), "mixed_pipeline": (str, False), "emit": (list, False)},
     "activations": {"quantize": (bool, False), "dtype": (str, True), "symmetric": (bool, True), "granularity": (str, True), "narrow_range": (bool, False), "also_accepted": (list, False)},
     "weights": {"dtype": (str, True), "symmetric": (bool, True), "granularity": (str, True), "narrow_range": (bool, False), "also_accepted": (list, False), "block_size": (int, False)},
     "bias": {"quantize": (bool, False), "dtype": (str, False)},
@@ -204,6 +235,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "cost": {"source": (str, True), "mac": (dict, False), "op": (dict, False)},
     "bits": {"allowed": (list, False), "native": (list, False), "activations": (list, False), "default": (int, False)},
     "verify": {"optimization": (str, False)},
+    "cpu": {"accumulation": (dict, True), "depthwise_exact": (bool, False)},
 }
 
 
@@ -335,12 +367,18 @@ def _choice(table: dict[str, Any], key: str, choices: tuple[str, ...], where: st
     return value
 
 
-def load_target(name_or_path: str) -> TargetSpec:
-    """Load a built-in target by name (``ort-cpu``) or a user's target file by path."""
+def load_target(name_or_path: str, cpu: str | None = None) -> TargetSpec:
+    """Load a built-in target by name (``ort-cpu``) or a user's target file by path.
+
+    A target with a ``[cpu]`` section is resolved for the CPU this process runs on, or for the
+    ISA ``cpu`` names (``avx2``, ``avx512-vnni``, ... : compiling for another machine).
+    """
     path = _resolve(name_or_path)
     data = _raw(path)
     weight_only = data.get("activations", {}).get("quantize", True) is False
     for section, keys in _SCHEMA.items():
+        if section == "cpu" and section not in data:
+            continue  # an optional section; its keys are required once it is there
         for key, (_, required) in keys.items():
             if required and key != "extends" and not (section == "activations" and weight_only):
                 _require(data, section, key, path)
@@ -420,6 +458,13 @@ def load_target(name_or_path: str) -> TargetSpec:
         split_pipeline(data["pipeline"])
     except QCError as exc:
         raise QCError(exc.message, file=f"{path}:pipeline") from None
+    mixed_pipeline = data.get("mixed_pipeline", "")
+    if mixed_pipeline:
+        _check_mixed_pipeline(mixed_pipeline, f"{path}:mixed_pipeline")
+    if len(allowed) < 2:
+        # One weight width leaves nothing to mix: an inherited mixed_pipeline does not apply (a
+        # float8 target extending an integer one).
+        mixed_pipeline = ""
     from qcompiler.artifacts import EMITTERS
 
     emit = data.get("emit", [])
@@ -428,11 +473,21 @@ def load_target(name_or_path: str) -> TargetSpec:
     if "qnn-encodings" in emit and 1 in allowed:
         # AIMET's encodings hold an affine range: two levels offset x s, (offset + 1) x s cannot say +-s.
         raise QCError("1-bit (bipolar) weights cannot be written as QNN encodings: drop 1", file=f"{path}:bits.allowed")
+    machine = None
+    if "cpu" in data:
+        machine = dataclasses.replace(_machine_choice(data["cpu"]["accumulation"], cpu, f"{path}:cpu.accumulation"), depthwise_exact=data["cpu"].get("depthwise_exact", False))
+        if machine.accumulation == "int16-pairs":
+            if not (weights.symmetric and weights.dtype == "int8" and activations.bits == 8):
+                raise QCError("int16-pairs accumulation needs symmetric int8 weights and 8-bit activations", file=f"{path}:cpu.accumulation")
+            from qcompiler.quant.pair_limit import pair_sum_limit
+
+            weights = dataclasses.replace(weights, pair_sum_limit=pair_sum_limit())
     return TargetSpec(
         name=data["name"],
         description=data.get("description", ""),
         min_opset=min_opset,
         pipeline=data["pipeline"],
+        mixed_pipeline=mixed_pipeline,
         activations=activations,
         weights=weights,
         bias=bias,
@@ -442,7 +497,47 @@ def load_target(name_or_path: str) -> TargetSpec:
         emit=tuple(emit),
         verify_optimization=_choice(data.get("verify", {}), "optimization", ("all", "basic"), f"{path}:verify.optimization"),
         path=str(path),
+        machine=machine,
     )
+
+
+def _check_mixed_pipeline(text: str, where: str) -> None:
+    """A mixed-precision pipeline parses and has one assign-precision pass whose budget it leaves to ``--budget``."""
+    from qcompiler.pipeline import split_pipeline
+
+    try:
+        steps = split_pipeline(text)
+    except QCError as exc:
+        raise QCError(exc.message, file=where) from None
+    assigners = [s for s in steps if s.name == "assign-precision"]
+    if len(assigners) != 1:
+        raise QCError(f"expected one assign-precision pass (it takes --budget), found {len(assigners)}", file=where)
+    if any(key == "budget" for key, _ in assigners[0].options):
+        raise QCError("leave out assign-precision's budget: qc compile --budget sets it", file=where)
+
+
+def _machine_choice(table: dict[str, Any], isa: str | None, where: str) -> MachineChoice:
+    """Which accumulation the kernels use on the CPU compiled for, and the reason in words."""
+    from qcompiler.cpu import ISAS, cpu_for_isa, detect_cpu
+
+    for key, value in table.items():
+        if key not in ISAS:
+            raise QCError(f"unknown ISA {key!r} (known: {', '.join(ISAS)})", file=where)
+        if value not in ACCUMULATIONS:
+            raise QCError(f"expected one of {', '.join(ACCUMULATIONS)} for {key}, got {value!r}", file=where)
+    info = cpu_for_isa(isa) if isa is not None else detect_cpu()
+    # An ISA the file does not list gets the form that is exact on every kernel.
+    accumulation = table.get(info.isa, "int16-pairs")
+    listed = "" if info.isa in table else f" ({info.isa} is not listed in [cpu] accumulation: assumed the saturating kernels)"
+    if accumulation == "int32":
+        reason = f"{info.isa}: the integer kernels accumulate every product in int32, so weights use the full int8 range [-127, 127]"
+    else:
+        reason = (
+            f"{info.isa}: the integer kernels add pairs of uint8 x int8 products in int16 with saturation (VPMADDUBSW), "
+            "so each output channel's weights are scaled for any two of one sign to sum to at most 128 "
+            f"(up to 127 levels a side where a channel allows, 64 at least, as onnxruntime's reduce_range){listed}"
+        )
+    return MachineChoice(cpu=info.summary(), isa=info.isa, accumulation=accumulation, table=dict(table), reason=reason)
 
 
 def list_targets() -> list[str]:
@@ -470,6 +565,7 @@ def target_to_toml(spec: TargetSpec) -> str:
         f"description = {fmt(spec.description)}",
         f"min_opset = {spec.min_opset}",
         f"pipeline = {fmt(spec.pipeline)}",
+        f"mixed_pipeline = {fmt(spec.mixed_pipeline)}",
         f"emit = {fmt(list(spec.emit))}",
         "",
     ]
@@ -485,6 +581,8 @@ def target_to_toml(spec: TargetSpec) -> str:
     lines += ["[bits]", f"allowed = {fmt(list(spec.bits.allowed))}", f"native = {fmt(list(spec.bits.native))}", f"activations = {fmt(list(spec.bits.activations))}"]
     lines += [f"default = {spec.bits.default}"] if spec.bits.default is not None else []
     lines += ["", "[verify]", f"optimization = {fmt(spec.verify_optimization)}"]
+    if spec.machine is not None:
+        lines += ["", f"# compiled for: {spec.machine.cpu}", f"# weights: {spec.machine.reason}", "[cpu]", "accumulation = { " + ", ".join(f"{key(k)} = {fmt(v)}" for k, v in spec.machine.table.items()) + " }", f"depthwise_exact = {fmt(spec.machine.depthwise_exact)}"]
     lines += ["", "[cost]", f"source = {fmt(spec.cost.source)}", "", "[cost.mac]"] + [f"{key(k)} = {v}" for k, v in spec.cost.mac.items()]
     for op_type, table in spec.cost.op.items():
         lines += ["", f"[cost.op.{key(op_type)}]"] + [f"{key(k)} = {v}" for k, v in table.items()]

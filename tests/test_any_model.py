@@ -107,9 +107,11 @@ def test_fixed_batch_model_gets_batches_of_its_size() -> None:
     )
     data = DataSource({"x": rng.normal(0, 1, (42, 3, 8, 8)).astype(np.float32)})
     result = qcompiler.compile(model, calibration=data, latency_runs=3)
-    assert result.report.verification.samples == 40  # the last 2 samples do not fill a batch
+    # The last 8 samples (two whole batches) are held out for verification; of the 34 left for
+    # calibration, the last 2 do not fill a batch.
+    assert result.report.verification.samples == 8 and result.report.verification.data.endswith("samples 34-41")
     assert result.report.verification.latency.batch == 4
-    assert result.report.calibration["samples"] == 40
+    assert result.report.calibration["samples"] == 32
 
 
 def test_graph_output_that_feeds_a_quantized_op_stays_float() -> None:

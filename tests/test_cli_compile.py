@@ -46,7 +46,7 @@ def test_readme_command_writes_a_verified_int8_model(compiled, cifar_test_npz: P
     assert abs(v["accuracy_quantized"] - v["accuracy_float"]) <= 0.005
     assert v["outputs"][0]["sqnr_db"] > 20
     assert v["size"]["quantized_weight_bytes"] < v["size"]["float_weight_bytes"] / 3.5
-    assert report["target"] == "ort-cpu" and report["schema_version"] == 2
+    assert report["target"] == "ort-cpu" and report["schema_version"] == 3
     assert [p["name"] for p in report["passes"]] == ["infer-shapes", "fold-constants", "fold-batchnorm", "calibrate", "insert-qdq"]
     assert len(v["layers"]) > 19
     # Every matched intermediate is a like-for-like comparison (no integer tensor read as float).
@@ -79,7 +79,8 @@ def test_custom_pipeline_and_instruments(tmp_path: Path, bundled_model: Path, bu
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     # Printed in canonical form: options at their defaults are omitted.
     assert report["pipeline"] == "fold-constants,fold-batchnorm,calibrate{method=percentile},insert-qdq"
-    assert report["calibration"]["samples"] == 32
+    # 32 samples: the last 6 are held out from calibration and verified on.
+    assert report["calibration"]["samples"] == 26 and report["verification"]["data"].endswith("samples 26-31")
 
 
 def test_custom_pass_from_a_users_file_runs_in_the_pipeline(tmp_path: Path, bundled_model: Path, bundled_calib: Path) -> None:
@@ -134,7 +135,7 @@ def test_python_api_compile_and_verify(bundled_model: Path, bundled_calib: Path,
     assert result.output_dir is None
     assert any(n.op_type == "QuantizeLinear" for n in result.model.graph)
     assert result.report.verification.outputs[0].sqnr_db > 20
-    assert result.report.calibration["samples"] == 32
+    assert result.report.calibration["samples"] == 26 and result.report.verification.samples == 6
     # With a pass list instead of text, and written to disk.
     written = qcompiler.compile(
         str(bundled_model), calibration=str(bundled_calib), calib_count=16,

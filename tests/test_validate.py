@@ -344,3 +344,15 @@ def test_rule_fusion(calib: Path) -> None:
 def test_every_rule_has_a_test() -> None:
     tested = {name.removeprefix("test_rule_").split("_")[0].replace("qdq", "qdq-pair").replace("shared", "shared-scale").replace("unsupported", "unsupported-op").replace("float", "float-weight") for name in globals() if name.startswith("test_rule_")}
     assert tested == set(RULES)
+
+
+def test_rule_saturation_weights_compiled_for_vnni_checked_for_avx2(calib: Path) -> None:
+    """Full-range int8 weights overflow the int16 pair sums of AVX2's kernels; what qc compiles
+    for AVX2 does not, and a VNNI CPU accepts both."""
+    spec = lambda isa: load_target("ort-cpu", cpu=isa)  # noqa: E731
+    for_vnni = qcompiler.compile(small_cnn(), spec("avx512-vnni"), calibration=calib, verify=False).model
+    for_avx2 = qcompiler.compile(small_cnn(), spec("avx2"), calibration=calib, verify=False).model
+    flagged = {v.rule for v in validate(for_vnni, spec("avx2"))}
+    assert flagged == {"saturation"}
+    assert validate(for_avx2, spec("avx2")) == []
+    assert validate(for_vnni, spec("avx512-vnni")) == []

@@ -234,3 +234,33 @@ def test_a_weight_shared_by_two_convs_is_quantized_once_and_stays_shared() -> No
     assert convs[0].inputs[1] is convs[1].inputs[1]
     assert convs[0].inputs[1].producer().op_type == "DequantizeLinear"
     assert sum(n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None and n.inputs[0].const_value.dtype == ir.DataType.INT8 for n in compiled.graph) == 1
+
+
+def _relu6_net(opset: int = 13) -> ir.Model:
+    """Conv (outputs far beyond [0, 6]) -> Clip(0, 6) -> Conv, as MobileNets write ReLU6."""
+    rng = np.random.default_rng(5)
+    inits = {"w0": rng.normal(0, 2.0, (8, 3, 3, 3)).astype(np.float32), "b0": rng.normal(0, 1, 8).astype(np.float32),
+             "lo": np.asarray(0.0, np.float32), "hi": np.asarray(6.0, np.float32), "w1": rng.normal(0, 0.3, (4, 8, 1, 1)).astype(np.float32)}
+    nodes = [
+        helper.make_node("Conv", ["input", "w0", "b0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
+        helper.make_node("Clip", ["c0", "lo", "hi"], ["r0"], name="relu6"),
+        helper.make_node("Conv", ["r0", "w1"], ["out"], name="conv1"),
+    ]
+    return make_model(nodes, [tensor_info("input", [None, 3, 8, 8])], [tensor_info("out", [None, 4, 8, 8])], inits, opset=opset)
+
+
+@pytest.mark.parametrize("method", ["minmax", "mse", "percentile"])
+def test_relu6_is_fused_into_the_quantizer_over_its_own_range(method):
+    # The Conv's output spans about [-20, 20] and is clipped at 6 in most places: the quantizer
+    # must take the Clip's output range [0, 6] (all 256 levels inside it), not quantize the
+    # pre-activation range and clip after (the double quantization that cost a MobileNet 6 points).
+    x = np.random.default_rng(6).normal(0, 1, (32, 3, 8, 8)).astype(np.float32)
+    model, ctx = _compile(_relu6_net(), DataSource({"input": x}), pipeline=f"calibrate{{method={method}}},insert-qdq")
+    assert not [n for n in model.graph if n.op_type == "Clip"]
+    q = next(n for n in model.graph if n.op_type == "QuantizeLinear" and n.inputs[0].producer() is not None and n.inputs[0].producer().name == "conv0")
+    scale, zp = float(_const(q.inputs[1])), int(_const(q.inputs[2]))
+    assert zp == 0 and scale <= 6.0 / 255 * (1 + 1e-6)
+    (ref,) = run(_relu6_net(), {"input": x})
+    (got,) = run(model, {"input": x})
+    assert sqnr_db(ref, got) > 30
+    assert not [d for d in ctx.diagnostics if "activation kept" in d.message]

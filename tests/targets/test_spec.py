@@ -559,3 +559,45 @@ def test_one_bit_errors(tmp_path: Path, body: str, key: str) -> None:
         assert "1-bit (bipolar) weights need a symmetric signed weight rule" in str(exc)
     if key == "bits.activations":
         assert "weights only" in str(exc)
+
+
+# --------------------------------------------------------------------------------------------
+# mixed_pipeline: what `qc compile --budget` runs
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["ort-cpu", "ort-cpu-int4", "qnn", "qonnx", "tensorrt"])
+def test_builtin_mixed_pipeline_parses_and_leaves_the_budget_open(name: str) -> None:
+    spec = load_target(name)
+    passes = parse_pipeline(spec.mixed_pipeline).passes
+    names = [p.name for p in passes]
+    assert names.index("hessian-trace") < names.index("assign-precision") < names.index("insert-qdq")
+    assert len(spec.bits.allowed) > 1
+
+
+def test_single_width_target_has_no_mixed_pipeline(tmp_path: Path) -> None:
+    # tensorrt-fp8 extends tensorrt: float8 has one width, so the inherited pipeline does not apply.
+    assert load_target("tensorrt").mixed_pipeline and load_target("tensorrt-fp8").mixed_pipeline == ""
+    path = write(tmp_path / "t.toml", 'extends = "ort-cpu"\n[bits]\nallowed = [8]\n')
+    assert load_target(str(path)).mixed_pipeline == ""
+
+
+@pytest.mark.parametrize(
+    ("pipeline", "message"),
+    [
+        ("infer-shapes,calibrate,insert-qdq", "one assign-precision pass"),
+        ("hessian-trace,assign-precision,assign-precision,insert-qdq", "found 2"),
+        ("hessian-trace,assign-precision{budget=size=0.5},insert-qdq", "--budget sets it"),
+        ("hessian-trace,assign-precision{method=ilp", "never closed"),
+    ],
+)
+def test_bad_mixed_pipeline_in_file(tmp_path: Path, pipeline: str, message: str) -> None:
+    path = write(tmp_path / "t.toml", f'extends = "ort-cpu"\nmixed_pipeline = "{pipeline}"\n')
+    exc = load_error(path)
+    assert_names(exc, path, "mixed_pipeline")
+    assert message in exc.message
+
+
+def test_mixed_pipeline_wrong_type(tmp_path: Path) -> None:
+    path = write(tmp_path / "t.toml", 'extends = "ort-cpu"\nmixed_pipeline = ["hessian-trace"]\n')
+    assert_names(load_error(path), path, "mixed_pipeline")
