@@ -32,7 +32,7 @@ from qcompiler.op_roles import input_roles
 from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.quant.bias_correction import LayerInputMeans, corrected_bias, correctable_inputs
 from qcompiler.quant.observers import Observer
-from qcompiler.quant.uniform import affine_params, dequantize, quantize
+from qcompiler.quant.uniform import affine_params, dequantize, int32_bias_scale_floor, quantize, raise_scales
 from qcompiler.registry import register_pass
 from qcompiler.cost_model import storage_dtype
 from qcompiler.sensitivity import FLOAT8_NUMPY, WeightRange, block_axis, dequantize_weight, quantize_float8, quantize_weight, weight_qrange
@@ -462,7 +462,7 @@ class _Rewriter:
         roles = input_roles(node)
         weight_scale = None
         if roles.weight is not None:
-            weight_scale, w, deq = self._quantize_weight(node, roles.weight, roles.weight_axis)
+            weight_scale, w, deq = self._quantize_weight(node, roles.weight, roles.weight_axis, self._bias_scale_floor(node, roles))
             if node.name in self.input_means:
                 self._correct_bias(node, w, deq)
                 roles = input_roles(node)  # the node may have gained a bias input
@@ -492,9 +492,21 @@ class _Rewriter:
         self.graph.insert_before(self.graph[0], dq)
         return out
 
-    def _quantize_weight(self, node: ir.Node, index: int, axis: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _bias_scale_floor(self, node: ir.Node, roles) -> np.ndarray | None:
+        """Per-channel lower bounds on the weight scale that keep this node's int32 bias in range."""
+        if roles.bias is None or not self.target.bias.quantize or roles.bias >= len(node.inputs):
+            return None
+        bias = constant_array(node.inputs[roles.bias]) if node.inputs[roles.bias] is not None else None
+        x = node.inputs[roles.activations[0]] if roles.activations else None
+        dq = x.producer() if x is not None else None
+        if bias is None or dq is None or dq.op_type != "DequantizeLinear" or (x_scale := constant_array(dq.inputs[1])) is None:
+            return None
+        return int32_bias_scale_floor(bias.reshape(-1), float(np.asarray(x_scale).reshape(-1)[0]))
+
+    def _quantize_weight(self, node: ir.Node, index: int, axis: int | None, scale_floor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Replace weight input ``index`` by int weights behind a DequantizeLinear; return its scale,
-        the float weight and the dequantized weight."""
+        the float weight and the dequantized weight. ``scale_floor``: per-channel minimum scales
+        (so that the int32 bias derived from them holds the bias)."""
         w_value = node.inputs[index]
         cached = self.weight_cache.get(id(w_value))
         if cached is not None:  # a weight shared by several nodes is quantized once
@@ -515,6 +527,11 @@ class _Rewriter:
         if rule.pair_sum_limit and self.target.machine is not None and self.target.machine.depthwise_exact and _is_depthwise(node, w):
             rule = dataclasses.replace(rule, pair_sum_limit=None)  # its kernel accumulates exactly
         q, scale, zp = quantize_weight(w, rule, bits, ax, self.weight_range)
+        if scale_floor is not None and not block and not rule.is_float8 and (np.ndim(scale) == 0 or np.size(scale) == scale_floor.size):
+            qmin, qmax = weight_qrange(rule, bits)
+            q, scale, raised = raise_scales(w, q, scale, zp, scale_floor.reshape(np.shape(scale)) if np.ndim(scale) else scale_floor, qmin, qmax, ax)
+            if raised:
+                self.notes.add(f"{node.name}: {raised} weight channel(s) nearly all zero got a larger scale so that their int32 bias holds the bias")
         dq_out = self._dequantized_constant(w_value, q, scale, zp, self._weight_dtype(bits), ax, block)
         for use in list(w_value.uses()):
             if use.node in self.plan.quantized_nodes and input_roles(use.node).weight == use.idx:

@@ -82,6 +82,37 @@ def _from_proc_cpuinfo(text: str, arch: str) -> CpuInfo:
     return CpuInfo(model or platform.processor() or "unknown CPU", arch, frozenset(flags), "/proc/cpuinfo")
 
 
+#: numpy's runtime CPUID features (``__cpu_features__``) by the /proc/cpuinfo flag they confirm.
+_NUMPY_FLAGS = {"sse4_1": "SSE41", "avx": "AVX", "avx2": "AVX2", "fma": "FMA3", "avx512f": "AVX512F", "avx512bw": "AVX512BW",
+                "avx512_vnni": "AVX512VNNI", "asimd": "ASIMD", "asimddp": "ASIMDDP"}
+
+
+def _numpy_features() -> dict[str, bool] | None:
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:  # numpy < 2
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__
+        except ImportError:
+            return None
+    return dict(__cpu_features__)
+
+
+def _confirmed(info: CpuInfo) -> CpuInfo:
+    """The flags as this process's CPUID reports them (numpy asks it at import, with the OS's
+    support for the wider registers checked). /proc/cpuinfo describes the host, which is not the
+    CPU an emulator (qemu-user) or a masked VM presents: where the two disagree on a flag numpy
+    knows, numpy wins, and flags only /proc/cpuinfo lists (avx_vnni) are then dropped."""
+    features = _numpy_features()
+    if not features:
+        return info
+    known = {flag: bool(features.get(name)) for flag, name in _NUMPY_FLAGS.items() if name in features}
+    if all((flag in info.flags) == present for flag, present in known.items()):
+        return info
+    flags = {flag for flag, present in known.items() if present}
+    return CpuInfo(info.model, info.arch, frozenset(flags), f"{info.source} corrected by this process's CPUID")
+
+
 @functools.cache
 def detect_cpu() -> CpuInfo:
     """The CPU this process runs on."""
@@ -89,7 +120,7 @@ def detect_cpu() -> CpuInfo:
     proc = Path("/proc/cpuinfo")
     if proc.exists():
         try:
-            return _from_proc_cpuinfo(proc.read_text(errors="replace"), arch)
+            return _confirmed(_from_proc_cpuinfo(proc.read_text(errors="replace"), arch))
         except OSError:
             pass
     try:

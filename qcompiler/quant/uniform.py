@@ -103,3 +103,33 @@ def mse_channel_ranges(
     if axis is None:
         return np.asarray(best[0] * lo[0]), np.asarray(best[0] * hi[0])
     return best * lo, best * hi
+
+
+INT32_MAX = 2**31 - 1
+
+
+def int32_bias_scale_floor(bias: np.ndarray, input_scale: float, headroom: float = 2.0) -> np.ndarray:
+    """The smallest weight scale per output channel for which an int32 bias of scale
+    input scale x weight scale still holds ``bias`` (``headroom`` x, for bias correction's change).
+
+    A dead or nearly dead weight channel otherwise gets a tiny scale, its bias / (s_x x s_w)
+    exceeds int32, and the bias would be clipped in silence.
+    """
+    return np.abs(np.asarray(bias, np.float64)) * headroom / (float(input_scale) * INT32_MAX)
+
+
+def raise_scales(w: np.ndarray, q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, floor: np.ndarray, qmin: int, qmax: int, axis: int | None) -> tuple[np.ndarray, np.ndarray, int]:
+    """``q`` and ``scale`` with every channel whose scale is below ``floor`` requantized at the
+    floor (other channels untouched); and how many channels were raised. A larger scale only
+    shrinks the codes, so limits on them (pair sums, a narrow width) still hold."""
+    scale = np.asarray(scale, np.float32)
+    floor = np.asarray(floor, np.float64)
+    if scale.ndim == 0 or axis is None:
+        floor = floor.max(initial=0.0)
+    low = scale < floor
+    if not low.any():
+        return q, scale, 0
+    raised = np.where(low, floor, scale).astype(np.float32)
+    requantized = quantize(w, raised, zero_point, qmin, qmax, axis=axis)
+    mask = _broadcast(np.asarray(low), w.ndim, axis) if axis is not None and raised.ndim else np.asarray(low)
+    return np.where(mask, requantized, q), raised, int(np.sum(low))

@@ -264,3 +264,25 @@ def test_relu6_is_fused_into_the_quantizer_over_its_own_range(method):
     (got,) = run(model, {"input": x})
     assert sqnr_db(ref, got) > 30
     assert not [d for d in ctx.diagnostics if "activation kept" in d.message]
+
+
+def test_dead_weight_channel_keeps_its_bias_in_int32():
+    # An all-zero (pruned, dead) output channel gets the smallest scale, and its bias / (s_x x s_w)
+    # would overflow int32 and be clipped in silence: the channel's scale is raised instead.
+    rng = np.random.default_rng(7)
+    w = rng.normal(0, 0.5, (4, 3, 3, 3)).astype(np.float32)
+    w[1] = 0.0
+    w[2] = 1e-9 * rng.normal(0, 1, (3, 3, 3)).astype(np.float32)
+    b = np.asarray([0.1, 2.5, -1.5, 0.3], np.float32)
+    model = make_model([helper.make_node("Conv", ["input", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["out"], name="relu")],
+                       [tensor_info("input", [None, 3, 8, 8])], [tensor_info("out", [None, 4, 8, 8])], {"w": w, "b": b})
+    x = rng.normal(0, 1, (16, 3, 8, 8)).astype(np.float32)
+    compiled, ctx = _compile(model, DataSource({"input": x}), pipeline="calibrate,insert-qdq{bias-correction=false}")
+    conv = next(n for n in compiled.graph if n.op_type == "Conv")
+    q_bias = _const(conv.inputs[2].producer().inputs[0])
+    assert np.abs(q_bias.astype(np.int64)).max() < 2**31 - 1
+    ref = run(make_model([helper.make_node("Conv", ["input", "w", "b"], ["c"], name="conv", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["out"], name="relu")],
+                         [tensor_info("input", [None, 3, 8, 8])], [tensor_info("out", [None, 4, 8, 8])], {"w": w, "b": b}), {"input": x})[0]
+    got = run(compiled, {"input": x})[0]
+    np.testing.assert_allclose(got[:, 1], ref[:, 1], atol=0.02)  # the dead channel's output is its bias (2.5)
+    assert any("int32 bias" in d.message for d in ctx.diagnostics)
