@@ -30,7 +30,7 @@ from qcompiler.errors import QCError
 from qcompiler.ir import SOURCE_KEY, NameAuthority, annotate_types, add_initializer, constant_array, is_float_tensor, opset_version, to_proto
 from qcompiler.op_roles import input_roles
 from qcompiler.pass_manager import Pass, PassContext, PassResult
-from qcompiler.quant.bias_correction import LayerInputMeans, corrected_bias, correctable_inputs
+from qcompiler.quant.bias_correction import InputMeans, LayerInputMeans, corrected_bias, correctable_inputs
 from qcompiler.quant.observers import Observer
 from qcompiler.quant.uniform import affine_params, dequantize, int32_bias_scale_floor, quantize, raise_scales
 from qcompiler.registry import register_pass
@@ -309,7 +309,7 @@ class InsertQDQ(Pass):
 
 
 class _Rewriter:
-    def __init__(self, model: ir.Model, target: TargetSpec, observers: dict[str, Observer], plan: QuantPlan, *, weight_range: str = "auto", weight_bits: dict[str, int] | None = None, input_means: dict[str, np.ndarray] | None = None, activation_bits: int | None = None) -> None:
+    def __init__(self, model: ir.Model, target: TargetSpec, observers: dict[str, Observer], plan: QuantPlan, *, weight_range: str = "auto", weight_bits: dict[str, int] | None = None, input_means: dict[str, InputMeans] | None = None, activation_bits: int | None = None) -> None:
         self.model = model
         rule = target.activations
         # A width below the dtype's: the b-bit integer range inside the dtype, enforced by a Clip
