@@ -28,13 +28,13 @@ from qcompiler.calibration import CALIBRATION_FACT, CalibrationRanges
 from qcompiler.precision import ACTIVATION_BITS_FACT, FLOAT_LAYER_INPUTS_FACT, WEIGHT_BITS_FACT
 from qcompiler.errors import QCError
 from qcompiler.ir import SOURCE_KEY, NameAuthority, annotate_types, add_initializer, constant_array, is_float_tensor, opset_version, to_proto
-from qcompiler.op_roles import input_roles
+from qcompiler.op_roles import decomposed_activations, input_roles
 from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.quant.bias_correction import InputMeans, LayerInputMeans, corrected_bias, correctable_inputs
 from qcompiler.quant.observers import Observer
 from qcompiler.quant.uniform import affine_params, dequantize, int32_bias_scale_floor, quantize, raise_scales
 from qcompiler.registry import register_pass
-from qcompiler.cost_model import storage_dtype
+from qcompiler.cost_model import storage_dtype, storage_width
 from qcompiler.sensitivity import FLOAT8_NUMPY, WeightRange, block_axis, dequantize_weight, quantize_float8, quantize_weight, weight_qrange
 from qcompiler.targets.spec import FLOAT_WIDTH, INTEGER_DTYPES, IR_TYPES, TargetSpec, TensorRule
 
@@ -135,11 +135,17 @@ def plan_quantization(model: ir.Model, target: TargetSpec, observers: dict[str, 
             return
         plan.values[out.name] = out
 
+    # An activation written as several ops (Gelu's Erf form) is one activation to the target: the
+    # Mul/Add inside it stay float with it when the target keeps that activation float.
+    decomposed = decomposed_activations(model.graph)
     for node in model.graph:
         op = node.op_type
         float_inputs = [v for v in node.inputs if is_activation(v)]
         float_outputs = [v for v in node.outputs if is_float_tensor(v)]
         if id(node) in plan.fused or id(node) in plan.kept_activations:
+            continue
+        if id(node) in decomposed and (act := decomposed[id(node)][0]) not in ops.quantized and (why := ops.float_reason(act)):
+            plan.kept_float.append((node, f"{act} ({op} of its decomposed form) kept float by target '{target.name}': {why}"))
             continue
         if not any(is_activation(v) for v in float_outputs):
             continue  # shape arithmetic and other integer computations: nothing to quantize
@@ -189,7 +195,9 @@ def plan_quantization(model: ir.Model, target: TargetSpec, observers: dict[str, 
             elif float_inputs:
                 plan.kept_float.append((node, "its input is not quantized"))
         elif float_inputs or (float_outputs and any(is_activation(v) for v in float_outputs)):
-            plan.kept_float.append((node, f"op type {op} is not quantized by target '{target.name}'"))
+            # A target that measured an op and keeps it float on purpose says why ([ops.kept_float]).
+            why = ops.float_reason(op)
+            plan.kept_float.append((node, f"{op} kept float by target '{target.name}': {why}" if why else f"op type {op} is not quantized by target '{target.name}'"))
     if ops.placement == "inputs":
         _keep_input_quantizers(plan, ops.quantized)
     return plan
@@ -263,6 +271,10 @@ class InsertQDQ(Pass):
         #: data) into each Conv/ConvTranspose/Gemm bias. Worth +1.3 points at 4 bits and +11 at
         #: 3 bits on ResNet-20; at 8 bits the shift is below the int32 bias step.
         bias_correction: bool = True
+        #: Where the target turns on ``[speed] keep_slower_float``: time each weight layer on this
+        #: CPU, quantized and in float with its DequantizeLinear/QuantizeLinear boundary, and leave
+        #: float those measurably slower quantized (`qcompiler.layer_speed`). False: measure nothing.
+        speed_check: bool = True
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         target = ctx.target
@@ -290,6 +302,7 @@ class InsertQDQ(Pass):
             means = ctx.analyses.get(LayerInputMeans(), model, ctx)
             input_means = {node: means[x.name] for node, x in correctable_inputs(model).items() if x.name in means}
         plan = plan_quantization(model, target, observers, ctx.facts.get(WEIGHT_BITS_FACT))
+        plan, speed = self._check_speed(model, ctx, plan, observers)
         rewriter = _Rewriter(model, target, observers, plan, weight_range=self.options.weight_range, weight_bits=ctx.facts.get(WEIGHT_BITS_FACT), input_means=input_means, activation_bits=ctx.facts.get(ACTIVATION_BITS_FACT))
         unfused = rewriter.compute_group_params()
         for act in unfused:
@@ -304,8 +317,45 @@ class InsertQDQ(Pass):
         return PassResult(
             model,
             bool(plan.quantized_nodes),
-            {"quantized_nodes": len(plan.quantized_nodes), "float_nodes": len(plan.kept_float), "fused_activations": len(plan.fused), "qdq_pairs": len(plan.values), "bias_corrected": rewriter.bias_corrected},
+            {"quantized_nodes": len(plan.quantized_nodes), "float_nodes": len(plan.kept_float), "fused_activations": len(plan.fused), "qdq_pairs": len(plan.values), "bias_corrected": rewriter.bias_corrected, **({"speed_check": speed} if speed is not None else {})},
         )
+
+    def _check_speed(self, model: ir.Model, ctx: PassContext, plan: QuantPlan, observers: dict[str, Observer]) -> tuple[QuantPlan, dict | None]:
+        """The plan with the weight layers that run slower quantized on this CPU left float, and the
+        per-layer evidence for the report (None where the target has no speed check)."""
+        from qcompiler.layer_speed import check_layers, skip_reason
+        from qcompiler.latency_table import WEIGHT_OPS
+
+        target = ctx.target
+        if not target.speed.keep_slower_float:
+            return plan, None
+        weight_bits = ctx.facts.get(WEIGHT_BITS_FACT)
+        reason = skip_reason(target)
+        if not self.options.speed_check:
+            reason = "turned off (insert-qdq{speed-check=false})"
+        elif reason is None and weight_bits is not None:
+            # A layer left float would break the size or latency budget assign-precision met.
+            reason = "weight widths chosen by assign-precision under a budget"
+        if reason is not None:
+            ctx.note(self.name, f"per-layer speed check skipped: {reason}")
+            return plan, {"skipped": reason}
+        default = target.bits.default or target.weights.bits
+        layers = []
+        for node in plan.quantized_nodes:
+            roles = input_roles(node)
+            if node.op_type in WEIGHT_OPS and roles.weight is not None:
+                layers.append((node, storage_width(default, target.bits.native), storage_dtype(target, default)))
+        decisions, summary = check_layers(layers, target, progress=ctx.progress)
+        slow = {d.node: d.note for d in decisions if d.keep_float}
+        ctx.note(self.name, f"per-layer speed check on {summary['cpu']}: {len(decisions)} weight layers, {summary['layers_timed']} timed ({summary['cache_hits']} from the cache, {summary['seconds']:.1f} s), {len(slow)} left float")
+        if slow:
+            bits = dict(weight_bits or {})
+            for node, _, _ in layers:
+                if node.name in slow:
+                    bits[node.inputs[input_roles(node).weight].name] = FLOAT_WIDTH
+            plan = plan_quantization(model, target, observers, bits)
+            plan.kept_float = [(node, slow.get(node.name, why)) for node, why in plan.kept_float]
+        return plan, {**summary, "left_float": len(slow), "layers": [d.to_dict() for d in decisions]}
 
 
 class _Rewriter:

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -19,6 +19,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from qcompiler.errors import QCError
+
+if TYPE_CHECKING:
+    from qcompiler.targets.spec import TargetSpec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="qcompiler: quantize ONNX models for a target backend and verify them with onnxruntime.")
 targets_app = typer.Typer(help="List the built-in targets, show one, or measure a cost table on this machine (qc target measure).", invoke_without_command=True)
@@ -358,6 +361,7 @@ def targets_measure(
     model: Annotated[Optional[Path], typer.Option("--model", help="Measure this model's own Conv/Gemm/MatMul layers instead of representative ones.")] = None,
     runs: Annotated[int, typer.Option("--runs", min=10, help="Timed runs per layer and dtype.")] = 300,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    per_layer: Annotated[bool, typer.Option("--per-layer", help="Also time each weight layer quantized and in float between quantizers (what insert-qdq's speed check decides on), print it and write OUTPUT.layers.json.")] = False,
 ) -> None:
     """Measure per-op latency by weight dtype in onnxruntime on this machine; write a target file with it."""
     from qcompiler.ir import load_model, write_file_atomically
@@ -366,6 +370,12 @@ def targets_measure(
 
     spec = load_target(target)
     _writable_file(output, force, "--output")
+    if per_layer:
+        from qcompiler.layer_speed import skip_reason
+
+        if (why := skip_reason(spec)) is not None:
+            raise QCError(f"cannot time layers for this target: {why}", option="--per-layer")
+        _writable_file(output.with_suffix(".layers.json"), force, "--per-layer")
     layers = model_layers(load_model(model)) if model is not None else None
     table = measure(spec, layers, runs=runs, progress=_progress)
     rows = Table(title=f"Latency by weight dtype, target '{spec.name}' ({table.source})")
@@ -374,9 +384,46 @@ def targets_measure(
     for op_type, dtype, f_ms, q_ms, cost in iter_rows(table):
         rows.add_row(op_type, dtype, f"{f_ms:.3f}", f"{q_ms:.3f}", f"{cost:.3f}")
     out.print(rows)
+    if per_layer:
+        _print_layer_speed(spec, layers, output.with_suffix(".layers.json"))
     extends = target if not Path(target).exists() else str(Path(target).resolve())
     write_file_atomically(output, table.to_toml(extends).encode())
     out.print(f"wrote {output}: pass it back with --target {output}")
+
+
+def _print_layer_speed(spec: TargetSpec, layers: list | None, path: Path) -> None:
+    """Time each layer as insert-qdq's speed check does (fresh, into its cache) and show the verdicts."""
+    import json
+
+    from qcompiler.cost_model import storage_dtype, storage_width
+    from qcompiler.cpu import detect_cpu
+    from qcompiler.ir import write_file_atomically
+    from qcompiler.latency_table import representative_layers
+    import onnxruntime as ort
+
+    from qcompiler.layer_speed import cache_key, cpu_label, decide, threads, timed_layer
+
+    width = spec.bits.default or spec.weights.bits
+    dtype = storage_dtype(spec, width)
+    label = cpu_label()
+    rows = Table(title=f"Per-layer speed, target '{spec.name}', {detect_cpu().summary()}, onnxruntime {ort.__version__}, {threads()} threads")
+    for col in ("layer", "op", "input", f"{dtype} ms", "float ms", "ratio", "float as", "verdict"):
+        rows.add_column(col, justify="left" if col in ("layer", "op", "input", "float as", "verdict") else "right")
+    rows.caption = "float ms: the layer in float between a DequantizeLinear and a QuantizeLinear, as onnxruntime runs that; ratio: median per-cycle int/float time"
+    records, seen = [], set()
+    with _progress("timing layers", None) as bar:
+        for layer in [l for l in (layers or representative_layers()) if l.op_type in spec.ops.quantized]:
+            # Measured afresh once per shape (into the cache compiles read); repeats read it back.
+            key = repr(cache_key(layer, spec, dtype))
+            timing = timed_layer(layer, spec, storage_width(width, spec.bits.native), dtype, refresh=key not in seen)
+            seen.add(key)
+            keep, note = decide(timing, spec.speed, label, dtype)
+            rows.add_row(layer.name, layer.op_type, "x".join(map(str, layer.input_shape[1:])), f"{timing.quantized_ms:.4f}", f"{timing.float_ms:.4f}", f"{timing.slowdown:.2f}", timing.float_runs_as, "float" if keep else "quantized")
+            records.append({"layer": layer.name, "op_type": layer.op_type, "input_shape": list(layer.input_shape), "weight_shape": list(layer.weight.shape), "weight_dtype": dtype, "float_ms": timing.float_ms, "quantized_ms": timing.quantized_ms, "slowdown": timing.slowdown, "slowdown_low": timing.slowdown_low, "float_runs_as": timing.float_runs_as, "decision": "float" if keep else "quantized", "note": note})
+            bar.advance()
+    out.print(rows)
+    write_file_atomically(path, json.dumps({"cpu": detect_cpu().summary(), "onnxruntime": ort.__version__, "threads": threads(), "layers": records}, indent=1).encode())
+    out.print(f"wrote {path}")
 
 
 try:  # typer >= 0.20 vendors click; older releases depend on it

@@ -125,24 +125,32 @@ def model_layers(model: ir.Model) -> list[Layer]:
     """Every Conv/Gemm/MatMul of ``model`` with a constant weight and static shapes, cut out as its
     own single-op model (batch 1)."""
     annotate_types(model)
-    layers = []
-    for node in model.graph:
-        if node.op_type not in WEIGHT_OPS or node.domain not in ("", "ai.onnx"):
-            continue
-        roles = input_roles(node)
-        if roles.weight is None or node.inputs[roles.weight] is None or node.inputs[roles.weight].const_value is None:
-            continue
-        x, y = node.inputs[0], node.outputs[0]
-        dims = [list(v.shape) if v.shape is not None else None for v in (x, y)]
-        if any(d is None or not all(isinstance(s, int) for s in d[1:]) for d in dims):
-            continue
-        x_shape, y_shape = (1, *dims[0][1:]), (1, *dims[1][1:])
-        w = node.inputs[roles.weight].const_value.numpy().astype(np.float32)
-        attrs = {k: a.value for k, a in node.attributes.items()}
-        layers.append(Layer(node.op_type, node.name, x_shape, y_shape, w, attrs, node_macs(node, w.shape)))
+    layers = [layer for node in model.graph if (layer := layer_of(node)) is not None]
     if not layers:
         raise QCError("no Conv/Gemm/MatMul with a constant weight and static shapes to measure", option="--model")
     return layers
+
+
+def layer_of(node: ir.Node) -> Layer | None:
+    """``node`` cut out as a `Layer` (batch 1, without its bias): None unless it is a
+    Conv/Gemm/MatMul with a constant weight and static shapes past the batch axis."""
+    if node.op_type not in WEIGHT_OPS or node.domain not in ("", "ai.onnx"):
+        return None
+    roles = input_roles(node)
+    if roles.weight is None or roles.weight >= len(node.inputs) or node.inputs[roles.weight] is None or node.inputs[roles.weight].const_value is None:
+        return None
+    x, y = node.inputs[0], node.outputs[0]
+    w = node.inputs[roles.weight].const_value.numpy().astype(np.float32)
+    dims = [list(v.shape) if v is not None and v.shape is not None else None for v in (x, y)]
+    if node.op_type == "Gemm" and w.ndim == 2 and not node.attributes.get_int("transA", 0):
+        # A Gemm's input is [batch, K] with K read off its weight (shape inference often loses it
+        # behind a Reshape or Flatten of computed shape).
+        dims[0] = [None, int(w.shape[1] if node.attributes.get_int("transB", 0) else w.shape[0])]
+    if any(d is None or not all(isinstance(s, int) for s in d[1:]) for d in dims):
+        return None
+    x_shape, y_shape = (1, *dims[0][1:]), (1, *dims[1][1:])
+    attrs = {k: a.value for k, a in node.attributes.items()}
+    return Layer(node.op_type, node.name, x_shape, y_shape, w, attrs, node_macs(node, w.shape))
 
 
 def _compiled_at(layer: Layer, target: TargetSpec, width: int, rng: np.random.Generator, copies: int = 1) -> onnx.ModelProto:
@@ -151,7 +159,13 @@ def _compiled_at(layer: Layer, target: TargetSpec, width: int, rng: np.random.Ge
 
     # The output quantized too: inside a network the next layer's quantizer follows, and
     # onnxruntime fuses DQ -> op -> Q into one integer kernel only with it.
-    spec = dataclasses.replace(target, bits=dataclasses.replace(target.bits, default=width), ops=dataclasses.replace(target.ops, quantize_graph_outputs=True))
+    # The layer speed check (which calls this) must not time the one-layer model again.
+    spec = dataclasses.replace(
+        target,
+        bits=dataclasses.replace(target.bits, default=width),
+        ops=dataclasses.replace(target.ops, quantize_graph_outputs=True),
+        speed=dataclasses.replace(target.speed, keep_slower_float=False),
+    )
     # Bias correction only shifts biases; it costs a calibration pass and changes no timing.
     pipeline = "calibrate,insert-qdq{bias-correction=false}" if target.activations.quantize else "insert-qdq{bias-correction=false}"
     data = DataSource({"x": rng.normal(0, 1, (8, *layer.input_shape[1:])).astype(np.float32)})

@@ -129,6 +129,16 @@ class OpRules:
     #: Whether the backend runs an op it cannot quantize in float between a DequantizeLinear and a
     #: QuantizeLinear (onnxruntime, TensorRT), or rejects the graph (fully integer accelerators).
     float_fallback: bool = True
+    #: (op type, why) for ops the target leaves float on purpose (``[ops.kept_float]``): activations
+    #: measured no faster or no more accurate quantized on this backend. The reason is the report's
+    #: note for each such node, so a user sees the measurement rather than "not quantized". An op
+    #: also in ``quantized`` is quantized: TOML cannot delete an inherited key, so a file extending
+    #: this one quantizes such an op by listing it there.
+    kept_float: tuple[tuple[str, str], ...] = ()
+
+    def float_reason(self, op_type: str) -> str | None:
+        """Why the target keeps ``op_type`` float, when its file says so."""
+        return dict(self.kept_float).get(op_type)
 
 
 @dataclass(frozen=True)
@@ -162,6 +172,20 @@ class CostModel:
     def per_mac(self, op_type: str, dtype: str) -> float | None:
         """Cost per multiply-accumulate of ``op_type`` computing with ``dtype`` weights."""
         return self.op.get(op_type, {}).get(dtype, self.mac.get(dtype))
+
+
+@dataclass(frozen=True)
+class SpeedRules:
+    """``[speed]``: whether each weight layer is timed on the compiling CPU, quantized and in float
+    with its DequantizeLinear/QuantizeLinear boundary, and left float where quantized is slower.
+
+    A layer is left float only when its quantized form is slower by more than ``min_slowdown``
+    (a ratio) and by more than ``min_difference_ms``: the margins keep timing noise from deciding.
+    """
+
+    keep_slower_float: bool = False
+    min_slowdown: float = 1.15
+    min_difference_ms: float = 0.005
 
 
 #: How a backend's integer kernels sum uint8 x int8 products on one instruction set: exactly in
@@ -210,6 +234,8 @@ class TargetSpec:
     #: Set for targets whose kernels depend on the CPU (a ``[cpu]`` section): which CPU, and why
     #: the weights are what they are there.
     machine: MachineChoice | None = None
+    #: ``[speed]``: per-layer speed check (off unless the target file turns it on).
+    speed: SpeedRules = SpeedRules()
 
     def quantizes(self, op_type: str) -> bool:
         return op_type in self.ops.quantized
@@ -231,11 +257,13 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
         "placement": (str, False),
         "activation_fusion": (str, False),
         "float_fallback": (bool, False),
+        "kept_float": (dict, False),
     },
     "cost": {"source": (str, True), "mac": (dict, False), "op": (dict, False)},
     "bits": {"allowed": (list, False), "native": (list, False), "activations": (list, False), "default": (int, False)},
     "verify": {"optimization": (str, False)},
     "cpu": {"accumulation": (dict, True), "depthwise_exact": (bool, False)},
+    "speed": {"keep_slower_float": (bool, False), "min_slowdown": ((int, float), False), "min_difference_ms": ((int, float), False)},
 }
 
 
@@ -360,6 +388,14 @@ def _str_list(data: dict[str, Any], key: str, path: Path, required: bool = False
     return tuple(value)
 
 
+def _kept_float(data: dict[str, Any], path: Path) -> tuple[tuple[str, str], ...]:
+    table = data.get("ops", {}).get("kept_float", {})
+    for op, reason in table.items():
+        if not isinstance(reason, str) or not reason.strip():
+            raise QCError(f"expected the reason {op} stays float, as a non-empty string; got {reason!r}", file=f"{path}:ops.kept_float.{op}")
+    return tuple((op, " ".join(reason.split())) for op, reason in table.items())
+
+
 def _choice(table: dict[str, Any], key: str, choices: tuple[str, ...], where: str) -> str:
     value = table.get(key, choices[0])
     if value not in choices:
@@ -403,6 +439,7 @@ def load_target(name_or_path: str, cpu: str | None = None) -> TargetSpec:
         placement=_choice(data["ops"], "placement", ("outputs", "inputs"), f"{path}:ops.placement"),
         activation_fusion=_choice(data["ops"], "activation_fusion", ("remove", "keep"), f"{path}:ops.activation_fusion"),
         float_fallback=data["ops"].get("float_fallback", True),
+        kept_float=_kept_float(data, path),
     )
     if stray := [op for op in ops.integer_passthrough if op not in ops.passthrough]:
         raise QCError(f"'{stray[0]}' is not in ops.passthrough", file=f"{path}:ops.integer_passthrough")
@@ -482,6 +519,7 @@ def load_target(name_or_path: str, cpu: str | None = None) -> TargetSpec:
             from qcompiler.quant.pair_limit import pair_sum_limit
 
             weights = dataclasses.replace(weights, pair_sum_limit=pair_sum_limit())
+    speed = _speed_rules(data.get("speed", {}), path)
     return TargetSpec(
         name=data["name"],
         description=data.get("description", ""),
@@ -498,6 +536,20 @@ def load_target(name_or_path: str, cpu: str | None = None) -> TargetSpec:
         verify_optimization=_choice(data.get("verify", {}), "optimization", ("all", "basic"), f"{path}:verify.optimization"),
         path=str(path),
         machine=machine,
+        speed=speed,
+    )
+
+
+def _speed_rules(table: dict[str, Any], path: Path) -> SpeedRules:
+    for key, least in (("min_slowdown", 1.0), ("min_difference_ms", 0.0)):
+        value = table.get(key)
+        if value is not None and (isinstance(value, bool) or value < least):
+            raise QCError(f"expected a number >= {least:g}, got {value!r}", file=f"{path}:speed.{key}")
+    default = SpeedRules()
+    return SpeedRules(
+        keep_slower_float=table.get("keep_slower_float", default.keep_slower_float),
+        min_slowdown=float(table.get("min_slowdown", default.min_slowdown)),
+        min_difference_ms=float(table.get("min_difference_ms", default.min_difference_ms)),
     )
 
 
@@ -578,11 +630,15 @@ def target_to_toml(spec: TargetSpec) -> str:
         lines += [""]
     lines += ["[bias]", f"quantize = {fmt(spec.bias.quantize)}", f"dtype = {fmt(spec.bias.dtype)}", ""]
     lines += ["[ops]"] + [f"{k} = {fmt(getattr(spec.ops, k))}" for k in ("quantized", "passthrough", "fused_activations", "shared_scale", "quantize_graph_outputs", "integer_passthrough", "placement", "activation_fusion", "float_fallback")] + [""]
+    if spec.ops.kept_float:
+        lines += ["[ops.kept_float]"] + [f"{key(op)} = {fmt(reason)}" for op, reason in spec.ops.kept_float] + [""]
     lines += ["[bits]", f"allowed = {fmt(list(spec.bits.allowed))}", f"native = {fmt(list(spec.bits.native))}", f"activations = {fmt(list(spec.bits.activations))}"]
     lines += [f"default = {spec.bits.default}"] if spec.bits.default is not None else []
     lines += ["", "[verify]", f"optimization = {fmt(spec.verify_optimization)}"]
     if spec.machine is not None:
         lines += ["", f"# compiled for: {spec.machine.cpu}", f"# weights: {spec.machine.reason}", "[cpu]", "accumulation = { " + ", ".join(f"{key(k)} = {fmt(v)}" for k, v in spec.machine.table.items()) + " }", f"depthwise_exact = {fmt(spec.machine.depthwise_exact)}"]
+    speed = spec.speed
+    lines += ["", "[speed]", f"keep_slower_float = {fmt(speed.keep_slower_float)}", f"min_slowdown = {speed.min_slowdown}", f"min_difference_ms = {speed.min_difference_ms}"]
     lines += ["", "[cost]", f"source = {fmt(spec.cost.source)}", "", "[cost.mac]"] + [f"{key(k)} = {v}" for k, v in spec.cost.mac.items()]
     for op_type, table in spec.cost.op.items():
         lines += ["", f"[cost.op.{key(op_type)}]"] + [f"{key(k)} = {v}" for k, v in table.items()]

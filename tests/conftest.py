@@ -22,6 +22,18 @@ def _load_make_npz():
 
 
 @pytest.fixture(scope="session")
+def _layer_speed_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("xdg-cache")
+
+
+@pytest.fixture(autouse=True)
+def _cache_in_tmp(_layer_speed_cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ort-cpu times weight layers and caches the figures under $XDG_CACHE_HOME: tests (and the
+    `qc` processes they start) write there, in one folder per session, never in the user's cache."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(_layer_speed_cache))
+
+
+@pytest.fixture(scope="session")
 def bundled_model() -> Path:
     return BUNDLED_MODEL
 

@@ -57,3 +57,22 @@ def test_timed_layer_reads_and_writes_integers_for_qdq_targets() -> None:
 def test_unknown_model_path_is_one_line(tmp_path: Path) -> None:
     done = subprocess.run([*QC, "target", "measure", "ort-cpu", "-o", str(tmp_path / "t.toml"), "--model", str(tmp_path / "none.onnx")], capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and not (tmp_path / "t.toml").exists()
+
+
+def test_per_layer_table_shows_each_layers_evidence(tmp_path: Path) -> None:
+    """`--per-layer` times every weight layer as insert-qdq's speed check does and writes the rows
+    beside the target file; a target with no quantizer boundary is refused in one line."""
+    import json
+
+    from qcompiler.ir import save_model
+
+    model = tmp_path / "small.onnx"
+    save_model(small_cnn(), model)
+    out = tmp_path / "measured.toml"
+    done = subprocess.run([*QC, "target", "measure", "ort-cpu", "--model", str(model), "-o", str(out), "--runs", "10", "--per-layer"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.with_suffix(".layers.json").read_text())["layers"]
+    assert [r["layer"] for r in rows] == [l.name for l in model_layers(small_cnn())]
+    assert all(r["decision"] in ("float", "quantized") and r["note"].startswith(("left float", "quantized")) and r["float_ms"] > 0 for r in rows)
+    refused = subprocess.run([*QC, "target", "measure", "ort-cpu-int4", "--model", str(model), "-o", str(tmp_path / "int4.toml"), "--runs", "10", "--per-layer"], capture_output=True, text=True)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1 and "weight-only" in refused.stderr

@@ -601,3 +601,68 @@ def test_bad_mixed_pipeline_in_file(tmp_path: Path, pipeline: str, message: str)
 def test_mixed_pipeline_wrong_type(tmp_path: Path) -> None:
     path = write(tmp_path / "t.toml", 'extends = "ort-cpu"\nmixed_pipeline = ["hessian-trace"]\n')
     assert_names(load_error(path), path, "mixed_pipeline")
+
+
+# --------------------------------------------------------------------------------------------
+# [ops.kept_float]: activations a target leaves float on purpose, with the measured reason
+# --------------------------------------------------------------------------------------------
+
+
+def test_ort_cpu_quantizes_sigmoid_and_leakyrelu_and_says_why_others_stay_float(ort_cpu: TargetSpec) -> None:
+    # onnxruntime has QLinearSigmoid/QLinearLeakyRelu; the others have no integer kernel there.
+    assert ort_cpu.quantizes("Sigmoid") and ort_cpu.quantizes("LeakyRelu")
+    for op in ("HardSigmoid", "HardSwish", "Tanh", "Gelu", "Elu", "Softplus"):
+        assert not ort_cpu.quantizes(op)
+        reason = ort_cpu.ops.float_reason(op)
+        assert reason and "bench/activations.py" in reason and "\n" not in reason
+    assert ort_cpu.ops.float_reason("Sigmoid") is None and ort_cpu.ops.float_reason("Sin") is None
+
+
+def test_kept_float_extends_and_round_trips(tmp_path: Path) -> None:
+    path = write(tmp_path / "t.toml", 'extends = "ort-cpu"\nname = "t"\n[ops.kept_float]\nSin = "measured   slower\\nin my runtime"\n')
+    spec = load_target(str(path))
+    # Merged with the base's table, whitespace of the reason normalised to one line.
+    assert spec.ops.float_reason("Sin") == "measured slower in my runtime"
+    assert spec.ops.float_reason("Tanh") == load_target("ort-cpu").ops.float_reason("Tanh")
+    again = write(tmp_path / "again.toml", target_to_toml(spec))
+    assert without_path(load_target(str(again))).ops == spec.ops
+
+
+@pytest.mark.parametrize("value", ['""', "3", "[\"a\"]"])
+def test_kept_float_reason_must_be_a_non_empty_string(tmp_path: Path, value: str) -> None:
+    path = write(tmp_path / "t.toml", f'extends = "ort-cpu"\n[ops.kept_float]\nTanh = {value}\n')
+    exc = load_error(path)
+    assert_names(exc, path, "ops.kept_float.Tanh")
+
+
+def test_kept_float_must_be_a_table(tmp_path: Path) -> None:
+    path = write(tmp_path / "t.toml", 'extends = "ort-cpu"\n[ops]\nkept_float = ["Tanh"]\n')
+    exc = load_error(path)
+    assert_names(exc, path, "ops.kept_float")
+
+
+# [speed]: the per-layer speed check
+
+
+def test_speed_check_is_on_for_ort_cpu_only() -> None:
+    """ort-cpu times its layers on the compiling CPU by default; every other built-in target
+    (other backends, or weight-only int4 with no quantizer boundary to weigh) leaves it off."""
+    ort = load_target("ort-cpu").speed
+    assert ort.keep_slower_float and ort.min_slowdown > 1.0 and ort.min_difference_ms > 0.0
+    assert [name for name in list_targets() if load_target(name).speed.keep_slower_float] == ["ort-cpu"]
+
+
+def test_speed_keys_extend_and_reload(tmp_path: Path) -> None:
+    user = write(tmp_path / "mine.toml", 'extends = "ort-cpu"\nname = "mine"\n[speed]\nmin_slowdown = 1.3\n')
+    spec = load_target(str(user))
+    assert (spec.speed.keep_slower_float, spec.speed.min_slowdown, spec.speed.min_difference_ms) == (True, 1.3, load_target("ort-cpu").speed.min_difference_ms)
+    off = load_target(str(write(tmp_path / "off.toml", 'extends = "ort-cpu"\nname = "off"\n[speed]\nkeep_slower_float = false\n')))
+    assert not off.speed.keep_slower_float
+    dumped = write(tmp_path / "dump.toml", target_to_toml(spec))
+    assert load_target(str(dumped)).speed == spec.speed
+
+
+@pytest.mark.parametrize(("body", "key"), [("min_slowdown = 0.9", "speed.min_slowdown"), ("min_difference_ms = -1", "speed.min_difference_ms"), ("keep_slower_float = 1", "speed.keep_slower_float"), ("margin = 2", "speed.margin")])
+def test_bad_speed_keys_name_the_key(tmp_path: Path, body: str, key: str) -> None:
+    path = write(tmp_path / "bad.toml", f'extends = "ort-cpu"\nname = "bad"\n[speed]\n{body}\n')
+    assert_names(load_error(path), path, key)
