@@ -51,12 +51,16 @@ from qcompiler.runtime import session_options
 from qcompiler.targets.spec import IR_TYPES, SpeedRules, TargetSpec
 
 #: Bumped whenever how a layer is timed changes: cached figures of another method are not reused.
-METHOD_VERSION = 1
+METHOD_VERSION = 2
 #: Interleaved cycles and runs per block for each form. 12 x 8 keeps ResNet-20's first check near a
 #: second of timing on 2 cores; the per-cycle ratios still separate a 15 % slowdown from noise (the
 #: ratio's spread over repeated checks of one layer was about +-10 % there).
 CYCLES = 12
 BLOCK = 8
+#: Runs longer than this (the slowest of a layer's four sessions) get proportionally smaller
+#: blocks, down to MIN_BLOCK: ResNet-20's layers (under 0.2 ms) keep the full block.
+BLOCK_RUN_S = 0.5e-3
+MIN_BLOCK = 3
 #: Untimed runs before each timed block (caches and thread pool warm).
 BLOCK_WARMUP = 2
 #: Optimized-graph ops that mean onnxruntime ran a layer given in float as an integer kernel.
@@ -234,9 +238,15 @@ def _block_medians(sessions: list[ort.InferenceSession], shape: tuple[int, ...],
     """[cycle, session] median seconds of each session's timed block, block-interleaved with the
     order rotating each cycle (as `qcompiler.verify.interleaved_latency`)."""
     bound = [_bind(s, shape, rng) for s in sessions]
+    slowest = 0.0
     for s, (binding, _) in zip(sessions, bound):
         for _ in range(3):  # first runs allocate buffers and pick kernels
+            start = time.perf_counter()
             s.run_with_iobinding(binding)
+        slowest = max(slowest, time.perf_counter() - start)
+    # A large layer's runs are long enough that timer and scheduler noise matter less: fewer runs
+    # per block give the same precision (a 224x224 network's check took 14 s at the full block).
+    block = int(np.clip(round(block * BLOCK_RUN_S / max(slowest, 1e-9)), MIN_BLOCK, block))
     medians = np.zeros((cycles, len(sessions)))
     n = len(sessions)
     for cycle in range(cycles):
