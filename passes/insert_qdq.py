@@ -15,9 +15,7 @@ Plan first, rewrite second:
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -25,7 +23,7 @@ import onnx
 import onnx.version_converter
 
 from qcompiler.calibration import CALIBRATION_FACT, CalibrationRanges
-from qcompiler.precision import ACTIVATION_BITS_FACT, FLOAT_LAYER_INPUTS_FACT, WEIGHT_BITS_FACT
+from qcompiler.precision import ACTIVATION_BITS_FACT, FLOAT_LAYER_INPUTS_FACT, ROUNDED_WEIGHTS_FACT, WEIGHT_BITS_FACT
 from qcompiler.errors import QCError
 from qcompiler.ir import SOURCE_KEY, NameAuthority, annotate_types, add_initializer, constant_array, is_float_tensor, opset_version, to_proto
 from qcompiler.op_roles import decomposed_activations, input_roles
@@ -35,8 +33,8 @@ from qcompiler.quant.observers import Observer
 from qcompiler.quant.uniform import affine_params, dequantize, int32_bias_scale_floor, quantize, raise_scales
 from qcompiler.registry import register_pass
 from qcompiler.cost_model import storage_dtype, storage_width
-from qcompiler.sensitivity import FLOAT8_NUMPY, WeightRange, block_axis, dequantize_weight, quantize_float8, quantize_weight, weight_qrange
-from qcompiler.targets.spec import FLOAT_WIDTH, INTEGER_DTYPES, IR_TYPES, TargetSpec, TensorRule
+from qcompiler.sensitivity import FLOAT8_NUMPY, RoundedWeight, WeightRange, dequantize_weight, quantize_float8, quantize_weight, weight_layout, weight_qrange
+from qcompiler.targets.spec import FLOAT_WIDTH, INTEGER_DTYPES, IR_TYPES, TargetSpec
 
 _NP_DTYPES = {"int4": np.int8, "uint4": np.uint8, "int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16, "int32": np.int32, **FLOAT8_NUMPY}
 
@@ -240,12 +238,6 @@ def _keep_input_quantizers(plan: QuantPlan, compute_ops: tuple[str, ...]) -> Non
     plan.values = {name: value for name, value in plan.values.items() if name in needed}
 
 
-def _is_depthwise(node: ir.Node, w: np.ndarray) -> bool:
-    """A Conv with one input channel per group and as many groups as output channels."""
-    group = node.attributes["group"].as_int() if "group" in node.attributes else 1
-    return node.op_type == "Conv" and w.ndim >= 3 and w.shape[1] == 1 and group == w.shape[0] and group > 1
-
-
 @dataclass
 class _Params:
     scale: np.ndarray
@@ -303,7 +295,7 @@ class InsertQDQ(Pass):
             input_means = {node: means[x.name] for node, x in correctable_inputs(model).items() if x.name in means}
         plan = plan_quantization(model, target, observers, ctx.facts.get(WEIGHT_BITS_FACT))
         plan, speed = self._check_speed(model, ctx, plan, observers)
-        rewriter = _Rewriter(model, target, observers, plan, weight_range=self.options.weight_range, weight_bits=ctx.facts.get(WEIGHT_BITS_FACT), input_means=input_means, activation_bits=ctx.facts.get(ACTIVATION_BITS_FACT))
+        rewriter = _Rewriter(model, target, observers, plan, weight_range=self.options.weight_range, weight_bits=ctx.facts.get(WEIGHT_BITS_FACT), input_means=input_means, activation_bits=ctx.facts.get(ACTIVATION_BITS_FACT), rounded_weights=ctx.facts.get(ROUNDED_WEIGHTS_FACT))
         unfused = rewriter.compute_group_params()
         for act in unfused:
             ctx.note(self.name, "activation kept between quantizers of its range (its bounds are not exactly the quantizer's ends)", node=act.name)
@@ -359,7 +351,7 @@ class InsertQDQ(Pass):
 
 
 class _Rewriter:
-    def __init__(self, model: ir.Model, target: TargetSpec, observers: dict[str, Observer], plan: QuantPlan, *, weight_range: str = "auto", weight_bits: dict[str, int] | None = None, input_means: dict[str, InputMeans] | None = None, activation_bits: int | None = None) -> None:
+    def __init__(self, model: ir.Model, target: TargetSpec, observers: dict[str, Observer], plan: QuantPlan, *, weight_range: str = "auto", weight_bits: dict[str, int] | None = None, input_means: dict[str, InputMeans] | None = None, activation_bits: int | None = None, rounded_weights: dict[str, RoundedWeight] | None = None) -> None:
         self.model = model
         rule = target.activations
         # A width below the dtype's: the b-bit integer range inside the dtype, enforced by a Clip
@@ -372,6 +364,7 @@ class _Rewriter:
         self.notes: set[str] = set()
         self.weight_bits = weight_bits or {}
         self.weight_range = weight_range
+        self.rounded_weights: dict[str, RoundedWeight] = rounded_weights or {}
         self.graph = model.graph
         self.target = target
         self.observers = observers
@@ -562,21 +555,19 @@ class _Rewriter:
         if cached is not None:  # a weight shared by several nodes is quantized once
             node.replace_input_with(index, cached[0])
             return cached[1:]
-        rule: TensorRule = self.target.weights
         w = constant_array(w_value).astype(np.float32)
-        per_channel = rule.granularity == "per-channel" and axis is not None and w.ndim > 1
-        if node.op_type == "ConvTranspose" and "group" in node.attributes and node.attributes["group"].as_int() != 1:
-            per_channel = False  # output channels are split across groups: no single axis holds them
-        ax = axis if per_channel else None
-        block = 0
-        if rule.granularity == "per-block" and axis is not None and w.ndim > 1:
-            ax, block = block_axis(node, axis, w.ndim), rule.block_size
+        layout = weight_layout(node, w, self.target, axis)
+        rule, ax, block = layout.rule, layout.axis, layout.block
         # A width chosen by assign-precision, stored in the weight dtype with its values limited
         # to the narrower range: the integer kernels then compute exactly the b-bit quantizer.
         bits = self.weight_bits.get(w_value.name, self.target.bits.default or rule.bits)
-        if rule.pair_sum_limit and self.target.machine is not None and self.target.machine.depthwise_exact and _is_depthwise(node, w):
-            rule = dataclasses.replace(rule, pair_sum_limit=None)  # its kernel accumulates exactly
-        q, scale, zp = quantize_weight(w, rule, bits, ax, self.weight_range)
+        rounded = self.rounded_weights.get(w_value.name)
+        if rounded is not None and rounded.matches(w, ax, bits):
+            # A training pass (adaround) chose each code on this very grid: store its codes.
+            q, scale, zp = rounded.codes, rounded.grid.scale, rounded.grid.zero_point
+            w = rounded.float_weight  # the error bias correction measures is against the float weight
+        else:
+            q, scale, zp = quantize_weight(w, rule, bits, ax, self.weight_range)
         if scale_floor is not None and not block and not rule.is_float8 and (np.ndim(scale) == 0 or np.size(scale) == scale_floor.size):
             qmin, qmax = weight_qrange(rule, bits)
             q, scale, raised = raise_scales(w, q, scale, zp, scale_floor.reshape(np.shape(scale)) if np.ndim(scale) else scale_floor, qmin, qmax, ax)

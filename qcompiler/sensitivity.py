@@ -59,6 +59,79 @@ def resolve_weight_range(weight_range: str, bits: int) -> str:
     return weight_range
 
 
+@dataclass(frozen=True)
+class WeightGrid:
+    """The integer grid a uniform weight quantizer rounds onto: ``scale`` and ``zero_point`` per
+    channel (along ``axis``; None: one for the tensor) and the codes allowed in each channel,
+    ``lo`` to ``hi`` (broadcastable over the weight: a pair-limited channel stops below qmax).
+
+    Rounding to nearest onto it is `quantize_weight`; AdaRound chooses, per weight, the code
+    below or above on the same grid, so both ship the same scales.
+    """
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    axis: int | None
+
+    def expand(self, p: np.ndarray, ndim: int) -> np.ndarray:
+        """A per-channel array shaped to broadcast over a weight of ``ndim`` dimensions."""
+        p = np.asarray(p)
+        if self.axis is None or p.ndim == 0:
+            return p
+        shape = [1] * ndim
+        shape[self.axis] = -1
+        return p.reshape(shape)
+
+    def nearest(self, w: np.ndarray) -> np.ndarray:
+        """The codes of ``w`` rounded half to even, as QuantizeLinear does (int64)."""
+        q = quantize(w, self.scale, self.zero_point, -(2**62), 2**62, axis=self.axis)
+        return np.clip(q, self.expand(self.lo, w.ndim), self.expand(self.hi, w.ndim))
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        """The float32 values the codes ``q`` stand for."""
+        return dequantize(q, self.scale, self.zero_point, axis=self.axis)
+
+
+@dataclass(frozen=True)
+class RoundedWeight:
+    """A weight's integer codes chosen on ``grid`` by a pass other than the plain rounding (each
+    within one step of the float weight) at ``bits`` bits; the initializer holds their float values."""
+
+    codes: np.ndarray
+    grid: WeightGrid
+    bits: int
+    #: The float weight the codes stand for: bias correction measures the codes' error against it.
+    float_weight: np.ndarray
+
+    def matches(self, w: np.ndarray, axis: int | None, bits: int) -> bool:
+        """Whether ``w`` is still exactly what these codes stand for, at the same axis and width
+        (a later pass that moved the weight, or another width, makes them stale)."""
+        return self.grid.axis == axis and self.bits == bits and w.shape == self.codes.shape and np.array_equal(self.grid.dequantize(self.codes), w)
+
+
+def weight_grid(w: np.ndarray, rule: TensorRule, bits: int, axis: int | None, weight_range: str = "auto") -> WeightGrid:
+    """The uniform integer grid `quantize_weight` rounds ``w`` onto at ``bits`` bits (per channel
+    along ``axis``): integer rules, per tensor or per channel, 2 bits and more (not float8, per-block
+    or bipolar, which have no such grid: ValueError)."""
+    if rule.is_float8 or rule.granularity == "per-block" or bits == BIPOLAR_BITS:
+        raise ValueError(f"no uniform integer grid for {rule.dtype} {rule.granularity} weights at {bits} bit(s)")
+    qmin, qmax = weight_qrange(rule, bits)
+    if resolve_weight_range(weight_range, bits) == "mse":
+        lo, hi = mse_channel_ranges(w, axis, qmin, qmax, rule.symmetric)
+    else:
+        lo, hi = channel_ranges(w, axis)
+    scale, zp = affine_params(lo, hi, qmin, qmax, rule.symmetric)
+    code_lo, code_hi = np.full(np.shape(scale), qmin, np.int64), np.full(np.shape(scale), qmax, np.int64)
+    if rule.pair_sum_limit and rule.symmetric and qmax - qmin > rule.pair_sum_limit:
+        # The kernels of this CPU add pairs of products in int16: narrow each channel just enough.
+        bound = np.maximum(-np.minimum(lo, 0), np.maximum(hi, 0))
+        scale, top = pair_safe_scale(w, axis, bound, qmax, rule.pair_sum_limit)
+        code_lo, code_hi = np.maximum(code_lo, -top), np.minimum(code_hi, top)
+    return WeightGrid(scale, zp, code_lo, code_hi, axis)
+
+
 def quantize_weight(w: np.ndarray, rule: TensorRule, bits: int, axis: int | None, weight_range: str = "auto") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(integer values, scale, zero point) of ``w`` at ``bits`` bits, per channel along ``axis``.
 
@@ -68,7 +141,6 @@ def quantize_weight(w: np.ndarray, rule: TensorRule, bits: int, axis: int | None
     """
     if rule.is_float8:
         return quantize_float8(w, rule.dtype, channel_ranges(w, axis), axis)
-    qmin, qmax = weight_qrange(rule, bits)
     if rule.granularity == "per-block" and axis is not None:
         # Each block is a row of a [blocks, block_size] matrix: per-row ranges are per-block ones.
         rows, restore = _blocks(w, axis, rule.block_size)
@@ -81,18 +153,41 @@ def quantize_weight(w: np.ndarray, rule: TensorRule, bits: int, axis: int | None
         return restore(q), *(restore(p, blocked=True) for p in (scale, zp))
     if bits == BIPOLAR_BITS:
         return quantize_bipolar(w, axis)
-    if resolve_weight_range(weight_range, bits) == "mse":
-        lo, hi = mse_channel_ranges(w, axis, qmin, qmax, rule.symmetric)
-    else:
-        lo, hi = channel_ranges(w, axis)
-    scale, zp = affine_params(lo, hi, qmin, qmax, rule.symmetric)
-    if rule.pair_sum_limit and rule.symmetric and qmax - qmin > rule.pair_sum_limit:
-        # The kernels of this CPU add pairs of products in int16: narrow each channel just enough.
-        bound = np.maximum(-np.minimum(lo, 0), np.maximum(hi, 0))
-        scale, top = pair_safe_scale(w, axis, bound, qmax, rule.pair_sum_limit)
-        top = top if axis is None or top.ndim == 0 else top.reshape([-1 if i == axis else 1 for i in range(w.ndim)])
-        return np.clip(quantize(w, scale, zp, qmin, qmax, axis=axis), -top, top), scale, zp
-    return quantize(w, scale, zp, qmin, qmax, axis=axis), scale, zp
+    grid = weight_grid(w, rule, bits, axis, weight_range)
+    return grid.nearest(w), grid.scale, grid.zero_point
+
+
+@dataclass(frozen=True)
+class WeightLayout:
+    """How a layer's weight is quantized for a target: the rule (the target's, less its pair-sum
+    limit where the CPU runs this layer exactly), the channel axis (None: per tensor) and the block
+    size (0: not blocked)."""
+
+    rule: TensorRule
+    axis: int | None
+    block: int
+
+
+def is_depthwise(node: ir.Node, w: np.ndarray) -> bool:
+    """A Conv with one input channel per group and as many groups as output channels."""
+    group = node.attributes["group"].as_int() if "group" in node.attributes else 1
+    return node.op_type == "Conv" and w.ndim >= 3 and w.shape[1] == 1 and group == w.shape[0] and group > 1
+
+
+def weight_layout(node: ir.Node, w: np.ndarray, target, axis: int | None) -> WeightLayout:
+    """The `WeightLayout` of weight ``w`` of ``node`` (output-channel axis ``axis``) on ``target``
+    (a `TargetSpec`): what insert-qdq stores, and what AdaRound rounds onto."""
+    rule: TensorRule = target.weights
+    per_channel = rule.granularity == "per-channel" and axis is not None and w.ndim > 1
+    if node.op_type == "ConvTranspose" and "group" in node.attributes and node.attributes["group"].as_int() != 1:
+        per_channel = False  # output channels are split across groups: no single axis holds them
+    ax = axis if per_channel else None
+    block = 0
+    if rule.granularity == "per-block" and axis is not None and w.ndim > 1:
+        ax, block = block_axis(node, axis, w.ndim), rule.block_size
+    if rule.pair_sum_limit and target.machine is not None and target.machine.depthwise_exact and is_depthwise(node, w):
+        rule = dataclasses.replace(rule, pair_sum_limit=None)  # its kernel accumulates exactly
+    return WeightLayout(rule, ax, block)
 
 
 def quantize_bipolar(w: np.ndarray, axis: int | None, counts: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -644,17 +644,21 @@ class TorchGraph(torch.nn.Module):
             env[name] = self.weights[key]
         overrides = overrides or {}
         env.update(overrides)
+        wanted = outputs if outputs is not None else self.output_names
+        missing = {name for name in wanted if name not in env}
         for node in self.model.graph:
+            if not missing:
+                break  # the rest of the graph computes nothing that was asked for
             if node.outputs and all(v.name in overrides for v in node.outputs):
                 continue
             args = [env[v.name] if v is not None and v.name in env else None for v in node.inputs]
             results = OPS[node.op_type](node, args)
             for value, result in zip(node.outputs, results):
                 env[value.name] = result
+                missing.discard(value.name)
             for value in node.outputs[len(results) :]:
                 if value.name and (value.uses() or value.is_graph_output()):
                     raise QCError(f"output {value.index()} of {node.op_type} is not computed by the torch executor", node=node.name)
-        wanted = outputs if outputs is not None else self.output_names
         return {name: env[name] for name in wanted}
 
     def forward(self, *args: Any, **kwargs: Any) -> list[Tensor]:
