@@ -7,6 +7,11 @@ own gradient history, which makes the sum and the average the same update. The p
 gets no gradient and never moves. A uniform grid (``centres=grid``, stored as DequantizeLinear)
 trains its one step instead, so it stays a grid and keeps its standard ONNX form. Loss: cross-entropy with labels, else KL to the float network's outputs
 (the weights cluster-weights replaced, substituted back for the lookup).
+
+Options are finetune-weights' (`TrainSettings`): with ``optimizer=sgd`` the sum of the members'
+gradients is no longer normalised away, so a large cluster moves faster than under Adam (lower
+``lr`` accordingly). ``max-minutes``, ``checkpoint-dir``/``resume``, ``schedule`` and
+``warmup-steps`` work as there.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ class FinetuneCodebook(Pass):
         loss_name = resolve_loss(graph, ctx.data, out_value.name, self.options.loss, self.options.batch_size, self.name)
         if loss_name in ("kl", "mse") and len({n.outputs[0].name for n in lookups} & set(overrides)) < len(lookups):
             raise QCError("the label-free loss needs the float weights from cluster-weights in this same pipeline (or data with labels)", pass_name=self.name, option="loss")
-        losses = fit(graph, ctx, params, frozen, loss_name=loss_name, out_name=out_value.name, reference_overrides=overrides, settings=self.options, pass_name=self.name, label="fine-tuning centres")
+        trained = fit(graph, ctx, params, frozen, loss_name=loss_name, out_name=out_value.name, reference_overrides=overrides, settings=self.options, pass_name=self.name, label="fine-tuning centres")
         moved = write_back(model, params)
-        return PassResult(model, True, {"loss": loss_name, "epochs": self.options.epochs, "loss_per_epoch": [round(v, 5) for v in losses], "max_centre_move": moved})
+        return PassResult(model, True, {"loss": loss_name, "epochs": self.options.epochs, "loss_per_epoch": [round(v, 5) for v in trained.losses],
+                                        "max_centre_move": moved, **trained.stats()})

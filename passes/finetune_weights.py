@@ -7,6 +7,13 @@ Conv/ConvTranspose/Gemm/MatMul nodes, and BatchNorm's scale and shift, through t
 holding the pruned weights at exactly zero, so `cluster-weights` then clusters a network that is
 accurate again. Loss: cross-entropy with labels, else KL (MSE for non-classifiers) to the network
 before any pass of this pipeline changed its weights.
+
+Options (`TrainSettings`, shared with finetune-codebook): ``epochs``, ``batch-size``, ``lr``,
+``loss``, ``augment``; ``optimizer=adam|sgd`` with ``momentum`` and ``weight-decay``;
+``schedule=cosine|step|constant`` after ``warmup-steps``; ``max-minutes`` (a time budget: stops
+between steps and keeps the best epoch's weights); ``checkpoint-dir`` and ``resume`` (a checkpoint
+after every epoch, and continuing from one). The stats add seconds per epoch, images per second,
+peak memory, the final learning rate and whether the run stopped early.
 """
 
 from __future__ import annotations
@@ -74,8 +81,8 @@ class FinetuneWeights(Pass):
             float_weights.setdefault(name, model.graph.initializers[name].const_value.numpy().copy())
         overrides = {name: torch.from_numpy(np.asarray(float_weights[name], np.float32)) for name in names}
         loss_name = resolve_loss(graph, ctx.data, out_value.name, self.options.loss, self.options.batch_size, self.name)
-        losses = fit(graph, ctx, params, held_zero, loss_name=loss_name, out_name=out_value.name, reference_overrides=overrides, settings=self.options, pass_name=self.name, label="retraining weights")
+        trained = fit(graph, ctx, params, held_zero, loss_name=loss_name, out_name=out_value.name, reference_overrides=overrides, settings=self.options, pass_name=self.name, label="retraining weights")
         moved = max(write_back(model, params).values())
         held = int(sum(m.sum() for m in held_zero.values()))
-        return PassResult(model, True, {"loss": loss_name, "epochs": self.options.epochs, "loss_per_epoch": [round(v, 5) for v in losses],
-                                        "tensors": len(names), "held_at_zero": held, "max_move": moved})
+        return PassResult(model, True, {"loss": loss_name, "epochs": self.options.epochs, "loss_per_epoch": [round(v, 5) for v in trained.losses],
+                                        "tensors": len(names), "held_at_zero": held, "max_move": moved, **trained.stats()})

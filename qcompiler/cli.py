@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -44,6 +45,10 @@ def _progress(description: str, total: int | None) -> Iterator[object]:
         class _Bar:
             def advance(self, n: int = 1) -> None:
                 progress.advance(task, n)
+
+            def describe(self, text: str) -> None:
+                # Escaped: the description column renders rich markup, and a label may hold '['.
+                progress.update(task, description=escape(text))
 
         yield _Bar()
 

@@ -55,11 +55,22 @@ class Diagnostic:
 
 
 class Progress(Protocol):
+    """What ``ctx.progress(description, total)`` yields: ``advance`` moves the bar.
+
+    A progress object may also have ``describe(text)``, which replaces the bar's description (the
+    training loop shows its running loss, learning rate and images/s there). It is optional: call
+    it through ``getattr(progress, "describe", None)``, since factories written before it only
+    provide ``advance``.
+    """
+
     def advance(self, n: int = 1) -> None: ...
 
 
 class _NullProgress:
     def advance(self, n: int = 1) -> None:
+        pass
+
+    def describe(self, text: str) -> None:
         pass
 
 
