@@ -103,7 +103,7 @@ class AdaRound(Pass):
         rows = []
         start = time.perf_counter()
         settings = AdaRoundSettings(**{f.name: getattr(self.options, f.name) for f in fields(AdaRoundSettings)})
-        with ctx.progress("adaround", len(layers) * settings.iterations) as progress:
+        with ctx.progress("adaround", len(layers) * max(settings.iterations, 1)) as progress:
             for layer in layers:
                 w = constant_array(layer.node.inputs[input_roles(layer.node).weight]).astype(np.float32)
                 layout = weight_layout(layer.node, w, ctx.target, input_roles(layer.node).weight_axis)

@@ -19,7 +19,7 @@ from qcompiler.errors import QCError
 from qcompiler.ir import SOURCE_KEY, annotate_types, atomic_output_dir, load_model, model_bytes_on_disk, save_model, to_proto
 from qcompiler.pass_manager import Instrument, Pass, PassContext, PassManager, ProgressFactory, null_progress
 from qcompiler.pipeline import format_pipeline, parse_pipeline
-from qcompiler.precision import FLOAT_LAYER_INPUTS_FACT, WEIGHT_BITS_FACT
+from qcompiler.precision import FLOAT_LAYER_INPUTS_FACT, FLOAT_MODEL_FACT, WEIGHT_BITS_FACT
 from qcompiler.report import KeptFloat, PassTiming, Report
 from qcompiler.targets.spec import TargetSpec, load_target
 from qcompiler.verify import kernel_gap_warnings, verify as verify_models
@@ -107,6 +107,7 @@ def compile(  # noqa: A001 - the verb users expect: qcompiler.compile(...)
     goal = Goal(min_sqnr, max_drop) if (min_sqnr is not None or max_drop is not None) else None
     manager = parse_pipeline(pipeline if pipeline is not None else spec.pipeline)
     ctx = PassContext(target=spec, data=calib, seed=seed, progress=progress, instruments=list(instruments or []))
+    ctx.facts[FLOAT_MODEL_FACT] = float_proto
 
     def run(folder: Path | None) -> CompileResult:
         result = manager.run(ir_model, ctx)

@@ -13,3 +13,6 @@ FLOAT_LAYER_INPUTS_FACT = "float_layer_inputs"
 #: codes a pass chose on the weight quantizer's own grid (adaround), written back into the
 #: initializer as their float values; insert-qdq stores these codes instead of rounding again.
 ROUNDED_WEIGHTS_FACT = "rounded_weights"
+#: The facts key holding the float model as the user gave it (an ``onnx.ModelProto``), set by
+#: `qcompiler.compile` before any pass runs: the reference a training pass distils from.
+FLOAT_MODEL_FACT = "float_model"
