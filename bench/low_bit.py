@@ -69,7 +69,7 @@ class Row:
 
 def prepare(quick: bool) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    module = cifar()
+    module = cifar
     if not TRAIN_NPZ.exists():
         np.savez(TRAIN_NPZ, **module.make(SHARED / "data" / "cifar10_train_full.npz", TRAIN_COUNT, shuffle=True, seed=TRAIN_SEED))
     if not TEST_NPZ.exists():

@@ -35,7 +35,7 @@ from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.precision import FLOAT_LAYER_INPUTS_FACT, FLOAT_MODEL_FACT, WEIGHT_BITS_FACT
 from qcompiler.quant.adaround import pair_sum_violations
 from qcompiler.quant.lsq import codes_of, fake_quantize
-from qcompiler.quant.uniform import sqnr_db
+from qcompiler.quant.uniform import per_channel, sqnr_db
 from qcompiler.registry import register_pass
 from qcompiler.sensitivity import weight_layout, weight_qrange
 from qcompiler.training import TrainSettings, fit, output_value, resolve_loss
@@ -123,7 +123,7 @@ class Qat(Pass):
             # Start exactly at the compiled model (its codes, as adaround or rounding chose them),
             # not at the float weight: training can then only move away from it by improving.
             codes = w.dq.inputs[0].const_value.numpy().astype(np.float32)
-            start = (codes - _expand(np.asarray(w.zero_point, np.float32), codes.ndim, w.axis)) * _expand(w.scale.detach().numpy(), codes.ndim, w.axis)
+            start = (codes - per_channel(np.asarray(w.zero_point, np.float32), codes.ndim, w.axis)) * per_channel(w.scale.detach().numpy(), codes.ndim, w.axis)
             w.param = torch.nn.Parameter(torch.from_numpy(start.astype(np.float32)))
         training = _TrainingGraph(graph, float_graph, weights, biases)
         params = {f"{w.dq.name}.weight": w.param for w in weights} | {f"{w.dq.name}.scale": w.scale for w in weights}
@@ -178,7 +178,7 @@ class Qat(Pass):
                         lo, hi = -np.asarray(top).reshape(scale.shape), np.asarray(top).reshape(scale.shape)
                     float_weight = floats.get(layer.name, {}).get(use.idx)
                     if float_weight is None or np.shape(float_weight) != codes.shape:
-                        float_weight = (codes.astype(np.float32) - _expand(np.asarray(zp, np.float32), codes.ndim, axis)) * _expand(scale, codes.ndim, axis)
+                        float_weight = (codes.astype(np.float32) - per_channel(np.asarray(zp, np.float32), codes.ndim, axis)) * per_channel(scale, codes.ndim, axis)
                     weights.append(_WeightShadow(layer, node, axis, np.asarray(zp), lo, hi, bits, limit, np.asarray(float_weight, np.float32), None,
                                                  torch.nn.Parameter(torch.from_numpy(scale.copy()))))
                     break
@@ -208,14 +208,14 @@ class Qat(Pass):
                     # Rounding moved two large weights of a channel past the int16 pair limit:
                     # those channels take the always-safe top of half the limit.
                     half = w.pair_sum_limit // 2
-                    codes = np.where(_expand(bad, codes.ndim, w.axis), np.clip(codes, -half, half), codes)
+                    codes = np.where(per_channel(bad, codes.ndim, w.axis), np.clip(codes, -half, half), codes)
             stored = w.dq.inputs[0]
             dtype = stored.const_value.numpy().dtype
             stored.const_value = ir.tensor(codes.astype(dtype), name=stored.name)
             old_scale = w.dq.inputs[1].const_value.numpy()
             w.dq.inputs[1].const_value = ir.tensor(scale.reshape(old_scale.shape), name=w.dq.inputs[1].name)
             weight_scale_of[w.layer.name] = scale
-            deq = (codes.astype(np.float32) - _expand(np.asarray(w.zero_point, np.float32), codes.ndim, w.axis)) * _expand(scale, codes.ndim, w.axis)
+            deq = (codes.astype(np.float32) - per_channel(np.asarray(w.zero_point, np.float32), codes.ndim, w.axis)) * per_channel(scale, codes.ndim, w.axis)
             rows.append({"node": w.layer.name, "bits": w.bits, "scale": float(np.mean(scale)), "weight_sqnr_db": round(sqnr_db(w.float_weight, deq), 2),
                          "scale_change_median": round(float(np.median(scale / np.maximum(np.abs(old_scale.reshape(scale.shape)), 1e-12))), 4)})
         for b in biases:
@@ -256,11 +256,3 @@ class Qat(Pass):
                 ctx.note(self.name, f"the trained graph's top-1 in torch ({result['top1_torch']} %) and in onnxruntime ({result['top1_onnxruntime']} %) differ by more than 0.1 points", level="warning")
         return result
 
-
-def _expand(p: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
-    p = np.asarray(p)
-    if axis is None or p.ndim == 0 or p.size == 1:
-        return p.reshape(())
-    shape = [1] * ndim
-    shape[axis] = -1
-    return p.reshape(shape)

@@ -232,7 +232,7 @@ def guard(
         return model, report
     if not fall_back:
         report.fell_back = False
-        report.note = "measured only: assign-precision chose these widths under your budget; pass --min-sqnr or --max-drop to let the guard put layers back in float"
+        report.note = "measured only: the weight widths are your choice (assign-precision under a budget, or a pass's bits= option); pass --min-sqnr or --max-drop to let the guard put layers back in float"
         return model, report
     ops = {n.name: n.op_type for n in model.graph}
     candidates = [name for name in float_layers if name in ops]

@@ -20,7 +20,7 @@ from qcompiler.analysis import Analysis
 from qcompiler.hessian import HessianTraceResult
 from qcompiler.op_roles import input_roles
 from qcompiler.quant.pair_limit import pair_safe_scale
-from qcompiler.quant.uniform import _MIN_SCALE, affine_params, channel_ranges, dequantize, mse_channel_ranges, quantize
+from qcompiler.quant.uniform import _MIN_SCALE, affine_params, channel_ranges, dequantize, mse_channel_ranges, per_channel, quantize
 from qcompiler.targets.spec import FLOAT8_DTYPES, FLOAT_WIDTH, TensorRule
 
 if TYPE_CHECKING:
@@ -77,12 +77,7 @@ class WeightGrid:
 
     def expand(self, p: np.ndarray, ndim: int) -> np.ndarray:
         """A per-channel array shaped to broadcast over a weight of ``ndim`` dimensions."""
-        p = np.asarray(p)
-        if self.axis is None or p.ndim == 0:
-            return p
-        shape = [1] * ndim
-        shape[self.axis] = -1
-        return p.reshape(shape)
+        return per_channel(np.asarray(p), ndim, self.axis)
 
     def nearest(self, w: np.ndarray) -> np.ndarray:
         """The codes of ``w`` rounded half to even, as QuantizeLinear does (int64)."""

@@ -13,6 +13,8 @@ import math
 
 import numpy as np
 
+from qcompiler.quant.uniform import per_channel, quantize
+
 
 def grad_scaled(p, factor: float):
     """``p`` in the forward pass; its gradient multiplied by ``factor`` in the backward pass."""
@@ -54,14 +56,5 @@ def fake_quantize(x, scale, zero_point, lo, hi, axis: int | None):
 
 def codes_of(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, lo: np.ndarray, hi: np.ndarray, axis: int | None) -> np.ndarray:
     """The integer codes `fake_quantize` stands for (int64), computed as QuantizeLinear does."""
-
-    def b(p):
-        p = np.asarray(p)
-        if axis is None or p.ndim == 0 or p.size == 1:
-            return p.reshape(())
-        shape = [1] * x.ndim
-        shape[axis] = -1
-        return p.reshape(shape)
-
-    q = np.rint(x.astype(np.float32) / b(np.asarray(scale, np.float32)).astype(np.float32)).astype(np.int64) + b(np.asarray(zero_point, np.int64))
-    return np.clip(q, b(lo), b(hi))
+    q = quantize(x, scale, zero_point, -(2**62), 2**62, axis=axis if np.ndim(scale) and np.size(scale) > 1 else None)
+    return np.clip(q, per_channel(np.asarray(lo), x.ndim, axis), per_channel(np.asarray(hi), x.ndim, axis))

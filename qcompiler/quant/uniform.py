@@ -32,7 +32,8 @@ def affine_params(lo: np.ndarray | float, hi: np.ndarray | float, qmin: int, qma
     return scale, zero_point
 
 
-def _broadcast(p: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+def per_channel(p: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+    """A per-channel array (or a scalar) shaped to broadcast over ``ndim`` dimensions along ``axis``."""
     if axis is None or p.ndim == 0:
         return p
     shape = [1] * ndim
@@ -42,17 +43,17 @@ def _broadcast(p: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
 
 def quantize(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, qmin: int, qmax: int, axis: int | None = None) -> np.ndarray:
     """QuantizeLinear: ``clip(round_half_even(x / scale) + zp, qmin, qmax)`` as int64."""
-    s = _broadcast(np.asarray(scale, dtype=np.float32), x.ndim, axis)
-    z = _broadcast(np.asarray(zero_point, dtype=np.int64), x.ndim, axis)
+    s = per_channel(np.asarray(scale, dtype=np.float32), x.ndim, axis)
+    z = per_channel(np.asarray(zero_point, dtype=np.int64), x.ndim, axis)
     return np.clip(np.rint(x.astype(np.float32) / s).astype(np.int64) + z, qmin, qmax)
 
 
 def dequantize(q: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, axis: int | None = None) -> np.ndarray:
     """DequantizeLinear: ``(q - zp) * scale`` as float32 (``q`` integer, or float8 with zp 0)."""
-    s = _broadcast(np.asarray(scale, dtype=np.float32), q.ndim, axis)
+    s = per_channel(np.asarray(scale, dtype=np.float32), q.ndim, axis)
     if q.dtype.kind not in "iub":  # float8 (ml_dtypes): its zero point is 0
         return (q.astype(np.float32) * s).astype(np.float32)
-    z = _broadcast(np.asarray(zero_point, dtype=np.int64), q.ndim, axis)
+    z = per_channel(np.asarray(zero_point, dtype=np.int64), q.ndim, axis)
     return ((q - z).astype(np.float32) * s).astype(np.float32)
 
 
@@ -131,5 +132,5 @@ def raise_scales(w: np.ndarray, q: np.ndarray, scale: np.ndarray, zero_point: np
         return q, scale, 0
     raised = np.where(low, floor, scale).astype(np.float32)
     requantized = quantize(w, raised, zero_point, qmin, qmax, axis=axis)
-    mask = _broadcast(np.asarray(low), w.ndim, axis) if axis is not None and raised.ndim else np.asarray(low)
+    mask = per_channel(np.asarray(low), w.ndim, axis) if axis is not None and raised.ndim else np.asarray(low)
     return np.where(mask, requantized, q), raised, int(np.sum(low))
