@@ -31,7 +31,7 @@ from qcompiler.precision import ROUNDED_WEIGHTS_FACT, WEIGHT_BITS_FACT
 from qcompiler.quant.adaround import AdaRoundSettings, optimize_rounding
 from qcompiler.quant.uniform import sqnr_db
 from qcompiler.registry import register_pass
-from qcompiler.sensitivity import BIPOLAR_BITS, RoundedWeight, WeightRange, weight_grid, weight_layout
+from qcompiler.sensitivity import BIPOLAR_BITS, RoundedWeight, WeightLayout, WeightRange, weight_grid, weight_layout
 from qcompiler.targets.spec import FLOAT_WIDTH
 
 #: Activations folded into a layer's output error when they are its only reader: the error that
@@ -69,6 +69,8 @@ class _Layer:
     y: str  # what its output error is measured on: its output, or the activation after it
     activation: ir.Node | None
     bits: int
+    w: np.ndarray  # the float weight (float32)
+    layout: WeightLayout
 
 
 @register_pass
@@ -105,8 +107,7 @@ class AdaRound(Pass):
         settings = AdaRoundSettings(**{f.name: getattr(self.options, f.name) for f in fields(AdaRoundSettings)})
         with ctx.progress("adaround", len(layers) * max(settings.iterations, 1)) as progress:
             for layer in layers:
-                w = constant_array(layer.node.inputs[input_roles(layer.node).weight]).astype(np.float32)
-                layout = weight_layout(layer.node, w, ctx.target, input_roles(layer.node).weight_axis)
+                w, layout = layer.w, layer.layout
                 grid = weight_grid(w, layout.rule, layer.bits, layout.axis, self.options.weight_range)
                 x, y, used = self._layer_data(graph, feeds, layer, overrides)
                 result = optimize_rounding(self._layer_fn(graph, layer), x, y, w, grid, settings, seed=ctx.seed,
@@ -165,7 +166,7 @@ class AdaRound(Pass):
             bits = self.options.bits or chosen.get(weight, default)
             if self.options.first_last_bits and i in (0, len(candidates) - 1):
                 bits = self.options.first_last_bits
-            w = constant_array(node.inputs[input_roles(node).weight])
+            w = constant_array(node.inputs[input_roles(node).weight]).astype(np.float32)
             layout = weight_layout(node, w, ctx.target, input_roles(node).weight_axis)
             if bits == FLOAT_WIDTH:
                 skipped.append((node.name, "kept float by assign-precision"))
@@ -178,7 +179,7 @@ class AdaRound(Pass):
             act = consumers[0] if len(consumers) == 1 and not out.is_graph_output() and consumers[0].op_type in _FOLLOWING_ACTIVATIONS and consumers[0].domain in ("", "ai.onnx") else None
             if act is not None and any(v is not None and v.name not in model.graph.initializers for v in act.inputs[1:]):
                 act = None  # a Clip whose bounds are computed: match the layer's own output
-            layers.append(_Layer(node, weight, x, (act.outputs[0] if act is not None else out).name, act, bits))
+            layers.append(_Layer(node, weight, x, (act.outputs[0] if act is not None else out).name, act, bits, w, layout))
         return layers, skipped
 
     @staticmethod

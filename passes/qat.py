@@ -34,10 +34,10 @@ from qcompiler.op_roles import input_roles
 from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.precision import FLOAT_LAYER_INPUTS_FACT, FLOAT_MODEL_FACT, WEIGHT_BITS_FACT
 from qcompiler.quant.adaround import pair_sum_violations
-from qcompiler.quant.lsq import codes_of, fake_quantize
-from qcompiler.quant.uniform import per_channel, sqnr_db
+from qcompiler.quant.lsq import fake_quantize
+from qcompiler.quant.uniform import dequantize, per_channel, sqnr_db
 from qcompiler.registry import register_pass
-from qcompiler.sensitivity import weight_layout, weight_qrange
+from qcompiler.sensitivity import WeightGrid, weight_layout, weight_qrange
 from qcompiler.training import TrainSettings, fit, output_value, resolve_loss
 
 #: Passed to the training graph as its reference overrides: "the float model's outputs".
@@ -122,9 +122,8 @@ class Qat(Pass):
         for w in weights:
             # Start exactly at the compiled model (its codes, as adaround or rounding chose them),
             # not at the float weight: training can then only move away from it by improving.
-            codes = w.dq.inputs[0].const_value.numpy().astype(np.float32)
-            start = (codes - per_channel(np.asarray(w.zero_point, np.float32), codes.ndim, w.axis)) * per_channel(w.scale.detach().numpy(), codes.ndim, w.axis)
-            w.param = torch.nn.Parameter(torch.from_numpy(start.astype(np.float32)))
+            start = dequantize(w.dq.inputs[0].const_value.numpy(), w.scale.detach().numpy(), w.zero_point, axis=w.axis)
+            w.param = torch.nn.Parameter(torch.from_numpy(start))
         training = _TrainingGraph(graph, float_graph, weights, biases)
         params = {f"{w.dq.name}.weight": w.param for w in weights} | {f"{w.dq.name}.scale": w.scale for w in weights}
         params |= {f"{b.dq.name}.bias": b.param for b in biases} | graph.named_weights()
@@ -178,7 +177,7 @@ class Qat(Pass):
                         lo, hi = -np.asarray(top).reshape(scale.shape), np.asarray(top).reshape(scale.shape)
                     float_weight = floats.get(layer.name, {}).get(use.idx)
                     if float_weight is None or np.shape(float_weight) != codes.shape:
-                        float_weight = (codes.astype(np.float32) - per_channel(np.asarray(zp, np.float32), codes.ndim, axis)) * per_channel(scale, codes.ndim, axis)
+                        float_weight = dequantize(codes, scale, zp, axis=axis)
                     weights.append(_WeightShadow(layer, node, axis, np.asarray(zp), lo, hi, bits, limit, np.asarray(float_weight, np.float32), None,
                                                  torch.nn.Parameter(torch.from_numpy(scale.copy()))))
                     break
@@ -201,7 +200,8 @@ class Qat(Pass):
         for w in weights:
             scale = np.maximum(np.abs(w.scale.detach().numpy()), 1e-12).astype(np.float32)
             values = w.param.detach().numpy()
-            codes = codes_of(values, scale, w.zero_point, w.lo, w.hi, w.axis)
+            grid = WeightGrid(scale, np.asarray(w.zero_point), w.lo, w.hi, w.axis)
+            codes = grid.nearest(values)
             if w.pair_sum_limit is not None and w.axis is not None:
                 bad = pair_sum_violations(codes, w.zero_point, w.axis, w.pair_sum_limit)
                 if bad.any():
@@ -215,8 +215,7 @@ class Qat(Pass):
             old_scale = w.dq.inputs[1].const_value.numpy()
             w.dq.inputs[1].const_value = ir.tensor(scale.reshape(old_scale.shape), name=w.dq.inputs[1].name)
             weight_scale_of[w.layer.name] = scale
-            deq = (codes.astype(np.float32) - per_channel(np.asarray(w.zero_point, np.float32), codes.ndim, w.axis)) * per_channel(scale, codes.ndim, w.axis)
-            rows.append({"node": w.layer.name, "bits": w.bits, "scale": float(np.mean(scale)), "weight_sqnr_db": round(sqnr_db(w.float_weight, deq), 2),
+            rows.append({"node": w.layer.name, "bits": w.bits, "scale": float(np.mean(scale)), "weight_sqnr_db": round(sqnr_db(w.float_weight, grid.dequantize(codes)), 2),
                          "scale_change_median": round(float(np.median(scale / np.maximum(np.abs(old_scale.reshape(scale.shape)), 1e-12))), 4)})
         for b in biases:
             x = b.layer.inputs[input_roles(b.layer).activations[0]]

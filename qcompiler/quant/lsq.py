@@ -13,8 +13,6 @@ import math
 
 import numpy as np
 
-from qcompiler.quant.uniform import per_channel, quantize
-
 
 def grad_scaled(p, factor: float):
     """``p`` in the forward pass; its gradient multiplied by ``factor`` in the backward pass."""
@@ -53,8 +51,3 @@ def fake_quantize(x, scale, zero_point, lo, hi, axis: int | None):
     q = round_ste(torch.maximum(torch.minimum(x / s + z, hi_t), lo_t))
     return (q - z) * s
 
-
-def codes_of(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, lo: np.ndarray, hi: np.ndarray, axis: int | None) -> np.ndarray:
-    """The integer codes `fake_quantize` stands for (int64), computed as QuantizeLinear does."""
-    q = quantize(x, scale, zero_point, -(2**62), 2**62, axis=axis if np.ndim(scale) and np.size(scale) > 1 else None)
-    return np.clip(q, per_channel(np.asarray(lo), x.ndim, axis), per_channel(np.asarray(hi), x.ndim, axis))
