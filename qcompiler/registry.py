@@ -23,6 +23,7 @@ _NAME_RE = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 
 _registry: dict[str, type[Pass]] = {}
 _loaded_builtins = False
+_loaded_entry_points = False
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:
@@ -40,14 +41,23 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
 
 
 def _load_builtins() -> None:
+    """The built-in passes, then the installed distributions' (each scanned once a process)."""
     global _loaded_builtins
-    if _loaded_builtins:
-        return
-    _loaded_builtins = True
-    import qcompiler.passes as builtin
+    if not _loaded_builtins:
+        _loaded_builtins = True
+        import qcompiler.passes as builtin
 
-    for info in pkgutil.iter_modules(builtin.__path__):
-        importlib.import_module(f"{builtin.__name__}.{info.name}")
+        for info in pkgutil.iter_modules(builtin.__path__):
+            importlib.import_module(f"{builtin.__name__}.{info.name}")
+    _load_entry_points()
+
+
+def _load_entry_points() -> None:
+    """The passes of the ``qcompiler.passes`` entry points of installed distributions."""
+    global _loaded_entry_points
+    if _loaded_entry_points:
+        return
+    _loaded_entry_points = True
     for entry in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
         try:
             loaded = entry.load()

@@ -514,11 +514,18 @@ def load_target(name_or_path: str, cpu: str | None = None) -> TargetSpec:
     if "cpu" in data:
         machine = dataclasses.replace(_machine_choice(data["cpu"]["accumulation"], cpu, f"{path}:cpu.accumulation"), depthwise_exact=data["cpu"].get("depthwise_exact", False))
         if machine.accumulation == "int16-pairs":
-            if not (weights.symmetric and weights.dtype == "int8" and activations.bits == 8):
-                raise QCError("int16-pairs accumulation needs symmetric int8 weights and 8-bit activations", file=f"{path}:cpu.accumulation")
             from qcompiler.quant.pair_limit import pair_sum_limit
 
-            weights = dataclasses.replace(weights, pair_sum_limit=pair_sum_limit())
+            lo, hi = weights.qrange
+            if activations.bits == 8 and not weights.is_float8 and 2 * max(-lo, hi) <= pair_sum_limit():
+                # Weights this narrow (int4) cannot overflow the pair sums: nothing to narrow, on
+                # any CPU (refusing them made the same file load on VNNI machines only).
+                machine = dataclasses.replace(machine, reason=f"{machine.isa}: the integer kernels add pairs of uint8 x int8 products in int16 with saturation (VPMADDUBSW), "
+                                                              f"which {weights.dtype} weights cannot overflow (two sum to at most {2 * max(-lo, hi)} <= {pair_sum_limit()}): they keep their full range")
+            elif not (weights.symmetric and weights.dtype == "int8" and activations.bits == 8):
+                raise QCError("int16-pairs accumulation needs symmetric int8 weights and 8-bit activations", file=f"{path}:cpu.accumulation")
+            else:
+                weights = dataclasses.replace(weights, pair_sum_limit=pair_sum_limit())
     speed = _speed_rules(data.get("speed", {}), path)
     return TargetSpec(
         name=data["name"],

@@ -11,6 +11,7 @@ name) with all its modules, every targets/*.toml, and the `qc` entry point.
 from __future__ import annotations
 
 import configparser
+import re
 import shutil
 import subprocess
 import sys
@@ -87,3 +88,14 @@ def test_qc_entry_point_is_declared(wheel):
     cfg.read_string(wheel.read(ep).decode())
     assert cfg.has_option("console_scripts", "qc"), "the wheel declares no `qc` console script"
     assert cfg.get("console_scripts", "qc").strip() == "qcompiler.cli:main"
+
+
+def test_tests_import_packages_by_their_installed_names():
+    """`passes.x` also imports from the checkout (the test root is on sys.path), as a second copy
+    of `qcompiler.passes.x`: its passes replace the registered ones for the rest of the session,
+    and a file changed since the session first imported it runs against the older modules
+    already loaded (an ImportError in a long run while the file was being edited)."""
+    source_name = re.compile(rf"^\s*(?:from|import)\s+({'|'.join(d for d, name in ROOTS.items() if d != name)})\b.*$", re.MULTILINE)
+    found = [f"{path.relative_to(ROOT)}: {match.group(0).strip()}" for path in sorted((ROOT / "tests").rglob("*.py"))
+             for match in source_name.finditer(path.read_text())]
+    assert not found, "import these by their installed names (qcompiler.passes, qcompiler.targets):\n" + "\n".join(found)

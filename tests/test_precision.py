@@ -211,7 +211,7 @@ def test_upper_trace_bound_uses_the_top_of_each_interval() -> None:
 
 
 def test_narrow_widths_are_scored_by_the_larger_of_estimate_and_measured_damage() -> None:
-    from passes.assign_precision import AssignPrecision
+    from qcompiler.passes.assign_precision import AssignPrecision
     from qcompiler.pass_manager import PassContext
     from qcompiler.sensitivity import LayerSensitivity, measured_loss_increase
     from qcompiler.targets.spec import load_target
@@ -257,7 +257,7 @@ def test_measured_damage_is_kept_in_its_cache_file_for_the_same_model_and_data_o
 
 
 def test_measured_selection_takes_the_floor_restricted_optimum_that_measures_lowest() -> None:
-    from passes.assign_precision import AssignPrecision
+    from qcompiler.passes.assign_precision import AssignPrecision
     from qcompiler.pass_manager import PassContext
     from qcompiler.sensitivity import LayerSensitivity, measured_assignment_loss
     from qcompiler.targets.spec import load_target

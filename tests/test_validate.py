@@ -33,9 +33,10 @@ def _compiled(target: str, calib: Path) -> ir.Model:
     return qcompiler.compile(small_cnn(), target, calibration=calib, verify=False).model
 
 
-def _rules(model: ir.Model, target: str) -> dict[str, list[str]]:
+def _rules(model: ir.Model, target: str, cpu: str | None = None) -> dict[str, list[str]]:
+    """Violations by rule; ``cpu`` (an ISA, as ``qc validate --cpu``) checks for that CPU rather than this one."""
     found: dict[str, list[str]] = {}
-    for v in validate(model, load_target(target)):
+    for v in validate(model, load_target(target, cpu=cpu)):
         found.setdefault(v.rule, []).append(v.node)
     return found
 
@@ -103,11 +104,20 @@ def _ort_quantized(tmp_path: Path, calib: Path, per_channel: bool) -> ir.Model:
     return load_model(out)
 
 
+#: The weight DequantizeLinear nodes onnxruntime's quantizer writes for small_cnn's six weight layers.
+ORT_WEIGHT_DQ = [f"{w}_DequantizeLinear" for w in ("w0", "wa", "wb", "wc", "wd", "wf")]
+
+
 def test_onnxruntime_quantize_static_per_channel_meets_ort_cpu(tmp_path: Path, calib: Path) -> None:
     model = _ort_quantized(tmp_path, calib, per_channel=True)
     # onnxruntime's quantizer gives each Concat input its own range: QLinearConcat then
     # requantizes every input, which the ort-cpu description rules out (one shared scale).
-    assert _rules(model, "ort-cpu") == {"shared-scale": ["concat"]}
+    # Checked for a CPU whose kernels accumulate in int32 (VNNI, ARM), that is all.
+    assert _rules(model, "ort-cpu", cpu="avx512-vnni") == {"shared-scale": ["concat"]}
+    assert _rules(model, "ort-cpu", cpu="arm64-dot") == {"shared-scale": ["concat"]}
+    # Without VNNI the kernels add pairs of products in int16: the quantizer's full-range int8
+    # weights (reduce_range off) overflow them in every layer.
+    assert _rules(model, "ort-cpu", cpu="avx2") == {"shared-scale": ["concat"], "saturation": ORT_WEIGHT_DQ}
     # TensorRT wants int8 activations and float biases: every activation quantizer and bias is flagged.
     found = _rules(model, "tensorrt")
     assert set(found) >= {"dtype", "bias"}
@@ -115,9 +125,12 @@ def test_onnxruntime_quantize_static_per_channel_meets_ort_cpu(tmp_path: Path, c
 
 
 def test_onnxruntime_quantize_static_per_tensor_breaks_granularity(tmp_path: Path, calib: Path) -> None:
-    found = _rules(_ort_quantized(tmp_path, calib, per_channel=False), "ort-cpu")
+    model = _ort_quantized(tmp_path, calib, per_channel=False)
+    found = _rules(model, "ort-cpu", cpu="avx512-vnni")
     # Every weight with more than one output channel (5 Convs and the Gemm) is per tensor.
-    assert set(found) == {"granularity", "shared-scale"} and len(found["granularity"]) == 6
+    assert set(found) == {"granularity", "shared-scale"} and found["granularity"] == ORT_WEIGHT_DQ
+    # The same on a CPU without VNNI, where the full-range weights also saturate (as per channel).
+    assert _rules(model, "ort-cpu", cpu="avx2") == found | {"saturation": ORT_WEIGHT_DQ}
 
 
 # -- one hand-broken graph per rule ------------------------------------------------------------

@@ -177,16 +177,37 @@ def test_target_to_toml_reloads_equal(tmp_path: Path, ort_cpu: TargetSpec) -> No
             assert getattr(again, f.name) == getattr(ort_cpu, f.name), f.name
 
 
-def test_target_to_toml_of_extended_spec_reloads_equal(tmp_path: Path) -> None:
+# Both kinds of x86 CPU, whichever this one is: ort-cpu's [cpu] table resolves differently on each.
+@pytest.mark.parametrize("cpu", ["avx512-vnni", "avx2"])
+def test_target_to_toml_of_extended_spec_reloads_equal(tmp_path: Path, cpu: str) -> None:
     user = write(
         tmp_path / "mine.toml",
         'extends = "ort-cpu"\nname = "mine"\ndescription = "quotes \\" and \\\\ backslash"\n'
         '[activations]\ndtype = "int8"\nsymmetric = true\n[weights]\ndtype = "int4"\nnarrow_range = false\n',
     )
-    spec = load_target(str(user))
+    spec = load_target(str(user), cpu=cpu)
+    assert spec.machine is not None and spec.machine.isa == cpu
     dumped = write(tmp_path / "dump.toml", target_to_toml(spec))
     assert "extends" not in dumped.read_text()
-    assert without_path(load_target(str(dumped))) == without_path(spec)
+    assert without_path(load_target(str(dumped), cpu=cpu)) == without_path(spec)
+
+
+def test_int16_pair_accumulation_narrows_int8_weights_only(tmp_path: Path) -> None:
+    """On a CPU that sums pairs of products in int16 (AVX2), full-range int8 weights are narrowed,
+    int4 weights cannot overflow and keep their range, and weights the narrowing cannot handle
+    (asymmetric) are refused; a VNNI CPU takes all three as they are."""
+    assert load_target("ort-cpu", cpu="avx2").weights.pair_sum_limit == 128
+    assert load_target("ort-cpu", cpu="avx512-vnni").weights.pair_sum_limit is None
+    int4 = write(tmp_path / "int4.toml", 'extends = "ort-cpu"\n[weights]\ndtype = "int4"\nnarrow_range = false\n')
+    spec = load_target(str(int4), cpu="avx2")
+    assert spec.machine.accumulation == "int16-pairs" and spec.weights.pair_sum_limit is None and spec.weights.qrange == (-8, 7)
+    assert "int4 weights cannot overflow" in spec.machine.reason
+    asymmetric = write(tmp_path / "asym.toml", 'extends = "ort-cpu"\n[weights]\nsymmetric = false\n')
+    assert load_target(str(asymmetric), cpu="avx512-vnni").weights.pair_sum_limit is None
+    with pytest.raises(QCError) as info:
+        load_target(str(asymmetric), cpu="avx2")
+    assert_names(info.value, asymmetric, "cpu.accumulation")
+    assert "symmetric int8 weights" in info.value.message
 
 
 def test_target_to_toml_escapes_control_characters(tmp_path: Path) -> None:
