@@ -14,54 +14,28 @@ from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
+from qcompiler.targets.spec import FLOAT_WIDTH, TargetSpec
 
+from qcompiler.budget import _UNITS, BUDGET_KINDS, Budget  # noqa: F401 - BUDGET_KINDS re-exported
 from qcompiler.cost_model import layer_macs, resource_matrix
 from qcompiler.errors import QCError
 from qcompiler.hessian import HESSIAN_FACT, HessianTrace
 from qcompiler.pass_manager import Pass, PassContext, PassResult
-from qcompiler.precision import ACTIVATION_BITS_FACT, WEIGHT_BITS_FACT
-from qcompiler.targets.spec import FLOAT_WIDTH, TargetSpec
-from qcompiler.precision_ilp import pareto_front, smallest_feasible, solve_greedy, solve_ilp, solve_random, solve_uniform
+from qcompiler.precision import (
+    ACTIVATION_BITS_FACT,
+    WEIGHT_BITS_FACT,
+    checked_activation_bits,
+)
+from qcompiler.precision_ilp import (
+    pareto_front,
+    smallest_feasible,
+    solve_greedy,
+    solve_ilp,
+    solve_random,
+    solve_uniform,
+)
 from qcompiler.registry import register_pass
 from qcompiler.sensitivity import TraceBound, WeightRange, layer_sensitivities
-
-#: Budget kinds and what their number means. Fractions are of the model with every weight at the
-#: target's full weight width (int8 on ort-cpu), measured in the same resource.
-BUDGET_KINDS = {
-    "size": "FRACTION of the full-width (int8) weight bytes",
-    "bits": "AVERAGE bits per weight",
-    "bops": "FRACTION of the full-width model's bit operations (MACs x weight bits x activation bits)",
-    "latency": "FRACTION of the full-width model's latency predicted from the target's [cost.mac]",
-}
-#: Unit of each kind's resource, for messages and the report.
-_UNITS = {"size": "weight bits", "bits": "weight bits", "bops": "bit-ops", "latency": "cost units"}
-
-
-@dataclass(frozen=True)
-class Budget:
-    kind: str
-    number: float
-
-    @classmethod
-    def parse(cls, text: str) -> Budget:
-        """``size=0.6``, ``bits=4.5``, ``bops=0.4`` or ``latency=0.8``."""
-        kind, eq, value = text.partition("=")
-        accepted = ", ".join(f"{k}={v}" for k, v in BUDGET_KINDS.items())
-        if not eq or kind not in BUDGET_KINDS:
-            raise QCError(f"'{text}' is not a budget (accepted: {accepted})", pass_name="assign-precision", option="budget")
-        try:
-            number = float(value)
-        except ValueError:
-            raise QCError(f"'{text}': '{value}' is not a number (accepted: {accepted})", pass_name="assign-precision", option="budget") from None
-        if not (number > 0 and math.isfinite(number)):
-            raise QCError(f"the budget must be a positive number, got {number} (accepted: {accepted})", pass_name="assign-precision", option="budget")
-        return cls(kind, number)
-
-    def limit(self, full_width: float, parameters: np.ndarray) -> float:
-        """The budget in the resource's unit, given the full-width model's total of it."""
-        if self.kind == "bits":
-            return self.number * float(parameters.sum())
-        return self.number * full_width
 
 
 def budget_pipeline(spec: TargetSpec, budget: str, *, option: str = "budget") -> str:
@@ -165,12 +139,7 @@ class AssignPrecision(Pass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         # Option checks first: the traces and measurements below take minutes on a deep model.
-        activation_bits = self.options.activation_bits or ctx.target.activations.bits
-        if activation_bits not in ctx.target.bits.activations:
-            raise QCError(f"{activation_bits}-bit activations are not allowed by target '{ctx.target.name}' (its [bits] activations: {list(ctx.target.bits.activations)})", pass_name=self.name, option="activation-bits")
-        if activation_bits < ctx.target.activations.bits and ctx.target.activations.bits == 16:
-            # Narrower widths are a Clip on the integer tensor; onnxruntime 1.32 has no 16-bit Clip.
-            raise QCError(f"{activation_bits}-bit activations inside {ctx.target.activations.dtype} need a Clip onnxruntime cannot run on 16-bit integers: use 16, or an 8-bit activation dtype", pass_name=self.name, option="activation-bits")
+        activation_bits = checked_activation_bits(ctx.target, self.options.activation_bits, self.name)
         # The traces the pipeline's hessian-trace pass computed (same options), else its defaults.
         analysis = ctx.facts.get(HESSIAN_FACT, HessianTrace(seed=ctx.seed))
         traces = ctx.analyses.get(analysis, model, ctx)

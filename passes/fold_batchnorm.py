@@ -5,6 +5,10 @@ the output of a linear op whose weight is constant and that nothing else reads, 
 output channels by a and the bias by a (then adding b) gives the same function with one op less.
 A BN that cannot be folded (after a ReLU, an Add, a graph input, ...) becomes Mul + Add, which
 later passes can quantize; folding backwards through a nonlinearity would change the function.
+
+A weight a training pass (slb, learn-bits) left on a per-channel grid stays on one: scaling an
+output channel scales its grid, so the folded weight keeps its codes (`RoundedWeight.channels_scaled`)
+and its width, and insert-qdq stores exactly them.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from qcompiler.ir import NameAuthority, add_initializer, constant_array
 from qcompiler.pass_manager import Pass, PassContext, PassResult
+from qcompiler.precision import ROUNDED_WEIGHTS_FACT, WEIGHT_BITS_FACT
 from qcompiler.registry import register_pass
 
 _LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
@@ -46,8 +51,10 @@ class FoldBatchNorm(Pass):
             a, b = affine
             producer = bn.inputs[0].producer()
             reason = _why_not_foldable(bn, producer)
+            old_weight = producer.inputs[1] if reason is None else None
             result = _fold_into(producer, a, b, graph, names) if reason is None else None
             if result is not None:
+                _carry_rounded_weight(ctx, old_weight, producer, a)
                 _bypass(bn, result, graph)
                 folded += 1
             elif self.options.decompose_standalone and _decompose(bn, a, b, graph, names):
@@ -58,6 +65,35 @@ class FoldBatchNorm(Pass):
         if folded or decomposed:
             RemoveUnusedNodesPass()(model)
         return PassResult(model, bool(folded or decomposed), {"folded": folded, "decomposed": decomposed})
+
+
+def _carry_rounded_weight(ctx: PassContext, old: ir.Value, node: ir.Node, a: np.ndarray) -> None:
+    """Move the codes (and chosen width) of a weight on a grid over to its folded copy."""
+    rounded = ctx.facts.get(ROUNDED_WEIGHTS_FACT, {}).get(old.name)
+    widths = ctx.facts.get(WEIGHT_BITS_FACT)
+    new = node.inputs[1]
+    if widths is not None and old.name in widths:
+        widths[new.name] = widths[old.name]
+    if rounded is None:
+        return
+    axis = _channel_axis(node)
+    scaled = rounded.channels_scaled(a, axis) if axis is not None else None
+    if scaled is None:
+        return  # insert-qdq rounds the folded weight afresh (matches() no longer holds)
+    # Exactly the grid's values (the float64 product differs from them in the last bit).
+    new.const_value = ir.tensor(scaled.grid.dequantize(scaled.codes).astype(new.const_value.numpy().dtype), name=new.name)
+    ctx.facts[ROUNDED_WEIGHTS_FACT][new.name] = scaled
+
+
+def _channel_axis(node: ir.Node) -> int | None:
+    """The weight axis BN's channels run along (None for ConvTranspose, whose groups split it)."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "Gemm":
+        return 0 if "transB" in node.attributes and node.attributes["transB"].as_int() else 1
+    if node.op_type == "MatMul":
+        return 1
+    return None
 
 
 def _bn_affine(bn: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:

@@ -105,6 +105,31 @@ class RoundedWeight:
         (a later pass that moved the weight, or another width, makes them stale)."""
         return self.grid.axis == axis and self.bits == bits and w.shape == self.codes.shape and np.array_equal(self.grid.dequantize(self.codes), w)
 
+    def channels_scaled(self, a: np.ndarray, axis: int) -> RoundedWeight | None:
+        """The same codes standing for the weight with channel ``c`` along ``axis`` multiplied by
+        ``a[c]`` (a BatchNormalization folded into the layer): the scales take ``|a|``, and a
+        channel with ``a < 0`` its codes, zero point and code range negated. None where that is
+        no grid of this kind: another channel axis, a zero factor, per-tensor codes with unequal factors."""
+        a = np.asarray(a, np.float64).reshape(-1)
+        codes = np.asarray(self.codes)
+        if not np.all(np.isfinite(a)) or np.any(a == 0) or codes.ndim <= axis or a.size not in (1, codes.shape[axis]):
+            return None
+        if self.grid.axis is None:
+            if not (np.all(a == a[0]) and a[0] > 0):
+                return None
+            grid = WeightGrid((np.asarray(self.grid.scale, np.float64) * a[0]).astype(np.float32), self.grid.zero_point, self.grid.lo, self.grid.hi, None)
+            return RoundedWeight(codes, grid, self.bits, (self.float_weight * a[0]).astype(np.float32))
+        if self.grid.axis != axis:
+            return None
+        a = np.broadcast_to(a, (codes.shape[axis],))
+        flip = a < 0
+        channel = (codes.shape[axis],)
+        lo, hi, zp = (np.broadcast_to(np.asarray(p, np.int64).reshape(-1) if np.size(p) > 1 else np.asarray(p, np.int64), channel) for p in (self.grid.lo, self.grid.hi, self.grid.zero_point))
+        grid = WeightGrid((np.broadcast_to(np.asarray(self.grid.scale, np.float64).reshape(-1), channel) * np.abs(a)).astype(np.float32).reshape(np.shape(self.grid.scale) if np.size(self.grid.scale) > 1 else channel),
+                          np.where(flip, -zp, zp).astype(np.asarray(self.grid.zero_point).dtype), np.where(flip, -hi, lo), np.where(flip, -lo, hi), axis)
+        sign = per_channel(np.where(flip, -1, 1), codes.ndim, axis)
+        return RoundedWeight(codes * sign, grid, self.bits, (self.float_weight * per_channel(a, codes.ndim, axis)).astype(np.float32))
+
 
 def weight_grid(w: np.ndarray, rule: TensorRule, bits: int, axis: int | None, weight_range: str = "auto") -> WeightGrid:
     """The uniform integer grid `quantize_weight` rounds ``w`` onto at ``bits`` bits (per channel

@@ -583,13 +583,21 @@ class TorchGraph(torch.nn.Module):
 
     ``trainable`` names initializers that become `torch.nn.Parameter` (for gradients and Hessians
     with respect to weights); the rest are constant tensors.
+
+    ``batchnorm_training``: every BatchNormalization normalizes with its batch's own statistics (as
+    a network does while it trains) instead of its stored running ones. Low-bit training passes
+    run so, since a weight whose quantization moves its channel's mean and variance needs the
+    normalization that follows it to move too. With ``batchnorm_statistics`` set to a dict, each
+    such BN also adds its batch's per-channel sums to it (see `BatchNormStatistics`).
     """
 
-    def __init__(self, model: ir.Model, *, trainable: Iterable[str] = (), dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, model: ir.Model, *, trainable: Iterable[str] = (), dtype: torch.dtype = torch.float32, batchnorm_training: bool = False) -> None:
         super().__init__()
         check_supported(model)
         self.model = model
         self.dtype = dtype
+        self.batchnorm_training = batchnorm_training
+        self.batchnorm_statistics: BatchNormStatistics | None = None
         self.input_names = [v.name for v in model.graph.inputs if v.name not in model.graph.initializers]
         self.output_names = [v.name for v in model.graph.outputs]
         trainable = set(trainable)
@@ -652,7 +660,10 @@ class TorchGraph(torch.nn.Module):
             if node.outputs and all(v.name in overrides for v in node.outputs):
                 continue
             args = [env[v.name] if v is not None and v.name in env else None for v in node.inputs]
-            results = OPS[node.op_type](node, args)
+            if self.batchnorm_training and node.op_type == "BatchNormalization":
+                results = [self._batch_norm_training(node, args)]
+            else:
+                results = OPS[node.op_type](node, args)
             for value, result in zip(node.outputs, results):
                 env[value.name] = result
                 missing.discard(value.name)
@@ -661,8 +672,42 @@ class TorchGraph(torch.nn.Module):
                     raise QCError(f"output {value.index()} of {node.op_type} is not computed by the torch executor", node=node.name)
         return {name: env[name] for name in wanted}
 
+    def _batch_norm_training(self, node: ir.Node, x: list[Any]) -> Tensor:
+        """BatchNormalization with the batch's own mean and (biased) variance, per channel."""
+        data = x[0]
+        dims = [d for d in range(data.dim()) if d != 1]
+        if self.batchnorm_statistics is not None:
+            with torch.no_grad():
+                self.batchnorm_statistics.add(node.name, data, dims)
+        return F.batch_norm(data, None, None, x[1], x[2], training=True, eps=_attr(node, "epsilon", 1e-5))
+
     def forward(self, *args: Any, **kwargs: Any) -> list[Tensor]:
         feeds = dict(zip(self.input_names, args))
         feeds.update(kwargs)
         results = self.run(feeds)
         return [results[name] for name in self.output_names]
+
+
+class BatchNormStatistics:
+    """Per-channel input statistics of each BatchNormalization, summed over batches run in
+    batch-statistics mode: what its running mean and variance are re-estimated from.
+
+    The mean and variance are those of every sample seen (sums of x and x squared in float64),
+    not a momentum average, so the result does not depend on the batch order."""
+
+    def __init__(self) -> None:
+        self._sums: dict[str, tuple[Tensor, Tensor, int]] = {}
+
+    def add(self, name: str, data: Tensor, dims: list[int]) -> None:
+        x = data.detach().to(torch.float64)
+        count = x.numel() // max(x.shape[1], 1)
+        s, ss, n = self._sums.get(name, (0.0, 0.0, 0))
+        self._sums[name] = (s + x.sum(dims), ss + (x * x).sum(dims), n + count)
+
+    def result(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """BN node name -> (mean, variance) per channel, float64."""
+        out = {}
+        for name, (s, ss, n) in self._sums.items():
+            mean = s / n
+            out[name] = (mean.numpy(), torch.clamp(ss / n - mean * mean, min=0).numpy())
+        return out

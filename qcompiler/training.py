@@ -17,7 +17,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -28,11 +28,14 @@ import onnx_ir as ir
 from qcompiler.augment import AugmentName, augment_batch, image_inputs
 from qcompiler.data import DataSource
 from qcompiler.errors import QCError
-from qcompiler.hessian import LossName, choose_loss
+from qcompiler.hessian import choose_loss
 from qcompiler.ir import is_float_tensor
 from qcompiler.pass_manager import PassContext
 
 OptimizerName = Literal["adam", "sgd"]
+#: The training losses: hessian's (``auto``, ``cross-entropy``, ``kl``, ``mse``) and both signals at
+#: once, ``cross-entropy+kl`` (labels and the float model's outputs, summed with equal weight).
+TrainLossName = Literal["auto", "cross-entropy", "kl", "mse", "cross-entropy+kl"]
 ScheduleName = Literal["cosine", "step", "constant"]
 
 #: Marks a file as one of `fit`'s checkpoints (and its layout version) before anything else in it is trusted.
@@ -55,7 +58,9 @@ class TrainSettings:
     #: all the steps, so the last steps settle instead of jumping around the minimum (what a fixed
     #: rate leaves behind).
     lr: float = 1e-4
-    loss: LossName = "auto"
+    #: ``auto``: cross-entropy with labels, else KL to the float model's outputs for a classifier,
+    #: else their mean squared error; ``cross-entropy+kl`` uses labels and the float model both.
+    loss: TrainLossName = "auto"
     #: Random shifted crops (and mirror flips) of 4-D image inputs, fresh every epoch: retraining
     #: on the model's own training images otherwise fits what it already knows (see augment.py).
     augment: AugmentName = "none"
@@ -168,9 +173,21 @@ def resolve_loss(graph, data: DataSource, out_name: str, requested: str, batch_s
     """The loss `fit` will use: cross-entropy with labels, else KL (classifiers) or MSE."""
     first = graph.run(data.first_batch(batch_size), [out_name])[out_name]
     loss_name = choose_loss(requested, tuple(first.shape), data.labels is not None)
-    if loss_name == "cross-entropy" and data.labels is None:
-        raise QCError("loss=cross-entropy needs 'labels' in the data file", pass_name=pass_name, option="loss")
+    if loss_name.startswith("cross-entropy") and data.labels is None:
+        raise QCError(f"loss={loss_name} needs 'labels' in the data file", pass_name=pass_name, option="loss")
+    if loss_name.startswith("cross-entropy") and (first.dim() != 2 or first.shape[1] < 2):
+        raise QCError(f"loss={loss_name} needs a classifier output (N x classes); output '{out_name}' has shape {list(first.shape)}", pass_name=pass_name, option="loss")
     return loss_name
+
+
+def loss_reason(loss_name: str, data: DataSource, out_name: str, requested: str) -> str | None:
+    """A sentence for the report when ``auto`` fell back to a label-free loss; else None."""
+    if requested != "auto" or loss_name == "cross-entropy":
+        return None
+    if loss_name == "mse":
+        why = "the data has no 'labels' and" if data.labels is None else "with labels, but"
+        return f"{why} output '{out_name}' is not a classifier (N x classes): training on the mean squared error to the float model's outputs (distillation)"
+    return "the data has no 'labels': training on the KL divergence to the float model's outputs (distillation)"
 
 
 def task_loss(loss_name: str, out, labels: np.ndarray | None, reference):
@@ -181,6 +198,8 @@ def task_loss(loss_name: str, out, labels: np.ndarray | None, reference):
         return torch.nn.functional.cross_entropy(out, torch.from_numpy(np.asarray(labels, dtype=np.int64)))
     if loss_name == "kl":
         return torch.nn.functional.kl_div(torch.log_softmax(out, -1), torch.log_softmax(reference, -1), log_target=True, reduction="batchmean")
+    if loss_name == "cross-entropy+kl":
+        return task_loss("cross-entropy", out, labels, None) + task_loss("kl", out, None, reference)
     # Per sample the squared error summed over its outputs, averaged over the batch.
     return 0.5 * torch.mean(torch.sum((out - reference).reshape(len(out), -1) ** 2, dim=1))
 
@@ -234,12 +253,24 @@ def peak_memory_mib() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
-def _make_optimizer(settings: TrainSettings, params: list):
+def _make_optimizer(settings: TrainSettings, params: Mapping[str, Any] | list, lr_multipliers: Mapping[str, float] | None = None):
+    """The optimizer over ``params``; a parameter named in ``lr_multipliers`` learns at that
+    multiple of ``settings.lr`` (one group per distinct multiple, in first-seen order)."""
     import torch
 
+    groups: dict[float, list] = {}
+    for name, p in (params.items() if isinstance(params, Mapping) else enumerate(params)):
+        groups.setdefault(float((lr_multipliers or {}).get(name, 1.0)), []).append(p)
+    param_groups = [{"params": ps, "lr": settings.lr * m} for m, ps in groups.items()]
     if settings.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, nesterov=False, weight_decay=settings.weight_decay)
-    return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
+        return torch.optim.SGD(param_groups, lr=settings.lr, momentum=settings.momentum, nesterov=False, weight_decay=settings.weight_decay)
+    return torch.optim.Adam(param_groups, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def _base_lr(optimizer, settings: TrainSettings) -> float:
+    """``settings.lr`` as the schedule has scaled it now (whatever a group's multiplier)."""
+    group = optimizer.param_groups[0]
+    return settings.lr * group["lr"] / group.get("initial_lr", group["lr"]) if group.get("initial_lr") else group["lr"]
 
 
 # --- checkpoints -------------------------------------------------------------------------------
@@ -335,7 +366,9 @@ def load_checkpoint(resume: str, pass_name: str) -> tuple[Path, dict[str, Any]]:
 
 
 def fit(graph, ctx: PassContext, params: Mapping[str, object], held_zero: Mapping[str, np.ndarray], *, loss_name: str, out_name: str,
-        reference_overrides: Mapping[str, object], settings: TrainSettings, label: str, pass_name: str) -> TrainResult:
+        reference_overrides: Mapping[str, object], settings: TrainSettings, label: str, pass_name: str,
+        before_step: Callable[[int, int], None] | None = None, penalty: Callable[[], Any] | None = None,
+        lr_multipliers: Mapping[str, float] | None = None) -> TrainResult:
     """Train ``params`` (torch parameters of ``graph`` by initializer name) on ``ctx.data``.
 
     ``held_zero`` maps a parameter name to a boolean mask of entries that get no gradient and are
@@ -348,6 +381,12 @@ def fit(graph, ctx: PassContext, params: Mapping[str, object], held_zero: Mappin
     the best completed epoch's parameters; ``settings.checkpoint_dir`` and ``settings.resume``
     save and continue runs. A KeyboardInterrupt propagates unchanged, leaving the last completed
     epoch's checkpoint in place. Returns the loss history, timings and how training ended.
+
+    ``before_step(step, total_steps)`` runs before every step (a schedule of the pass's own, such
+    as SLB's softmax sharpness; the step count continues across a resume). ``penalty()`` is added
+    to every step's loss (a regulariser such as learn-bits' size term; the epoch losses include it).
+    ``lr_multipliers`` scales the learning rate of the parameters it names (the schedule applies
+    to all alike); the progress bar and ``step_lrs`` show the base rate.
     """
     import torch
 
@@ -357,7 +396,7 @@ def fit(graph, ctx: PassContext, params: Mapping[str, object], held_zero: Mappin
         raise QCError(f"augment={settings.augment} needs an image input (float, shape N x C x H x W with H, W >= 8); "
                       f"inputs here: {', '.join(f'{k} {a.shape}' for k, a in data.arrays.items())}", pass_name=pass_name, option="augment")
     keep = {name: torch.from_numpy(~mask).to(params[name].dtype) for name, mask in held_zero.items() if mask.any()}
-    optimizer = _make_optimizer(settings, list(params.values()))
+    optimizer = _make_optimizer(settings, params, lr_multipliers)
     per_epoch = steps_per_epoch(data, settings.batch_size)
     total_steps = settings.epochs * per_epoch
     # A plain function, not stored in the scheduler's state: it is rebuilt from the options, which
@@ -417,15 +456,19 @@ def fit(graph, ctx: PassContext, params: Mapping[str, object], held_zero: Mappin
                 out_of_time = False
                 for batch, labels in shuffled_batches(data, settings.batch_size, rng):
                     batch = augment_batch(batch, settings.augment, rng)
+                    if before_step is not None:
+                        before_step(steps_done, total_steps)
                     out = graph.run(batch, [out_name])[out_name]
                     reference = None
                     if loss_name != "cross-entropy":
                         with torch.no_grad():
                             reference = graph.run(batch, [out_name], overrides=reference_overrides)[out_name]
                     loss = task_loss(loss_name, out, labels, reference)
+                    if penalty is not None:
+                        loss = loss + penalty()
                     optimizer.zero_grad()
                     loss.backward()
-                    step_lrs.append(optimizer.param_groups[0]["lr"])
+                    step_lrs.append(_base_lr(optimizer, settings))
                     optimizer.step()
                     scheduler.step()
                     with torch.no_grad():
@@ -482,7 +525,7 @@ def fit(graph, ctx: PassContext, params: Mapping[str, object], held_zero: Mappin
     return TrainResult(
         losses=losses, epoch_seconds=epoch_seconds, step_lrs=step_lrs, epochs_completed=len(losses), steps=steps_done,
         images_per_second=images / seconds if images and seconds > 0 else 0.0, peak_memory_mib=peak_memory_mib(),
-        final_lr=step_lrs[-1] if step_lrs else optimizer.param_groups[0]["lr"], stopped_early=bool(stop_reason), stop_reason=stop_reason,
+        final_lr=step_lrs[-1] if step_lrs else _base_lr(optimizer, settings), stopped_early=bool(stop_reason), stop_reason=stop_reason,
         restored_epoch=restored, resumed_from_epoch=first_epoch, checkpoint=str(save_to) if save_to is not None and losses[first_epoch:] else "")
 
 

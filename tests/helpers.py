@@ -79,3 +79,31 @@ def small_cnn() -> ir.Model:
         helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], name="fc", transB=1),
     ]
     return make_model(nodes, [tensor_info("input", [None, 3, 8, 8])], [tensor_info("logits", [None, 5])], inits)
+
+
+def small_bn_cnn(seed: int = 0) -> ir.Model:
+    """Conv-BN-Relu twice (one BN channel with a negative scale), global pool, Gemm: what the
+    low-bit training passes train with BN on batch statistics and then fold."""
+    rng = np.random.default_rng(seed)
+
+    def w(*shape: int) -> np.ndarray:
+        return rng.normal(0, 0.5, shape).astype(np.float32)
+
+    inits = {"w0": w(8, 3, 3, 3), "w1": w(8, 8, 3, 3), "wf": w(5, 8), "bf": w(5)}
+    for i in (0, 1):
+        p = bn_params(rng, 8)
+        if i == 1:
+            p["gamma"][2] = -p["gamma"][2]
+        inits |= {f"{k}{i}": v for k, v in p.items()}
+    nodes = [
+        helper.make_node("Conv", ["input", "w0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c0", "gamma0", "beta0", "mean0", "var0"], ["n0"], name="bn0", epsilon=1e-5),
+        helper.make_node("Relu", ["n0"], ["r0"], name="relu0"),
+        helper.make_node("Conv", ["r0", "w1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("BatchNormalization", ["c1", "gamma1", "beta1", "mean1", "var1"], ["n1"], name="bn1", epsilon=1e-5),
+        helper.make_node("Relu", ["n1"], ["r1"], name="relu1"),
+        helper.make_node("GlobalAveragePool", ["r1"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], name="fc", transB=1),
+    ]
+    return make_model(nodes, [tensor_info("input", [None, 3, 8, 8])], [tensor_info("logits", [None, 5])], inits)

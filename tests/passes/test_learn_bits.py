@@ -1,0 +1,67 @@
+"""learn-bits on a small Conv-BN network: widths from the target's allowed set, within the
+budget, lowered like assign-precision's (codes limited to their width after fold-batchnorm)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import qcompiler
+from qcompiler.data import DataSource
+from qcompiler.errors import QCError
+from tests.helpers import run, small_bn_cnn
+
+TAIL = "fold-batchnorm,calibrate,insert-qdq"
+
+
+def _calib(n: int = 384, seed: int = 0) -> DataSource:
+    x = np.random.default_rng(seed).normal(0, 1, (n, 3, 8, 8)).astype(np.float32)
+    labels = run(small_bn_cnn(), {"input": x})[0].argmax(1).astype(np.int64)
+    return DataSource({"input": x}, labels)
+
+
+def _stats(result) -> dict:
+    return next(p.stats for p in result.report.passes if p.name == "learn-bits")
+
+
+def _stored(model) -> dict[str, np.ndarray]:
+    return {n.name: n.inputs[1].producer().inputs[0].const_value.numpy().astype(np.int64) for n in model.graph if n.op_type in ("Conv", "Gemm")}
+
+
+@pytest.mark.parametrize("method", ["uhlich", "bitnet"])
+def test_widths_keep_to_the_budget_and_are_what_the_graph_stores(method: str) -> None:
+    pipeline = f"infer-shapes,fold-constants,learn-bits{{budget=bits=3,method={method},initial-bits=4,epochs=2,batch-size=32,check-samples=128}},{TAIL}"
+    result = qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=_calib(), pipeline=pipeline, verify=False)
+    stats = _stats(result)
+    assert stats["average_bits"] <= 3.0 + 1e-9 and stats["cost"] <= stats["limit"]
+    assert set(stats["widths"].values()) <= {2, 3, 4, 5, 6, 8}
+    stored = _stored(result.model)
+    for node, bits in stats["widths"].items():
+        assert np.abs(stored[node]).max() <= 2 ** (bits - 1) - 1, node
+    assert stats["batchnorm_reestimated"] == 2
+    assert stats["torch_vs_onnxruntime_sqnr_db"] > 60 and abs(stats["top1_torch"] - stats["top1_onnxruntime"]) <= 0.1
+    if method == "bitnet":
+        assert sum(stats["bitnet_moves"].values()) > 0
+
+
+def test_size_and_bops_budgets() -> None:
+    for budget in ("size=0.4", "bops=0.3"):
+        pipeline = f"infer-shapes,fold-constants,learn-bits{{budget={budget},epochs=1,check-samples=0}},{TAIL}"
+        stats = _stats(qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=_calib(), pipeline=pipeline, verify=False))
+        assert stats["cost"] <= stats["limit"], budget
+        assert stats["unit"] == ("bit-ops" if budget.startswith("bops") else "weight bits")
+
+
+def test_first_and_last_fixed() -> None:
+    pipeline = f"infer-shapes,fold-constants,learn-bits{{budget=bits=6,first-last-bits=8,epochs=1,check-samples=0}},{TAIL}"
+    stats = _stats(qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=_calib(), pipeline=pipeline, verify=False))
+    assert stats["widths"]["conv0"] == 8 and stats["widths"]["fc"] == 8
+
+
+def test_bad_budgets_name_the_option() -> None:
+    calib = _calib(64)
+    with pytest.raises(QCError, match="below what the narrowest widths cost") as info:
+        qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=calib, pipeline="infer-shapes,learn-bits{budget=bits=1.5}", verify=False)
+    assert info.value.option == "budget"
+    with pytest.raises(QCError, match="is not a budget"):
+        qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=calib, pipeline="infer-shapes,learn-bits{budget=latency=0.5}", verify=False)

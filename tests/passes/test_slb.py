@@ -1,0 +1,115 @@
+"""slb on a small Conv-BN network: BN trains on batch statistics, the hard weights are the codes
+insert-qdq stores after fold-batchnorm, and the written model runs the same in torch and onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import qcompiler
+from qcompiler.data import DataSource
+from qcompiler.errors import QCError
+from tests.helpers import run, small_bn_cnn
+
+TAIL = "fold-batchnorm,calibrate,insert-qdq"
+
+
+def _calib(n: int = 384, seed: int = 0) -> DataSource:
+    x = np.random.default_rng(seed).normal(0, 1, (n, 3, 8, 8)).astype(np.float32)
+    labels = run(small_bn_cnn(), {"input": x})[0].argmax(1).astype(np.int64)
+    return DataSource({"input": x}, labels)
+
+
+def _stats(result, name: str = "slb") -> dict:
+    return next(p.stats for p in result.report.passes if p.name == name)
+
+
+def _weight_codes(model) -> dict[str, np.ndarray]:
+    out = {}
+    for node in model.graph:
+        if node.op_type in ("Conv", "Gemm"):
+            dq = node.inputs[1].producer()
+            assert dq is not None and dq.op_type == "DequantizeLinear"
+            out[node.name] = dq.inputs[0].const_value.numpy().astype(np.int64)
+    return out
+
+
+@pytest.mark.parametrize("bits, codes", [(2, {-1, 0, 1}), (1, {-1, 1})])
+def test_hard_weights_are_the_stored_codes_after_bn_is_folded(bits: int, codes: set[int]) -> None:
+    pipeline = f"infer-shapes,fold-constants,slb{{bits={bits},epochs=2,batch-size=32,check-samples=128}},{TAIL}"
+    result = qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=_calib(), pipeline=pipeline, verify=False)
+    model = result.model
+    assert not any(n.op_type == "BatchNormalization" for n in model.graph)
+    stored = _weight_codes(model)
+    assert len(stored) == 3
+    for name, q in stored.items():
+        assert set(np.unique(q)) <= codes, name
+    stats = _stats(result)
+    assert stats["batchnorm_reestimated"] == 2 and stats["final_temperature"] == pytest.approx(10.0)
+    assert len(stats["layers"]) == 3 and all(r["bits"] == bits for r in stats["layers"])
+    # Checked on held-out calibration samples: the written float model in torch and in onnxruntime.
+    assert stats["check_samples"] == 128 and "samples 256-383" in stats["check_data"]
+    assert stats["torch_vs_onnxruntime_sqnr_db"] > 60
+    assert abs(stats["top1_torch"] - stats["top1_onnxruntime"]) <= 0.1
+
+
+def test_stored_codes_are_exactly_the_searched_ones_up_to_bn_sign() -> None:
+    pipeline = "infer-shapes,fold-constants,slb{bits=2,epochs=1,batch-size=64,check-samples=0}"
+    trained = qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=_calib(), pipeline=pipeline, verify=False).model
+    # The pass writes each weight as its codes' values: at 2 bits (ternary) the code is the sign.
+    searched = {name: np.sign(trained.graph.initializers[name].const_value.numpy()).astype(np.int64) for name in ("w0", "w1", "wf")}
+    full = qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=_calib(), pipeline=pipeline.replace("check-samples=0}", "check-samples=0}," + TAIL), verify=False)
+    stored = _weight_codes(full.model)
+    # conv1's BN has a negative scale in channel 2: that channel's codes are negated by the fold.
+    sign = np.ones((8, 1, 1, 1), np.int64)
+    sign[2] = -1
+    np.testing.assert_array_equal(stored["conv1"], searched["w1"] * sign)
+    np.testing.assert_array_equal(stored["conv0"], searched["w0"])
+    np.testing.assert_array_equal(stored["fc"], searched["wf"])
+
+
+def test_first_and_last_at_eight_bits_train_float_and_are_rounded_by_insert_qdq() -> None:
+    pipeline = f"infer-shapes,fold-constants,slb{{bits=2,first-last-bits=8,epochs=1,check-samples=0}},{TAIL}"
+    result = qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=_calib(), pipeline=pipeline, verify=False)
+    stored = _weight_codes(result.model)
+    assert set(np.unique(stored["conv1"])) <= {-1, 0, 1}
+    assert np.abs(stored["conv0"]).max() > 7 and np.abs(stored["fc"]).max() > 7
+    assert _stats(result)["float_trained_layers"] == 2
+
+
+def test_refusals() -> None:
+    calib = _calib(64)
+    with pytest.raises(QCError, match="5-bit|option 'bits'"):
+        qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=calib, pipeline="slb{bits=5}", verify=False)
+    with pytest.raises(QCError, match="before calibrate and insert-qdq"):
+        qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=calib, pipeline="fold-batchnorm,calibrate,insert-qdq,slb{bits=2}", verify=False)
+    with pytest.raises(QCError, match="activations are not allowed"):
+        qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=calib, pipeline="slb{bits=2,activation-bits=3}", verify=False)
+    with pytest.raises(QCError, match="slb trains on data"):
+        qcompiler.compile(small_bn_cnn(), "ort-cpu", pipeline="slb{bits=2}", verify=False)
+
+
+def test_activation_bits_reach_insert_qdq() -> None:
+    pipeline = f"infer-shapes,fold-constants,slb{{bits=2,epochs=1,activation-bits=4,check-samples=0}},{TAIL}"
+    result = qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=_calib(), pipeline=pipeline, verify=False)
+    assert any(n.op_type == "Clip" for n in result.model.graph)  # 4-bit activations: Q -> Clip -> DQ
+
+
+def test_an_op_the_torch_executor_cannot_run_is_named() -> None:
+    from onnx import helper
+
+    from tests.helpers import make_model, tensor_info
+
+    base = small_bn_cnn()
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("Conv", ["input", "w0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]),
+        helper.make_node("Hardmax", ["c0"], ["h"], name="odd_one", axis=1),
+        helper.make_node("GlobalAveragePool", ["h"], ["g"], name="gap"),
+        helper.make_node("Flatten", ["g"], ["logits"], name="flatten"),
+    ]
+    model = make_model(nodes, [tensor_info("input", [None, 3, 8, 8])], [tensor_info("logits", [None, 8])], {"w0": base.graph.initializers["w0"].const_value.numpy()})
+    calib = DataSource({"input": rng.normal(0, 1, (32, 3, 8, 8)).astype(np.float32)})
+    with pytest.raises(QCError, match="Hardmax is not supported by the torch executor") as info:
+        qcompiler.compile(model, "ort-cpu", calibration=calib, pipeline="slb{bits=2,check-samples=0}", verify=False)
+    assert info.value.node == "odd_one"
