@@ -162,8 +162,11 @@ def write_weights(model: ir.Model, ctx: PassContext, layers: list[WeightLayer], 
         rows.append({"node": layer.node.name, "weight": layer.weight, "bits": r.bits, "scale": float(np.mean(r.grid.scale)),
                      "weight_sqnr_db": round(sqnr_db(layer.w, values), 2), "levels_used": int(used.size),
                      "nearest_changed": round(float(np.mean(r.codes != r.grid.nearest(layer.w))), 4)})
-    ctx.facts.setdefault(ROUNDED_WEIGHTS_FACT, {}).update(rounded)
-    ctx.facts[WEIGHT_BITS_FACT] = {**ctx.facts.get(WEIGHT_BITS_FACT, {}), **{name: r.bits for name, r in rounded.items()}}
+    # The float weight the codes stand for is the trained one itself: the float model's weight
+    # is what training moved away from on purpose, so bias correction must not pull back to it.
+    trained = {name: dataclasses.replace(r, float_weight=r.grid.dequantize(r.codes).astype(np.float32)) for name, r in rounded.items()}
+    ctx.facts.setdefault(ROUNDED_WEIGHTS_FACT, {}).update(trained)
+    ctx.facts[WEIGHT_BITS_FACT] = {**ctx.facts.get(WEIGHT_BITS_FACT, {}), **{name: r.bits for name, r in trained.items()}}
     return rows
 
 

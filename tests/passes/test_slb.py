@@ -113,3 +113,15 @@ def test_an_op_the_torch_executor_cannot_run_is_named() -> None:
     with pytest.raises(QCError, match="Hardmax is not supported by the torch executor") as info:
         qcompiler.compile(model, "ort-cpu", calibration=calib, pipeline="slb{bits=2,check-samples=0}", verify=False)
     assert info.value.node == "odd_one"
+
+
+def test_insert_qdq_keeps_what_training_found() -> None:
+    """The shipped model computes what slb trained (8-bit activations aside): bias correction
+    must not pull the trained weights back towards the float model's."""
+    from qcompiler.quant.uniform import sqnr_db
+
+    calib = _calib()
+    trained = qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=calib, pipeline="infer-shapes,fold-constants,slb{bits=2,epochs=2,check-samples=0}", verify=False).model
+    full = qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=calib, pipeline=f"infer-shapes,fold-constants,slb{{bits=2,epochs=2,check-samples=0}},{TAIL}", verify=False).model
+    x = {"input": np.random.default_rng(9).normal(0, 1, (64, 3, 8, 8)).astype(np.float32)}
+    assert sqnr_db(run(trained, x)[0], run(full, x)[0]) > 20
