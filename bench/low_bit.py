@@ -89,7 +89,8 @@ def _logits(session: ort.InferenceSession, x: np.ndarray) -> np.ndarray:
 
 def stored_weight_bytes(path: Path) -> tuple[int, float]:
     """Bytes the graph stores for its Conv/Gemm/MatMul weights (codes, scales, zero points), and the
-    average width of their values in bits (from the codes' range: a 4-bit code in int8 counts 4)."""
+    average width of their values in bits (from the codes' range: a 4-bit code in int8 counts 4,
+    a ternary one 2, a bipolar one 1)."""
     model = onnx.load(str(path))
     inits = {t.name: t for t in model.graph.initializer}
     producers = {out: n for n in model.graph.node for out in n.output}
@@ -104,7 +105,9 @@ def stored_weight_bytes(path: Path) -> tuple[int, float]:
         total += sum(a.nbytes for a in arrays)
         codes = arrays[0].astype(np.int64)
         top = int(np.max(np.abs(codes)))
-        bits += codes.size * (int(np.ceil(np.log2(top + 1))) + 1 if top else 1)
+        # Bipolar codes (only -1 and +1, no zero) are one bit each.
+        bipolar = top == 1 and not np.any(codes == 0)
+        bits += codes.size * (1 if bipolar or not top else int(np.ceil(np.log2(top + 1))) + 1)
         count += codes.size
     return total, bits / max(count, 1)
 

@@ -125,3 +125,20 @@ def test_insert_qdq_keeps_what_training_found() -> None:
     full = qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=calib, pipeline=f"infer-shapes,fold-constants,slb{{bits=2,epochs=2,check-samples=0}},{TAIL}", verify=False).model
     x = {"input": np.random.default_rng(9).normal(0, 1, (64, 3, 8, 8)).astype(np.float32)}
     assert sqnr_db(run(trained, x)[0], run(full, x)[0]) > 20
+
+
+def test_checkpoint_resumes_and_a_foreign_one_is_refused(tmp_path) -> None:
+    calib = _calib(128)
+    ckpt = tmp_path / "ckpt"
+    first = qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=calib, verify=False,
+                              pipeline=f"slb{{bits=2,epochs=2,check-samples=0,checkpoint-dir={ckpt}}}")
+    assert (ckpt / "slb.pt").is_file()
+    resumed = qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=calib, verify=False,
+                                pipeline=f"slb{{bits=2,epochs=2,check-samples=0,resume={ckpt}}}")
+    assert _stats(resumed)["resumed_from_epoch"] == 2 and _stats(resumed)["epochs_completed"] == 2
+    # Nothing left to train: the resumed run writes the same weights.
+    for name in ("w0", "w1", "wf"):
+        np.testing.assert_array_equal(first.model.graph.initializers[name].const_value.numpy(), resumed.model.graph.initializers[name].const_value.numpy())
+    # A checkpoint of 3-level (2-bit) logits cannot continue a 4-bit search: refused, naming why.
+    with pytest.raises(QCError, match=r"was written for .*shape \[3, 8, 3, 3, 3\].*\[15, 8, 3, 3, 3\]"):
+        qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=calib, verify=False, pipeline=f"slb{{bits=4,epochs=2,check-samples=0,resume={ckpt}}}")
