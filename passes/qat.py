@@ -40,6 +40,9 @@ from qcompiler.registry import register_pass
 from qcompiler.sensitivity import WeightGrid, weight_layout, weight_qrange
 from qcompiler.training import TrainSettings, fit, output_value, resolve_loss
 
+#: The activation zero point types whose offsets qat can train, and their ranges.
+_OFFSET_RANGES = {ir.DataType.UINT8: (0, 255), ir.DataType.INT8: (-128, 127), ir.DataType.UINT16: (0, 65535), ir.DataType.INT16: (-32768, 32767)}
+
 #: Passed to the training graph as its reference overrides: "the float model's outputs".
 _FLOAT_REFERENCE = MappingProxyType({})
 
@@ -53,6 +56,10 @@ class QatOptions(TrainSettings):
     lr: float = 1e-5
     #: Train the activation quantizers' scales too (False: only weights, their scales and biases).
     learn_activation_scales: bool = True
+    #: Train the activation quantizers' zero points too (LSQ+'s learned offsets; rounded
+    #: straight-through, stored as integers): for activations that are not Relu-like, whose
+    #: calibrated zero point can sit off the best one.
+    learn_activation_offsets: bool = False
     #: Samples (the first of the calibration data) on which the written model is run both in torch
     #: and in onnxruntime, to report that they agree.
     check_samples: int = 1000
@@ -111,11 +118,12 @@ class Qat(Pass):
 
         if ctx.data is None:
             raise QCError("qat trains on data: pass --calib FILE.npz (with 'labels' for a supervised loss)", pass_name=self.name)
-        weights, biases, act_scales = self._quantizers(model, ctx)
+        weights, biases, act_scales, act_offsets = self._quantizers(model, ctx)
         if not weights:
             raise QCError("no quantized weight to train: run qat after insert-qdq", pass_name=self.name)
         out = output_value(model, self.name)
-        graph = TorchGraph(model, trainable=act_scales if self.options.learn_activation_scales else ())
+        trainable = (act_scales if self.options.learn_activation_scales else []) + (act_offsets if self.options.learn_activation_offsets else [])
+        graph = TorchGraph(model, trainable=trainable)
         float_graph = None
         if FLOAT_MODEL_FACT in ctx.facts:
             float_graph = TorchGraph(ir.serde.deserialize_model(ctx.facts[FLOAT_MODEL_FACT]))
@@ -132,26 +140,35 @@ class Qat(Pass):
         losses = fit(training, ctx, params, {}, loss_name=loss_name, out_name=out.name, reference_overrides=_FLOAT_REFERENCE,
                      settings=self.options, label="quantization-aware training", pass_name=self.name)
         seconds = time.perf_counter() - start
-        rows = self._write_back(model, weights, biases, graph, act_scales)
+        rows, moved_offsets = self._write_back(model, weights, biases, graph, set(act_offsets))
         stats = {"loss": loss_name, "epochs": self.options.epochs, "loss_per_epoch": [round(v, 5) for v in losses], "seconds": round(seconds, 1),
                  "layers": rows, "activation_scales": len(act_scales) if self.options.learn_activation_scales else 0, **losses.stats()}
+        if self.options.learn_activation_offsets:
+            stats["activation_offsets"] = len(act_offsets)
+            stats["activation_offsets_moved"] = moved_offsets
         stats.update(self._agreement(model, ctx, out.name))
         return PassResult(model, True, stats)
 
-    def _quantizers(self, model: ir.Model, ctx: PassContext) -> tuple[list[_WeightShadow], list[_BiasShadow], list[str]]:
-        """The weight and bias DequantizeLinear nodes of the quantized layers, and the scale
-        initializers of the activation quantizers."""
+    def _quantizers(self, model: ir.Model, ctx: PassContext) -> tuple[list[_WeightShadow], list[_BiasShadow], list[str], list[str]]:
+        """The weight and bias DequantizeLinear nodes of the quantized layers, and the scale and
+        zero point initializers of the activation quantizers."""
         import torch
 
         floats = ctx.facts.get(FLOAT_LAYER_INPUTS_FACT, {})
         widths = ctx.facts.get(WEIGHT_BITS_FACT, {})
         default = ctx.target.bits.default or ctx.target.weights.bits
-        weights, biases, act_scales, seen = [], [], [], set()
+        weights, biases, act_scales, act_offsets, seen = [], [], [], [], set()
         for node in model.graph:
             if node.op_type == "QuantizeLinear" and len(node.inputs) > 1 and node.inputs[0] is not None and node.inputs[0].const_value is None:
                 scale = node.inputs[1]
                 if scale is not None and scale.name in model.graph.initializers and scale.name not in act_scales:
                     act_scales.append(scale.name)
+                zp = node.inputs[2] if len(node.inputs) > 2 else None
+                # Only where the codes go straight to DequantizeLinear: a Clip between them (a
+                # narrower activation width) bounds the codes, and the zero point with them.
+                direct = all(u.node.op_type == "DequantizeLinear" for u in node.outputs[0].uses())
+                if direct and zp is not None and zp.name in model.graph.initializers and zp.name not in act_offsets and zp.dtype in _OFFSET_RANGES:
+                    act_offsets.append(zp.name)
             if node.op_type != "DequantizeLinear" or node.inputs[0] is None or node.inputs[0].const_value is None or id(node) in seen:
                 continue
             codes = node.inputs[0].const_value.numpy()
@@ -187,15 +204,24 @@ class Qat(Pass):
                     bias = (codes.astype(np.float64) * node.inputs[1].const_value.numpy().astype(np.float64)).astype(np.float32)
                     biases.append(_BiasShadow(layer, node, torch.nn.Parameter(torch.from_numpy(bias))))
                     break
-        return weights, biases, act_scales
+        return weights, biases, act_scales, act_offsets
 
     @staticmethod
-    def _write_back(model: ir.Model, weights: list[_WeightShadow], biases: list[_BiasShadow], graph, act_scales: list[str]) -> list[dict]:
-        """Store the trained values as the graph's codes, scales and int32 biases."""
-        trained_scales = {name: p.detach().numpy() for name, p in graph.named_weights().items()}
-        for name, value in trained_scales.items():
-            old = model.graph.initializers[name].const_value.numpy()
-            model.graph.initializers[name].const_value = ir.tensor(np.maximum(np.abs(value), 1e-12).astype(old.dtype).reshape(old.shape), name=name)
+    def _write_back(model: ir.Model, weights: list[_WeightShadow], biases: list[_BiasShadow], graph, offsets: set[str]) -> tuple[list[dict], int]:
+        """Store the trained values as the graph's codes, scales, zero points and int32 biases;
+        also the number of zero points that moved."""
+        trained = {name: p.detach().numpy() for name, p in graph.named_weights().items()}
+        moved = 0
+        for name, value in trained.items():
+            value_ir = model.graph.initializers[name]
+            old = value_ir.const_value.numpy()
+            if name in offsets:
+                lo, hi = _OFFSET_RANGES[value_ir.dtype]
+                new = np.clip(np.rint(value), lo, hi).astype(old.dtype).reshape(old.shape)
+                moved += int(np.any(new != old))
+            else:
+                new = np.maximum(np.abs(value), 1e-12).astype(old.dtype).reshape(old.shape)
+            value_ir.const_value = ir.tensor(new, name=name)
         rows, weight_scale_of = [], {}
         for w in weights:
             scale = np.maximum(np.abs(w.scale.detach().numpy()), 1e-12).astype(np.float32)
@@ -228,7 +254,7 @@ class Qat(Pass):
             b.dq.inputs[0].const_value = ir.tensor(codes.reshape(b.dq.inputs[0].const_value.shape), name=b.dq.inputs[0].name)
             old = b.dq.inputs[1].const_value.numpy()
             b.dq.inputs[1].const_value = ir.tensor(bias_scale.reshape(old.shape), name=b.dq.inputs[1].name)
-        return rows
+        return rows, moved
 
     def _agreement(self, model: ir.Model, ctx: PassContext, out_name: str) -> dict:
         """The written model run in torch and in onnxruntime (all optimizations) on the first

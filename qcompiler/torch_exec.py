@@ -538,6 +538,11 @@ def _broadcast_param(p: Tensor, data: Tensor, axis: int) -> Tensor:
     return p.reshape(shape)
 
 
+def _integer_valued(zp: Tensor, dtype: torch.dtype) -> Tensor:
+    """A zero point as ``dtype``: a trained (float) one rounded straight-through, as it ships."""
+    return _round_ste(zp) if zp.is_floating_point() and zp.requires_grad else zp.to(dtype)
+
+
 @op("QuantizeLinear")
 def _quantize(node: ir.Node, x: list[Any]) -> list[Tensor]:
     data, scale = x[0], x[1]
@@ -548,7 +553,7 @@ def _quantize(node: ir.Node, x: list[Any]) -> list[Tensor]:
     qmin, qmax = _QRANGE[qtype]
     axis = _attr(node, "axis", 1)
     s = _broadcast_param(scale.to(data.dtype), data, axis)
-    z = _broadcast_param(zp.to(data.dtype), data, axis)
+    z = _broadcast_param(_integer_valued(zp, data.dtype), data, axis)
     # The integer result is kept as float values so gradients can pass (straight-through).
     return [torch.clamp(_round_ste(data / s) + z, qmin, qmax)]
 
@@ -566,7 +571,7 @@ def _dequantize(node: ir.Node, x: list[Any]) -> list[Tensor]:
         length = q.shape[axis]
         scale, zp = (torch.repeat_interleave(p, block, dim=axis).narrow(axis, 0, length) if p.dim() else p for p in (scale, zp.to(scale.dtype)))
         return [(q - zp) * scale]
-    return [(q - _broadcast_param(zp.to(scale.dtype), q, axis)) * _broadcast_param(scale, q, axis)]
+    return [(q - _broadcast_param(_integer_valued(zp, scale.dtype), q, axis)) * _broadcast_param(scale, q, axis)]
 
 
 # -- the executor -----------------------------------------------------------------------------
@@ -611,6 +616,10 @@ class TorchGraph(torch.nn.Module):
                 array = array.astype(np.uint8 if value.const_value.dtype == ir.DataType.UINT4 else np.int8)
             tensor = torch.from_numpy(np.array(array, copy=True))
             if tensor.is_floating_point() and tensor.dtype != dtype:
+                tensor = tensor.to(dtype)
+            if name in trainable and not tensor.is_floating_point():
+                # A trained integer (a quantizer's zero point, LSQ+'s offset) trains as a float
+                # rounded straight-through where it is used.
                 tensor = tensor.to(dtype)
             if name in trainable:
                 key = f"w{len(self._param_key)}"  # ParameterDict keys cannot hold '.' or '/'

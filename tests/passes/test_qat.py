@@ -80,3 +80,23 @@ def test_before_insert_qdq_it_says_where_to_run() -> None:
 def test_without_data_it_says_what_to_pass() -> None:
     with pytest.raises(QCError, match="--calib"):
         qcompiler.compile(small_cnn(), "ort-cpu", pipeline="infer-shapes,qat", verify=False)
+
+
+def test_learned_activation_offsets_stay_integers_the_runtime_reads() -> None:
+    """LSQ+ offsets: zero points train as floats rounded straight-through and are written back
+    as integers of their own type; torch and onnxruntime still agree on the written model."""
+    calib = DataSource({"input": _data(128)})
+    before = qcompiler.compile(small_cnn(), "ort-cpu", calibration=calib, pipeline=BASE, verify=False).model
+    result = qcompiler.compile(small_cnn(), "ort-cpu", calibration=calib, verify=False,
+                               pipeline=BASE + ",qat{epochs=3,lr=0.5,batch-size=32,schedule=constant,learn-activation-offsets=true,learn-activation-scales=false}")
+    stats = _stats(result)
+    assert stats["activation_offsets"] > 0 and stats["activation_offsets_moved"] > 0
+    assert stats["torch_vs_onnxruntime_sqnr_db"] > 30
+    moved = 0
+    for node in result.model.graph:
+        if node.op_type == "QuantizeLinear" and node.inputs[0].const_value is None:
+            zp = node.inputs[2].const_value.numpy()
+            old = before.graph.initializers[node.inputs[2].name].const_value.numpy()
+            assert zp.dtype == old.dtype == np.uint8
+            moved += int(zp != old)
+    assert moved == stats["activation_offsets_moved"]
