@@ -119,6 +119,9 @@ class TrainResult:
     peak_memory_mib: float
     #: The learning rate of the last step taken.
     final_lr: float
+    #: The highest resident memory sampled while training (every 20 ms), in MiB: this run's own
+    #: peak, comparable between passes whatever ran before them (0 where it cannot be read).
+    training_peak_memory_mib: float = 0.0
     stopped_early: bool = False
     #: Why training stopped before its last epoch ("" when it did not).
     stop_reason: str = ""
@@ -148,6 +151,7 @@ class TrainResult:
             "seconds_per_epoch": [round(s, 3) for s in self.epoch_seconds],
             "images_per_second": round(self.images_per_second, 1),
             "peak_memory_mib": round(self.peak_memory_mib, 1),
+            "training_peak_memory_mib": round(self.training_peak_memory_mib, 1),
             "final_lr": float(f"{self.final_lr:.6g}"),
             "stopped_early": self.stopped_early,
         }
@@ -240,6 +244,41 @@ def lr_factor(schedule: str, step: int, total_steps: int, warmup_steps: int = 0)
     if schedule == "constant":
         return 1.0
     raise ValueError(f"unknown schedule '{schedule}'")
+
+
+def resident_memory_mib() -> float:
+    """This process's resident memory now, in MiB (0 where /proc is not there)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
+
+
+class MemorySampler:
+    """Samples `resident_memory_mib` every ``interval`` seconds on a daemon thread while in use:
+    the peak of one stretch of work, which the process-wide peak cannot give once something
+    larger ran earlier."""
+
+    def __init__(self, interval: float = 0.02) -> None:
+        import threading
+
+        self.interval, self.peak = interval, resident_memory_mib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, resident_memory_mib())
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, resident_memory_mib())
 
 
 def peak_memory_mib() -> float:
@@ -439,6 +478,7 @@ def fit(graph, ctx: PassContext, params: Mapping[str, object], held_zero: Mappin
 
     stop_reason, images = "", 0
     hooks = [params[name].register_hook(lambda g, k=k: g * k) for name, k in keep.items()]
+    sampler = MemorySampler().__enter__()
     start = _clock()
     try:
         # Forked: seeding torch here must not change the random stream of whoever called us.
@@ -509,6 +549,7 @@ def fit(graph, ctx: PassContext, params: Mapping[str, object], held_zero: Mappin
     finally:
         for hook in hooks:
             hook.remove()
+        sampler.__exit__()
     seconds = _clock() - start
 
     restored = None
@@ -524,7 +565,7 @@ def fit(graph, ctx: PassContext, params: Mapping[str, object], held_zero: Mappin
                                 f"({per_epoch} steps), so there is no completed epoch to compare: keeping the parameters of the last step", level="warning")
     return TrainResult(
         losses=losses, epoch_seconds=epoch_seconds, step_lrs=step_lrs, epochs_completed=len(losses), steps=steps_done,
-        images_per_second=images / seconds if images and seconds > 0 else 0.0, peak_memory_mib=peak_memory_mib(),
+        images_per_second=images / seconds if images and seconds > 0 else 0.0, peak_memory_mib=peak_memory_mib(), training_peak_memory_mib=sampler.peak,
         final_lr=step_lrs[-1] if step_lrs else _base_lr(optimizer, settings), stopped_early=bool(stop_reason), stop_reason=stop_reason,
         restored_epoch=restored, resumed_from_epoch=first_epoch, checkpoint=str(save_to) if save_to is not None and losses[first_epoch:] else "")
 
