@@ -29,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.errors import QCError
-from qcompiler.ir import SOURCE_KEY, constant_array, to_proto
+from qcompiler.ir import SOURCE_KEY, constant_array
 from qcompiler.op_roles import input_roles
 from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.precision import FLOAT_LAYER_INPUTS_FACT, FLOAT_MODEL_FACT, WEIGHT_BITS_FACT
@@ -38,7 +38,8 @@ from qcompiler.quant.lsq import fake_quantize
 from qcompiler.quant.uniform import dequantize, per_channel, sqnr_db
 from qcompiler.registry import register_pass
 from qcompiler.sensitivity import WeightGrid, weight_layout, weight_qrange
-from qcompiler.training import TrainSettings, fit, output_value, resolve_loss
+from qcompiler.low_bit_training import torch_vs_onnxruntime, training_split
+from qcompiler.training import TrainSettings, fit, loss_reason, output_value, resolve_loss
 
 #: The activation zero point types whose offsets qat can train, and their ranges.
 _OFFSET_RANGES = {ir.DataType.UINT8: (0, 255), ir.DataType.INT8: (-128, 127), ir.DataType.UINT16: (0, 65535), ir.DataType.INT16: (-32768, 32767)}
@@ -60,8 +61,8 @@ class QatOptions(TrainSettings):
     #: straight-through, stored as integers): for activations that are not Relu-like, whose
     #: calibrated zero point can sit off the best one.
     learn_activation_offsets: bool = False
-    #: Samples (the first of the calibration data) on which the written model is run both in torch
-    #: and in onnxruntime, to report that they agree.
+    #: The last calibration samples, held out of training: the written model runs on them both in
+    #: torch and in onnxruntime, to report that they agree (0: no check).
     check_samples: int = 1000
 
 
@@ -135,9 +136,12 @@ class Qat(Pass):
         training = _TrainingGraph(graph, float_graph, weights, biases)
         params = {f"{w.dq.name}.weight": w.param for w in weights} | {f"{w.dq.name}.scale": w.scale for w in weights}
         params |= {f"{b.dq.name}.bias": b.param for b in biases} | graph.named_weights()
-        loss_name = resolve_loss(training, ctx.data, out.name, self.options.loss, self.options.batch_size, self.name)
+        train_ctx, held_out = training_split(ctx, self.options.check_samples, self.name)
+        loss_name = resolve_loss(training, train_ctx.data, out.name, self.options.loss, self.options.batch_size, self.name)
+        if (reason := loss_reason(loss_name, train_ctx.data, out.name, self.options.loss)) is not None:
+            ctx.note(self.name, reason)
         start = time.perf_counter()
-        losses = fit(training, ctx, params, {}, loss_name=loss_name, out_name=out.name, reference_overrides=_FLOAT_REFERENCE,
+        losses = fit(training, train_ctx, params, {}, loss_name=loss_name, out_name=out.name, reference_overrides=_FLOAT_REFERENCE,
                      settings=self.options, label="quantization-aware training", pass_name=self.name)
         seconds = time.perf_counter() - start
         rows, moved_offsets = self._write_back(model, weights, biases, graph, set(act_offsets))
@@ -146,7 +150,8 @@ class Qat(Pass):
         if self.options.learn_activation_offsets:
             stats["activation_offsets"] = len(act_offsets)
             stats["activation_offsets_moved"] = moved_offsets
-        stats.update(self._agreement(model, ctx, out.name))
+        if held_out is not None:
+            stats.update(torch_vs_onnxruntime(model, held_out, out.name, self.options.check_samples, ctx, self.name))
         return PassResult(model, True, stats)
 
     def _quantizers(self, model: ir.Model, ctx: PassContext) -> tuple[list[_WeightShadow], list[_BiasShadow], list[str], list[str]]:
@@ -255,29 +260,3 @@ class Qat(Pass):
             old = b.dq.inputs[1].const_value.numpy()
             b.dq.inputs[1].const_value = ir.tensor(bias_scale.reshape(old.shape), name=b.dq.inputs[1].name)
         return rows, moved
-
-    def _agreement(self, model: ir.Model, ctx: PassContext, out_name: str) -> dict:
-        """The written model run in torch and in onnxruntime (all optimizations) on the first
-        calibration samples: their top-1 (with labels) and the SQNR between their outputs."""
-        import onnxruntime as ort
-        import torch
-
-        from qcompiler.runtime import session_options
-        from qcompiler.torch_exec import TorchGraph
-
-        n = min(self.options.check_samples, ctx.data.usable_samples)
-        feeds = {k: np.asarray(a[:n]) for k, a in ctx.data.arrays.items()}
-        graph = TorchGraph(model)
-        with torch.no_grad():
-            torch_out = np.concatenate([graph.run({k: a[i : i + 256] for k, a in feeds.items()}, [out_name])[out_name].numpy() for i in range(0, n, 256)])
-        session = ort.InferenceSession(to_proto(model).SerializeToString(), session_options(optimize=True), providers=["CPUExecutionProvider"])
-        ort_out = np.concatenate([session.run([out_name], {k: a[i : i + 256] for k, a in feeds.items()})[0] for i in range(0, n, 256)])
-        result = {"check_samples": n, "torch_vs_onnxruntime_sqnr_db": round(sqnr_db(ort_out, torch_out), 2)}
-        if ctx.data.labels is not None and torch_out.ndim == 2:
-            labels = np.asarray(ctx.data.labels[:n])
-            result["top1_torch"] = round(100 * float(np.mean(torch_out.argmax(1) == labels)), 2)
-            result["top1_onnxruntime"] = round(100 * float(np.mean(ort_out.argmax(1) == labels)), 2)
-            if abs(result["top1_torch"] - result["top1_onnxruntime"]) > 0.1:
-                ctx.note(self.name, f"the trained graph's top-1 in torch ({result['top1_torch']} %) and in onnxruntime ({result['top1_onnxruntime']} %) differ by more than 0.1 points", level="warning")
-        return result
-
