@@ -24,14 +24,14 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.errors import QCError
-from qcompiler.ir import constant_array, is_float_tensor
+from qcompiler.low_bit_training import quantizable_weights
 from qcompiler.op_roles import input_roles
 from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.precision import ROUNDED_WEIGHTS_FACT, WEIGHT_BITS_FACT
 from qcompiler.quant.adaround import AdaRoundSettings, optimize_rounding
 from qcompiler.quant.uniform import sqnr_db
 from qcompiler.registry import register_pass
-from qcompiler.sensitivity import BIPOLAR_BITS, RoundedWeight, WeightLayout, WeightRange, weight_grid, weight_layout
+from qcompiler.sensitivity import BIPOLAR_BITS, RoundedWeight, WeightLayout, WeightRange, weight_grid
 from qcompiler.targets.spec import FLOAT_WIDTH
 
 #: Activations folded into a layer's output error when they are its only reader: the error that
@@ -142,32 +142,13 @@ class AdaRound(Pass):
         """The weight layers to round, in graph order, and (node, why) for those left to insert-qdq."""
         chosen = ctx.facts.get(WEIGHT_BITS_FACT, {})
         default = ctx.target.bits.default or ctx.target.weights.bits
-        candidates, skipped, seen = [], [], set()
-        for node in model.graph:
-            roles = input_roles(node)
-            if roles.weight is None or roles.weight >= len(node.inputs) or not roles.activations:
-                continue
-            wv, xv = node.inputs[roles.weight], node.inputs[roles.activations[0]]
-            if wv is None or xv is None or wv.name not in model.graph.initializers or not is_float_tensor(wv) or constant_array(wv) is None:
-                continue
-            if node.op_type not in ctx.target.ops.quantized:
-                continue
-            if wv.name in seen:
-                skipped.append((node.name, f"weight '{wv.name}' is shared with an earlier layer, rounded there"))
-                continue
-            seen.add(wv.name)
-            others = [v for i, v in enumerate(node.inputs) if i not in (roles.weight, roles.activations[0]) and v is not None]
-            if any(v.name not in model.graph.initializers for v in others):
-                skipped.append((node.name, "an input other than its activation and weight is computed, not constant"))
-                continue
-            candidates.append((node, wv.name, xv.name))
+        candidates, skipped = quantizable_weights(model, ctx)
         layers = []
-        for i, (node, weight, x) in enumerate(candidates):
+        for i, candidate in enumerate(candidates):
+            node, weight, x, w, layout = candidate.node, candidate.weight, candidate.x, candidate.w, candidate.layout
             bits = self.options.bits or chosen.get(weight, default)
             if self.options.first_last_bits and i in (0, len(candidates) - 1):
                 bits = self.options.first_last_bits
-            w = constant_array(node.inputs[input_roles(node).weight]).astype(np.float32)
-            layout = weight_layout(node, w, ctx.target, input_roles(node).weight_axis)
             if bits == FLOAT_WIDTH:
                 skipped.append((node.name, "kept float by assign-precision"))
                 continue

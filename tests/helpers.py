@@ -107,3 +107,22 @@ def small_bn_cnn(seed: int = 0) -> ir.Model:
         helper.make_node("Gemm", ["f", "wf", "bf"], ["logits"], name="fc", transB=1),
     ]
     return make_model(nodes, [tensor_info("input", [None, 3, 8, 8])], [tensor_info("logits", [None, 5])], inits)
+
+
+def load_script(relative: str):
+    """A script of the repository (``bench/low_bit.py``, ``models/...``) imported as a module:
+    its folder on ``sys.path`` (benches import each other), registered in ``sys.modules`` (its
+    dataclasses resolve their annotations through it)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / relative
+    if str(path.parent) not in sys.path:
+        sys.path.insert(0, str(path.parent))
+    name = f"script_{path.parent.name}_{path.stem}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

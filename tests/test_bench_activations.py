@@ -3,9 +3,7 @@ op types onnxruntime ran and the command of each row, and the table lookup is ex
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,17 +12,14 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler.runtime import make_session
+from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_activations", ROOT / "bench" / "activations.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/activations.py")
 
 
 @pytest.fixture(scope="module")

@@ -3,25 +3,21 @@ a run (synthetic rows; nothing is compiled or timed)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from tests.helpers import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench_compare_ort", ROOT / "bench" / "compare_ort.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve the module's annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/compare_ort.py")
 
 
 def _info(bench, name: str, top1: str, samples: int):

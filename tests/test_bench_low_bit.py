@@ -3,8 +3,6 @@ what the written graph holds."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,18 +10,13 @@ import numpy as np
 import qcompiler
 from qcompiler.data import DataSource
 from qcompiler.ir import save_model
-from tests.helpers import small_cnn
+from tests.helpers import load_script, small_cnn
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench():
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("bench_low_bit", ROOT / "bench" / "low_bit.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/low_bit.py")
 
 
 def test_stored_weight_bytes_count_codes_scales_and_zero_points(tmp_path: Path) -> None:

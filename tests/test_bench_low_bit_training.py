@@ -3,24 +3,18 @@ compare what they say."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
 from qcompiler.pipeline import parse_pipeline
+from tests.helpers import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _bench():
-    sys.path.insert(0, str(ROOT / "bench"))
-    spec = importlib.util.spec_from_file_location("bench_low_bit_training", ROOT / "bench" / "low_bit_training.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/low_bit_training.py")
 
 
 @pytest.mark.parametrize("quick", [False, True])

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
+
+from tests.helpers import load_script  # noqa: E402
 
 pytest.importorskip("torch")
 
@@ -18,10 +19,7 @@ RESOLUTION = 32
 
 
 def _load_mobilenet():
-    spec = importlib.util.spec_from_file_location("bench_mobilenet", ROOT / "bench" / "mobilenet.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench/mobilenet.py")
 
 
 @pytest.fixture(scope="module")
