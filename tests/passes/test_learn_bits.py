@@ -65,3 +65,13 @@ def test_bad_budgets_name_the_option() -> None:
     assert info.value.option == "budget"
     with pytest.raises(QCError, match="is not a budget"):
         qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=calib, pipeline="infer-shapes,learn-bits{budget=latency=0.5}", verify=False)
+
+
+def test_the_result_validates_against_the_target() -> None:
+    """Widths learned here go through assign-precision's lowering: qc validate finds nothing."""
+    from qcompiler.targets.spec import load_target
+    from qcompiler.validate import validate
+
+    pipeline = f"infer-shapes,fold-constants,learn-bits{{budget=bits=3,epochs=1,check-samples=0}},{TAIL}"
+    model = qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=_calib(), pipeline=pipeline, verify=False).model
+    assert validate(model, load_target("ort-cpu")) == []
