@@ -50,14 +50,13 @@ TAIL = "fold-batchnorm,calibrate,insert-qdq"
 #: for hundreds of epochs, ours fine-tunes the pretrained ONNX model for a few).
 PUBLISHED = {
     "lenet": [
-        "BitNet (Raghavan et al. 2017), MNIST: 7-11 % error with learned widths",
-        "Bayesian Bits (van Baalen et al. 2020), MNIST LeNet-5: 99.30 % at 0.36 % of the float BOPs",
+        "BitNet (Raghavan et al. 2017), MNIST: 7-11 % error with learned widths (../shared/design/ALGORITHMS.md)",
+        "Bayesian Bits (van Baalen et al. 2020), MNIST LeNet-5: 99.30 % at 0.36 % of the float BOPs (issue 14)",
     ],
     "resnet20": [
-        "SLB (Yang et al. 2020), CIFAR-10 ResNet-20: W2/A32 92.0 %, W4/A32 92.1 %, W1/A32 90.6 % (float 92.1-92.6 %)",
-        "DoReFa-Net, as reported by LSQ/LQ-Nets, ResNet-20 W2A32: 88.2 %; LQ-Nets W2A32 91.8 %",
-        "LSQ (Esser et al. 2020) reports ImageNet only; LSQ+-style W2A8 ResNet-20 fine-tunes report ~90-91 %",
-        "Uhlich et al. 2020, CIFAR-10 ResNet-20 learned widths: 92.6 % at 70 KB of weights (float 92.7 %)",
+        "SLB (Yang et al. 2020), CIFAR-10 ResNet-20: W2/A32 92.0 %, W4/A32 92.1 % (issue 14; trained from scratch)",
+        "SLB, CIFAR-10 VGG-Small W/A 1/1, 2/2, 4/4: 92.1 %, 93.5 %, 93.8 % (../shared/design/ALGORITHMS.md)",
+        "DoReFa, LSQ, Uhlich et al.: no ResNet-20 figure verified from the sources available to this bench, so none printed",
     ],
 }
 
