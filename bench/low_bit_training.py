@@ -2,9 +2,9 @@
 
     python bench/low_bit_training.py --rows lenet             # MNIST LeNet-5: W2A4 and learn-bits <= 2 bits (~15 min on 2 cores)
     python bench/low_bit_training.py --rows resnet20-w2       # CIFAR-10 ResNet-20 W2A8 with slb (~45 min)
-    python bench/low_bit_training.py --rows resnet20-bits     # learn-bits at 2.5 bits against uniform 2-bit, same training (~50 min)
+    python bench/low_bit_training.py --rows resnet20-bits     # learn-bits at 2.5 bits against uniform 2-bit, same training (~35 min)
     python bench/low_bit_training.py --rows resnet20-w1       # W1A8 (bipolar) with slb (~45 min)
-    python bench/low_bit_training.py --rows resnet20-cost     # slb vs qat at 4 bits: peak memory and time per epoch, 10,000 images (~10 min)
+    python bench/low_bit_training.py --rows resnet20-cost     # slb vs qat at 4 bits: peak memory and time per epoch, 5,000 images (~5 min)
     python bench/low_bit_training.py --rows lenet --quick     # a smoke check of every LeNet row (~3 min)
 
 Each row is one `qc compile` subprocess on the ort-cpu target (the command is printed beside it),
@@ -97,7 +97,7 @@ def specs(quick: bool) -> list[Spec]:
     lenet_epochs = 1 if quick else 6
     cifar_epochs = 1 if quick else 6
     # learn-bits and its uniform baseline: two runs of the same length, each within the hour.
-    bits_epochs = 1 if quick else 3
+    bits_epochs = 1 if quick else 2
     n = ",max-minutes=2" if quick else ""
     mnist = dict(model=LENET, train=MNIST_TRAIN, test=MNIST_TEST)
     cifar_common = dict(model=RESNET20, train=CIFAR_TRAIN, test=CIFAR_TEST, lossless=CIFAR_LOSSLESS)
@@ -119,9 +119,9 @@ def specs(quick: bool) -> list[Spec]:
         Spec("resnet20-uniform2", "resnet20-bits", pipeline=f"{HEAD},learn-bits{{budget=bits=2,first-last-bits=8,epochs={bits_epochs},{aug}loss=cross-entropy+kl{n}}},{TAIL}",
              what="uniform 2-bit, same training (first/last 8-bit)", **cifar_common),
         Spec("resnet20-w4-slb-1ep", "resnet20-cost", pipeline=f"{HEAD},slb{{bits=4,epochs=1,{aug}loss=cross-entropy+kl{n}}},{TAIL}",
-             what="W4A8 slb, 1 epoch on 10,000 images (cost)", extra=["--calib-count", "10000"], **cifar_common),
+             what="W4A8 slb, 1 epoch on 5,000 images (cost)", extra=["--calib-count", "5000"], **cifar_common),
         Spec("resnet20-w4-qat-1ep", "resnet20-cost", pipeline=f"{HEAD},fold-batchnorm,adaround{{bits=4,iterations=0}},calibrate,insert-qdq,"
-             f"qat{{epochs=1,lr=1e-5,{aug}loss=cross-entropy+kl{n}}}", what="W4A8 qat, 1 epoch on 10,000 images (cost)", extra=["--calib-count", "10000"], **cifar_common),
+             f"qat{{epochs=1,lr=1e-5,{aug}loss=cross-entropy+kl{n}}}", what="W4A8 qat, 1 epoch on 5,000 images (cost)", extra=["--calib-count", "5000"], **cifar_common),
     ]
 
 
