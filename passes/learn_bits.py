@@ -49,9 +49,9 @@ from qcompiler.low_bit_training import (
 )
 from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.precision import ACTIVATION_BITS_FACT, WEIGHT_BITS_FACT, checked_activation_bits
-from qcompiler.quant.learned_bits import BitNetQuantizer, UhlichQuantizer, allowed_ceil
+from qcompiler.quant.learned_bits import BitNetQuantizer, UhlichQuantizer, allowed_ceil, initial_range
 from qcompiler.registry import register_pass
-from qcompiler.sensitivity import RoundedWeight
+from qcompiler.sensitivity import RoundedWeight, weight_grid
 from qcompiler.targets.spec import FLOAT_WIDTH
 from qcompiler.training import TrainSettings, fit, loss_reason, output_value, resolve_loss, steps_per_epoch, write_back
 
@@ -131,7 +131,9 @@ class LearnBits(Pass):
             elif self.options.method == "bitnet":
                 quantizers[layer.weight] = BitNetQuantizer(layer.w, layer.layout.axis, initial, allowed)
             else:
-                quantizers[layer.weight] = UhlichQuantizer(layer.w, layer.layout.axis, initial, allowed)
+                # Started at the plain quantizer's (MSE-clipped below 4 bits) range for that width.
+                grid = weight_grid(layer.w, layer.layout.rule, initial, layer.layout.axis, "auto")
+                quantizers[layer.weight] = UhlichQuantizer(layer.w, layer.layout.axis, initial, allowed, initial_range(layer.w, layer.layout.axis, grid.scale, initial))
         cost_of, limit, unit = self._cost(model, ctx, layers, budget, activation_bits)
         smallest = cost_of({l.weight: (self.options.first_last_bits if i in ends else allowed[0]) for i, l in enumerate(layers)})
         if smallest > limit:

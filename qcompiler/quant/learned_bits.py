@@ -42,10 +42,20 @@ def _channel_range(w: np.ndarray, axis: int | None) -> np.ndarray:
     return np.maximum(np.asarray(r, np.float32), np.float32(1e-8))
 
 
+def initial_range(w: np.ndarray, axis: int | None, scale: np.ndarray, bits: int) -> float:
+    """The layer's range, as a fraction of each channel's largest weight, that a plain quantizer
+    with per-channel ``scale`` at ``bits`` bits uses (its median over the channels): the start of
+    a learned range, so training begins where post-training rounding would be, not at min/max."""
+    k = 2 ** (bits - 1) - 1
+    return float(np.median(np.asarray(scale, np.float64).reshape(-1) * k / _channel_range(w, axis).astype(np.float64).reshape(-1)))
+
+
 class UhlichQuantizer:
     """A layer's symmetric weight quantizer with learned step and range (see the module doc)."""
 
-    def __init__(self, w: np.ndarray, axis: int | None, initial_bits: int, allowed: Sequence[int]) -> None:
+    def __init__(self, w: np.ndarray, axis: int | None, initial_bits: int, allowed: Sequence[int], initial_range: float = 1.0) -> None:
+        """``initial_range``: where the range starts, as a fraction of each channel's largest
+        weight (1: min/max; below 4 bits a clipped range loses far less, see `initial_range`)."""
         import torch
 
         from qcompiler.quant.lsq import broadcast
@@ -54,9 +64,9 @@ class UhlichQuantizer:
         self.range = _channel_range(w, axis)
         self._range_t = broadcast(torch.from_numpy(self.range), np.ndim(w), axis)
         k = 2 ** (initial_bits - 1) - 1
-        # The range starts at the channel's largest weight (q = 1 in normalised units).
-        self.log_q = torch.nn.Parameter(torch.tensor(0.0))
-        self.log_d = torch.nn.Parameter(torch.tensor(-math.log(k)))
+        q = min(max(float(initial_range), 1e-3), 1.0)
+        self.log_q = torch.nn.Parameter(torch.tensor(math.log(q)))
+        self.log_d = torch.nn.Parameter(torch.tensor(math.log(q / k)))
 
     def _d_q(self):
         import torch

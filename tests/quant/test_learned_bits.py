@@ -84,3 +84,18 @@ def test_bitnet_gradient_through_the_step_exists() -> None:
     q = BitNetQuantizer(_w(), 0, 3, ALLOWED)
     ((q.quantize(w) - w) ** 2).sum().backward()
     assert q.b.grad is not None and float(q.b.grad) != 0
+
+
+def test_initial_range_is_the_plain_quantizers() -> None:
+    from qcompiler.quant.learned_bits import initial_range
+    from qcompiler.sensitivity import weight_grid
+    from qcompiler.targets.spec import load_target
+
+    w = _w()
+    rule = load_target("ort-cpu").weights
+    # Min/max at 4 bits: the whole range; MSE-clipped at 2 bits: well inside it.
+    assert initial_range(w, 0, weight_grid(w, rule, 4, 0, "minmax").scale, 4) == pytest.approx(1.0, rel=1e-5)
+    inside = initial_range(w, 0, weight_grid(w, rule, 2, 0, "mse").scale, 2)
+    assert 0.2 < inside < 0.9
+    q = UhlichQuantizer(w, 0, 2, ALLOWED, inside)
+    assert q.deployed_bits() == 2 and float(torch.exp(q.log_q)) == pytest.approx(inside, rel=1e-5)
