@@ -2,7 +2,7 @@
 
     python bench/low_bit_training.py --rows lenet             # MNIST LeNet-5: W2A4 and learn-bits <= 2 bits (~15 min on 2 cores)
     python bench/low_bit_training.py --rows resnet20-w2       # CIFAR-10 ResNet-20 W2A8 with slb (~45 min)
-    python bench/low_bit_training.py --rows resnet20-bits     # learn-bits at 2.5 bits against uniform 2-bit, same training (~35 min)
+    python bench/low_bit_training.py --rows resnet20-bits     # learn-bits at 2.5 bits against uniform 2-bit, same training (~21 min)
     python bench/low_bit_training.py --rows resnet20-w1       # W1A8 (bipolar) with slb (~45 min)
     python bench/low_bit_training.py --rows resnet20-cost     # slb vs qat at 4 bits: peak memory and time per epoch, 5,000 images (~5 min)
     python bench/low_bit_training.py --rows lenet --quick     # a smoke check of every LeNet row (~3 min)
@@ -97,7 +97,7 @@ def specs(quick: bool) -> list[Spec]:
     lenet_epochs = 1 if quick else 6
     cifar_epochs = 1 if quick else 6
     # learn-bits and its uniform baseline: two runs of the same length, each within the hour.
-    bits_epochs = 1 if quick else 2
+    bits_epochs = 1
     n = ",max-minutes=2" if quick else ""
     mnist = dict(model=LENET, train=MNIST_TRAIN, test=MNIST_TEST)
     cifar_common = dict(model=RESNET20, train=CIFAR_TRAIN, test=CIFAR_TEST, lossless=CIFAR_LOSSLESS)
@@ -242,7 +242,7 @@ def report(rows: list[Row], floats: dict[str, Row], quick: bool) -> None:
         if r.what != "float":
             print(f"    $ {r.command}")
             if r.torch_top1 is not None:
-                print(f"    held-out training samples: torch {r.torch_top1:.2f} %, onnxruntime {r.onnxruntime_top1:.2f} % (the written float-activation model)")
+                print(f"    held-out training samples: torch {r.torch_top1:.2f} %, onnxruntime {r.onnxruntime_top1:.2f} % (the model the training pass wrote: float activations after slb and learn-bits)")
     for family in floats:
         print(f"\npublished ({family}; not measured here):")
         for line in PUBLISHED[family]:

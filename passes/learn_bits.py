@@ -1,7 +1,8 @@
 """learn-bits: per-layer weight bit-widths learned end to end under a size (or BOPs) budget.
 
 Every quantized layer's weight trains straight through its quantizer while the quantizer's
-width trains too (`qcompiler.quant.learned_bits`):
+width trains too (`qcompiler.quant.learned_bits`), for the first ``freeze-at`` (75 %) of the steps; then the
+widths are fixed and the rest of the training adapts the weights to them:
 
 - ``method=uhlich`` (default): the layer learns its step and its range, the width follows from
   them (Uhlich et al. 2020), and a hinge-squared penalty ``penalty * max(0, cost / limit - 1)^2``
@@ -13,8 +14,8 @@ width trains too (`qcompiler.quant.learned_bits`):
 The cost is what the written model stores or computes: ``bits=2.5`` (average bits per weight),
 ``size=0.3`` (of the int8 weight bits) or ``bops=0.2`` (of the int8 model's MACs x weight bits x
 activation bits). Widths are the target's [bits] allowed (float excluded). If the rounded widths
-still exceed the budget after training, the layers whose continuous width is nearest below their
-allowed width are lowered one width until it holds, and the report says which.
+exceed the budget when they are fixed, the layers whose continuous width is nearest below their
+allowed width are lowered one width until it holds (and then trained at it); the report says which.
 
 Like `slb`, it trains the float graph with BatchNormalization on batch statistics, re-estimates
 BN for the final weights, and hands codes and widths to `fold-batchnorm` and insert-qdq
@@ -81,6 +82,9 @@ class LearnBitsOptions(TrainSettings):
     quantizer_lr: float = 1e-2
     #: method=bitnet: width moves per epoch.
     updates_per_epoch: int = 4
+    #: Fraction of the steps after which the widths are fixed (lowered first where the rounded
+    #: widths exceed the budget); the rest train the weights at exactly those widths.
+    freeze_at: float = 0.75
     bn_samples: int = 4096
     check_samples: int = 1000
 
@@ -88,6 +92,8 @@ class LearnBitsOptions(TrainSettings):
         super().__post_init__()
         if self.initial_bits < 0 or self.first_last_bits < 0 or not self.penalty > 0 or not 0 <= self.margin < 0.5:
             raise ValueError("options 'initial-bits' must be >= 0, 'first-last-bits' >= 0, 'penalty' > 0 and 'margin' in [0, 0.5)")
+        if not 0 <= self.freeze_at <= 1:
+            raise ValueError("option 'freeze-at' must be in [0, 1]")
         if not self.quantizer_lr > 0 or self.updates_per_epoch < 1 or self.bn_samples < 1 or self.check_samples < 0:
             raise ValueError("options 'quantizer-lr' must be > 0, 'updates-per-epoch' and 'bn-samples' >= 1, 'check-samples' >= 0")
 
@@ -162,14 +168,22 @@ class LearnBits(Pass):
             for key, p in q.parameters().items():
                 params[f"{name}.{key}"] = p
                 multipliers[f"{name}.{key}"] = self.options.quantizer_lr / self.options.lr
-        before_step = None
         moves: list[int] = []
-        if self.options.method == "bitnet":
-            every = max(steps_per_epoch(train_ctx.data, self.options.batch_size) // self.options.updates_per_epoch, 1)
+        every = max(steps_per_epoch(train_ctx.data, self.options.batch_size) // self.options.updates_per_epoch, 1)
+        frozen: dict[str, object] = {}
 
-            def before_step(step: int, total: int) -> None:
-                if step and step % every == 0:
-                    moves.extend(q.step() for i, q in enumerate(quantizers.values()) if i not in ends)
+        def before_step(step: int, total: int) -> None:
+            if not frozen and step >= int(total * self.options.freeze_at):
+                # The widths the model will ship at, kept to the budget, fixed from here on: the
+                # remaining steps train the weights (and steps, ranges) at exactly those widths.
+                widths = {name: q.deployed_bits() for name, q in quantizers.items()}
+                frozen["lowered"] = self._fit_budget(widths, quantizers, ends, layers, allowed, cost_of, limit)
+                frozen["step"] = step
+                for name, q in quantizers.items():
+                    q.freeze(widths[name])
+                return
+            if not frozen and self.options.method == "bitnet" and step and step % every == 0:
+                moves.extend(q.step() for i, q in enumerate(quantizers.values()) if i not in ends)
 
         start = time.perf_counter()
         result = fit(training, train_ctx, params, {}, loss_name=loss_name, out_name=out.name, reference_overrides=FLOAT_REFERENCE,
@@ -178,9 +192,11 @@ class LearnBits(Pass):
         train_seconds = time.perf_counter() - start
 
         widths = {name: q.deployed_bits() for name, q in quantizers.items()}
+        for node in frozen.get("lowered", []):
+            ctx.note(self.name, f"lowered one width when the widths were fixed (step {frozen['step']}) so that they keep to the budget; trained at it after", node=node)
         lowered = self._fit_budget(widths, quantizers, ends, layers, allowed, cost_of, limit)
         for node in lowered:
-            ctx.note(self.name, "lowered one width after training so the rounded widths keep to the budget", node=node)
+            ctx.note(self.name, "lowered one width after training so the rounded widths keep to the budget (not trained at it)", node=node, level="warning")
         rounded, continuous = {}, {}
         for i, layer in enumerate(layers):
             q = quantizers[layer.weight]
@@ -208,7 +224,8 @@ class LearnBits(Pass):
         achieved = cost_of(widths)
         stats = {"method": self.options.method, "budget": self.options.budget, "initial_bits": initial, "cost": achieved, "limit": limit, "unit": unit,
                  "cost_fraction_of_limit": round(achieved / limit, 4), "average_bits": round(sum(widths[l.weight] * l.w.size for l in layers) / total, 3),
-                 "widths": {l.node.name: widths[l.weight] for l in layers}, "lowered_after_training": lowered,
+                 "widths": {l.node.name: widths[l.weight] for l in layers}, "widths_fixed_at_step": frozen.get("step"),
+                 "lowered_when_fixed": frozen.get("lowered", []), "lowered_after_training": lowered,
                  "activation_bits": activation_bits, "loss": loss_name, "loss_per_epoch": [round(v, 5) for v in result.losses],
                  "train_seconds": round(train_seconds, 1), "batchnorm_reestimated": bns, "layers": rows, "skipped": len(skipped), **result.stats()}
         if moves:

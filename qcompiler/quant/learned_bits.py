@@ -118,6 +118,10 @@ class UhlichQuantizer:
             codes = torch.round(x / d).numpy().astype(np.int64)
         return np.clip(codes, -top, top), (self.range * float(d)).astype(np.float32), bits
 
+    def freeze(self, bits: int) -> None:
+        """Fix the width at ``bits`` (an allowed one): the step follows the range from now on."""
+        self.allowed = [bits]
+
     def parameters(self) -> dict[str, object]:
         return {"log_step": self.log_d, "log_range": self.log_q}
 
@@ -171,6 +175,14 @@ class BitNetQuantizer:
         with torch.no_grad():
             codes = torch.round((w / self._range_t).clamp(-1, 1) * top).numpy().astype(np.int64)
         return codes, (self.range / top).astype(np.float32), bits
+
+    def freeze(self, bits: int) -> None:
+        """Fix the width at ``bits``: `step` no longer moves it."""
+        import torch
+
+        self.allowed = [bits]
+        with torch.no_grad():
+            self.b.fill_(float(bits))
 
     def parameters(self) -> dict[str, object]:
         return {}

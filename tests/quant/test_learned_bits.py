@@ -99,3 +99,18 @@ def test_initial_range_is_the_plain_quantizers() -> None:
     assert 0.2 < inside < 0.9
     q = UhlichQuantizer(w, 0, 2, ALLOWED, inside)
     assert q.deployed_bits() == 2 and float(torch.exp(q.log_q)) == pytest.approx(inside, rel=1e-5)
+
+
+def test_frozen_widths_stay() -> None:
+    w = torch.from_numpy(_w())
+    q = UhlichQuantizer(_w(), 0, 4, ALLOWED)
+    q.freeze(3)
+    with torch.no_grad():
+        q.log_d.fill_(-20.0)  # a step that would mean 8 bits
+    assert q.deployed_bits() == 3 and float(q.bits()) == pytest.approx(3.0)
+    codes, _, bits = q.codes_and_scale(w)
+    assert bits == 3 and np.abs(codes).max() <= 3
+    b = BitNetQuantizer(_w(), 0, 4, ALLOWED)
+    b.freeze(2)
+    (-b.bits()).backward()
+    assert b.step() == 0 and b.deployed_bits() == 2
