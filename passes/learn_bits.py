@@ -40,21 +40,20 @@ from qcompiler.low_bit_training import (
     TrainingGraph,
     WeightLayer,
     check_no_quantized_graph,
+    finish,
     float_parameters,
     grid_of,
     quantizable_weights,
-    reestimate_batchnorm,
     torch_vs_onnxruntime,
     training_split,
-    write_weights,
 )
 from qcompiler.pass_manager import Pass, PassContext, PassResult
-from qcompiler.precision import ACTIVATION_BITS_FACT, WEIGHT_BITS_FACT, checked_activation_bits
+from qcompiler.precision import checked_activation_bits
 from qcompiler.quant.learned_bits import BitNetQuantizer, UhlichQuantizer, allowed_ceil, initial_range
 from qcompiler.registry import register_pass
 from qcompiler.sensitivity import RoundedWeight, weight_grid
 from qcompiler.targets.spec import FLOAT_WIDTH
-from qcompiler.training import TrainSettings, fit, loss_reason, output_value, resolve_loss, steps_per_epoch, write_back
+from qcompiler.training import TrainSettings, fit, output_value, steps_per_epoch, training_loss
 
 #: Budget kinds learn-bits trains against (assign-precision's, less latency, which has no gradient here).
 _KINDS = ("bits", "size", "bops")
@@ -153,9 +152,7 @@ class LearnBits(Pass):
         shadows = {l.weight: torch.nn.Parameter(torch.from_numpy(l.w.copy())) for l in layers}
         out = output_value(model, self.name)
         training = TrainingGraph(model, lambda: {name: quantizers[name].quantize(p) for name, p in shadows.items()}, float_parameters(model, layers))
-        loss_name = resolve_loss(training, train_ctx.data, out.name, self.options.loss, self.options.batch_size, self.name)
-        if (reason := loss_reason(loss_name, train_ctx.data, out.name, self.options.loss)) is not None:
-            ctx.note(self.name, reason)
+        loss_name = training_loss(training, ctx, train_ctx.data, out.name, self.options.loss, self.options.batch_size, self.name)
         aim = limit * (1 - self.options.margin)
 
         def penalty():
@@ -197,8 +194,8 @@ class LearnBits(Pass):
         lowered = self._fit_budget(widths, quantizers, ends, layers, allowed, cost_of, limit)
         for node in lowered:
             ctx.note(self.name, "lowered one width after training so the rounded widths keep to the budget (not trained at it)", node=node, level="warning")
-        rounded, continuous = {}, {}
-        for i, layer in enumerate(layers):
+        rounded, continuous, pair_limited = {}, {}, {}
+        for layer in layers:
             q = quantizers[layer.weight]
             if isinstance(q, UhlichQuantizer):
                 continuous[layer.weight] = round(float(q.continuous_bits().detach()), 3)
@@ -210,16 +207,13 @@ class LearnBits(Pass):
                 # Wide enough for this CPU's int16 pair sums to overflow: insert-qdq rounds it
                 # with its pair-safe scales instead (the trained float weight is written back).
                 model.graph.initializers[layer.weight].const_value = ir.tensor(shadows[layer.weight].detach().numpy(), name=layer.weight)
-                ctx.facts[WEIGHT_BITS_FACT] = {**ctx.facts.get(WEIGHT_BITS_FACT, {}), layer.weight: bits}
+                pair_limited[layer.weight] = bits
                 continue
             rounded[layer.weight] = RoundedWeight(codes, grid_of(scale, -top, top, layer.layout.axis), bits, layer.w)
-        write_back(model, training.graph.named_weights())
-        rows = write_weights(model, ctx, layers, rounded)
-        for row in rows:
+        done = finish(model, ctx, training, layers, rounded, train_data=train_ctx.data, bn_samples=self.options.bn_samples,
+                      widths_for_insert_qdq=pair_limited, activation_bits=activation_bits if self.options.activation_bits else None)
+        for row in done["layers"]:
             row["continuous_bits"] = continuous.get(row["weight"])
-        if self.options.activation_bits:
-            ctx.facts[ACTIVATION_BITS_FACT] = activation_bits
-        bns = reestimate_batchnorm(model, train_ctx.data, {}, self.options.bn_samples)
         total = float(sum(l.w.size for l in layers))
         achieved = cost_of(widths)
         stats = {"method": self.options.method, "budget": self.options.budget, "initial_bits": initial, "cost": achieved, "limit": limit, "unit": unit,
@@ -227,7 +221,7 @@ class LearnBits(Pass):
                  "widths": {l.node.name: widths[l.weight] for l in layers}, "widths_fixed_at_step": frozen.get("step"),
                  "lowered_when_fixed": frozen.get("lowered", []), "lowered_after_training": lowered,
                  "activation_bits": activation_bits, "loss": loss_name, "loss_per_epoch": [round(v, 5) for v in result.losses],
-                 "train_seconds": round(train_seconds, 1), "batchnorm_reestimated": bns, "layers": rows, "skipped": len(skipped), **result.stats()}
+                 "train_seconds": round(train_seconds, 1), "skipped": len(skipped), **done, **result.stats()}
         if moves:
             stats["bitnet_moves"] = {"down": moves.count(-1), "up": moves.count(1), "kept": moves.count(0)}
         if held_out is not None:

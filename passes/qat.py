@@ -39,7 +39,7 @@ from qcompiler.quant.uniform import dequantize, per_channel, sqnr_db
 from qcompiler.registry import register_pass
 from qcompiler.sensitivity import WeightGrid, weight_layout, weight_qrange
 from qcompiler.low_bit_training import torch_vs_onnxruntime, training_split
-from qcompiler.training import TrainSettings, fit, loss_reason, output_value, resolve_loss
+from qcompiler.training import TrainSettings, fit, output_value, training_loss
 
 #: The activation zero point types whose offsets qat can train, and their ranges.
 _OFFSET_RANGES = {ir.DataType.UINT8: (0, 255), ir.DataType.INT8: (-128, 127), ir.DataType.UINT16: (0, 65535), ir.DataType.INT16: (-32768, 32767)}
@@ -137,9 +137,7 @@ class Qat(Pass):
         params = {f"{w.dq.name}.weight": w.param for w in weights} | {f"{w.dq.name}.scale": w.scale for w in weights}
         params |= {f"{b.dq.name}.bias": b.param for b in biases} | graph.named_weights()
         train_ctx, held_out = training_split(ctx, self.options.check_samples, self.name)
-        loss_name = resolve_loss(training, train_ctx.data, out.name, self.options.loss, self.options.batch_size, self.name)
-        if (reason := loss_reason(loss_name, train_ctx.data, out.name, self.options.loss)) is not None:
-            ctx.note(self.name, reason)
+        loss_name = training_loss(training, ctx, train_ctx.data, out.name, self.options.loss, self.options.batch_size, self.name)
         start = time.perf_counter()
         losses = fit(training, train_ctx, params, {}, loss_name=loss_name, out_name=out.name, reference_overrides=_FLOAT_REFERENCE,
                      settings=self.options, label="quantization-aware training", pass_name=self.name)

@@ -29,21 +29,20 @@ from qcompiler.low_bit_training import (
     FLOAT_REFERENCE,
     TrainingGraph,
     check_no_quantized_graph,
+    finish,
     float_parameters,
     grid_of,
     quantizable_weights,
-    reestimate_batchnorm,
     torch_vs_onnxruntime,
     training_split,
-    write_weights,
 )
 from qcompiler.pass_manager import Pass, PassContext, PassResult
-from qcompiler.precision import ACTIVATION_BITS_FACT, WEIGHT_BITS_FACT, checked_activation_bits
+from qcompiler.precision import checked_activation_bits
 from qcompiler.quant.slb import LevelChoice, Schedule, sharpness
 from qcompiler.registry import register_pass
 from qcompiler.sensitivity import BIPOLAR_BITS, RoundedWeight, WeightRange, quantize_bipolar, weight_grid, weight_qrange
 from qcompiler.targets.spec import FLOAT_WIDTH
-from qcompiler.training import TrainSettings, fit, loss_reason, output_value, resolve_loss, write_back
+from qcompiler.training import TrainSettings, fit, output_value, training_loss
 
 #: The widest layer searched over its levels; wider ones (8-bit first and last layers) train float.
 MAX_SEARCH_BITS = 4
@@ -133,9 +132,7 @@ class Slb(Pass):
         out = output_value(model, self.name)
         floats = float_parameters(model, layers) + float_layers
         training = TrainingGraph(model, lambda: {name: c.expected(state["t"]) for name, c in choices.items()}, floats)
-        loss_name = resolve_loss(training, train_ctx.data, out.name, self.options.loss, self.options.batch_size, self.name)
-        if (reason := loss_reason(loss_name, train_ctx.data, out.name, self.options.loss)) is not None:
-            ctx.note(self.name, reason)
+        loss_name = training_loss(training, ctx, train_ctx.data, out.name, self.options.loss, self.options.batch_size, self.name)
         params = {f"{name}.logits": c.logits for name, c in choices.items()}
         multipliers = {name: self.options.float_lr / self.options.lr for name in training.graph.named_weights()}
         if self.options.learn_scales:
@@ -152,7 +149,7 @@ class Slb(Pass):
         train_seconds = time.perf_counter() - start
         confidence = {name: round(c.confidence(state["t"]), 4) for name, c in choices.items()}
 
-        # The hard weights, the trained float tensors, then BN statistics for exactly those.
+        # The hard weights, then (in finish) the trained float tensors and BN statistics for exactly those.
         rounded = {}
         for layer in layers:
             c = choices.get(layer.weight)
@@ -160,22 +157,15 @@ class Slb(Pass):
                 continue
             lo, hi = int(c.levels.min()), int(c.levels.max())
             rounded[layer.weight] = RoundedWeight(c.codes(), grid_of(c.scale.detach().numpy(), lo, hi, c.axis), layer.bits, layer.w)
-        write_back(model, training.graph.named_weights())
-        rows = write_weights(model, ctx, layers, rounded)
-        for row in rows:
+        done = finish(model, ctx, training, layers, rounded, train_data=train_ctx.data, bn_samples=self.options.bn_samples,
+                      widths_for_insert_qdq={layer.weight: layer.bits for layer in layers if layer.weight in float_layers},
+                      activation_bits=activation_bits if self.options.activation_bits else None)
+        for row in done["layers"]:
             row["final_confidence"] = confidence.get(row["weight"])
-        widths = {layer.weight: layer.bits for layer in layers if layer.weight in float_layers}
-        if widths:
-            ctx.facts[WEIGHT_BITS_FACT] = {**ctx.facts.get(WEIGHT_BITS_FACT, {}), **widths}
-        if self.options.activation_bits:
-            ctx.facts[ACTIVATION_BITS_FACT] = activation_bits
-        bn_start = time.perf_counter()
-        bns = reestimate_batchnorm(model, train_ctx.data, {}, self.options.bn_samples)
         stats = {"bits": self.options.bits, "first_last_bits": self.options.first_last_bits or self.options.bits, "activation_bits": activation_bits, "loss": loss_name,
                  "loss_per_epoch": [round(v, 5) for v in result.losses], "train_seconds": round(train_seconds, 1),
-                 "batchnorm_reestimated": bns, "batchnorm_seconds": round(time.perf_counter() - bn_start, 1),
-                 "final_temperature": round(state["t"], 4), "layers": rows, "float_trained_layers": len(float_layers),
-                 "skipped": len(skipped), **result.stats()}
+                 "final_temperature": round(state["t"], 4), "float_trained_layers": len(float_layers),
+                 "skipped": len(skipped), **done, **result.stats()}
         if held_out is not None:
             stats.update(torch_vs_onnxruntime(model, held_out, out.name, self.options.check_samples, ctx, self.name))
         for node, why in skipped:

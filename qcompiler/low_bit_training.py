@@ -26,7 +26,7 @@ from qcompiler.errors import QCError
 from qcompiler.ir import constant_array, is_float_tensor, to_proto
 from qcompiler.op_roles import input_roles
 from qcompiler.pass_manager import PassContext
-from qcompiler.precision import ROUNDED_WEIGHTS_FACT, WEIGHT_BITS_FACT
+from qcompiler.precision import ACTIVATION_BITS_FACT, ROUNDED_WEIGHTS_FACT, WEIGHT_BITS_FACT
 from qcompiler.quant.uniform import sqnr_db
 from qcompiler.sensitivity import RoundedWeight, WeightGrid, WeightLayout, weight_layout
 
@@ -168,6 +168,29 @@ def write_weights(model: ir.Model, ctx: PassContext, layers: list[WeightLayer], 
     ctx.facts.setdefault(ROUNDED_WEIGHTS_FACT, {}).update(trained)
     ctx.facts[WEIGHT_BITS_FACT] = {**ctx.facts.get(WEIGHT_BITS_FACT, {}), **{name: r.bits for name, r in trained.items()}}
     return rows
+
+
+def finish(model: ir.Model, ctx: PassContext, training: TrainingGraph, layers: list[WeightLayer], rounded: dict[str, RoundedWeight], *,
+           train_data: DataSource, bn_samples: int, widths_for_insert_qdq: Mapping[str, int], activation_bits: int | None) -> dict:
+    """The end both low-bit training passes share, in this order: the trained float tensors
+    (biases, BN scales and shifts, float-trained layers) written back, the weights written on
+    their grids (`write_weights`), the widths insert-qdq rounds at itself (``widths_for_insert_qdq``)
+    and the activation width (None: the target's) put in the facts, then every BN's statistics
+    re-estimated for exactly those weights. Returns the shared stats: ``layers`` (the rows),
+    ``batchnorm_reestimated``, ``batchnorm_seconds``."""
+    import time
+
+    from qcompiler.training import write_back
+
+    write_back(model, training.graph.named_weights())
+    rows = write_weights(model, ctx, layers, rounded)
+    if widths_for_insert_qdq:
+        ctx.facts[WEIGHT_BITS_FACT] = {**ctx.facts.get(WEIGHT_BITS_FACT, {}), **widths_for_insert_qdq}
+    if activation_bits is not None:
+        ctx.facts[ACTIVATION_BITS_FACT] = activation_bits
+    start = time.perf_counter()
+    bns = reestimate_batchnorm(model, train_data, {}, bn_samples)
+    return {"layers": rows, "batchnorm_reestimated": bns, "batchnorm_seconds": round(time.perf_counter() - start, 1)}
 
 
 def grid_of(scale: np.ndarray, lo: int, hi: int, axis: int | None) -> WeightGrid:

@@ -194,6 +194,15 @@ def loss_reason(loss_name: str, data: DataSource, out_name: str, requested: str)
     return "the data has no 'labels': training on the KL divergence to the float model's outputs (distillation)"
 
 
+def training_loss(graph, ctx: PassContext, data: DataSource, out_name: str, requested: str, batch_size: int, pass_name: str) -> str:
+    """`resolve_loss`, with `loss_reason`'s sentence noted in the report when ``auto`` fell back
+    to a label-free loss: what every training pass calls before `fit`."""
+    loss_name = resolve_loss(graph, data, out_name, requested, batch_size, pass_name)
+    if (reason := loss_reason(loss_name, data, out_name, requested)) is not None:
+        ctx.note(pass_name, reason)
+    return loss_name
+
+
 def task_loss(loss_name: str, out, labels: np.ndarray | None, reference):
     """Mean loss of a batch: cross-entropy against ``labels``, or KL / MSE against ``reference``."""
     import torch
