@@ -20,6 +20,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from qcompiler.ir import NameAuthority, add_initializer, constant_array
+from qcompiler.op_roles import input_roles
 from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.precision import ROUNDED_WEIGHTS_FACT, WEIGHT_BITS_FACT
 from qcompiler.registry import register_pass
@@ -76,24 +77,15 @@ def _carry_rounded_weight(ctx: PassContext, old: ir.Value, node: ir.Node, a: np.
         widths[new.name] = widths[old.name]
     if rounded is None:
         return
-    axis = _channel_axis(node)
+    # BN's channels are the weight's output channels (a grouped ConvTranspose holds fewer per
+    # slice than BN has: channels_scaled declines it).
+    axis = input_roles(node).weight_axis
     scaled = rounded.channels_scaled(a, axis) if axis is not None else None
     if scaled is None:
         return  # insert-qdq rounds the folded weight afresh (matches() no longer holds)
     # Exactly the grid's values (the float64 product differs from them in the last bit).
     new.const_value = ir.tensor(scaled.grid.dequantize(scaled.codes).astype(new.const_value.numpy().dtype), name=new.name)
     ctx.facts[ROUNDED_WEIGHTS_FACT][new.name] = scaled
-
-
-def _channel_axis(node: ir.Node) -> int | None:
-    """The weight axis BN's channels run along (None for ConvTranspose, whose groups split it)."""
-    if node.op_type == "Conv":
-        return 0
-    if node.op_type == "Gemm":
-        return 0 if "transB" in node.attributes and node.attributes["transB"].as_int() else 1
-    if node.op_type == "MatMul":
-        return 1
-    return None
 
 
 def _bn_affine(bn: ir.Node) -> tuple[np.ndarray, np.ndarray] | None:
