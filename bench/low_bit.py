@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -34,7 +33,7 @@ import onnx
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_ort import RESULTS, SHARED, _tail, cifar, machine, machine_lines, rel, shell_line  # noqa: E402
+from compare_ort import RESULTS, SHARED, _tail, cifar, machine, machine_lines, rel, run_measured, shell_line  # noqa: E402
 
 from qcompiler.runtime import session_options  # noqa: E402
 
@@ -124,11 +123,7 @@ def compile_row(model: str, method: str, ends: str, iterations: int, test: Path)
     row = Row(model, method, ends, shell_line(["qc"] + argv[1:]))
     print(f"[{model}] {method} (ends {ends}): {row.command}", flush=True)
     log = RESULTS / "logs" / f"{out.name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with open(log, "w") as f:
-        status = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT).returncode
-    row.seconds = time.perf_counter() - start
+    status, row.seconds, _ = run_measured(argv, log)
     # Exit 1 is the accuracy guard reporting a missed goal: the model is written and measured.
     if status not in (0, 1) or not (out / "model.onnx").exists():
         row.error = f"exit {status}: {_tail(log)}"

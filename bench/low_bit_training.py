@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,7 +33,7 @@ import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "models"))
-from compare_ort import RESULTS, SHARED, _tail, cifar, machine, machine_lines, rel, shell_line  # noqa: E402
+from compare_ort import RESULTS, SHARED, _tail, cifar, machine, machine_lines, rel, run_measured, shell_line  # noqa: E402
 from low_bit import _logits, _session, stored_weight_bytes  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -168,11 +167,7 @@ def compile_row(spec: Spec) -> Row:
     row = Row(spec.name, spec.group, spec.what, shell_line(["qc"] + argv[1:]))
     print(f"[{spec.name}] {row.command}", flush=True)
     log = RESULTS / "logs" / f"{out.name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    start = time.perf_counter()
-    with open(log, "w") as f:
-        status = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT).returncode
-    row.seconds = time.perf_counter() - start
+    status, row.seconds, _ = run_measured(argv, log)
     if status not in (0, 1) or not (out / "model.onnx").exists():
         row.error = f"exit {status}: {_tail(log)}"
         print(f"    FAILED: {row.error}", flush=True)
