@@ -193,7 +193,11 @@ class Qat(Pass):
                     limit = layout.rule.pair_sum_limit if layout.rule.symmetric and qmax - qmin > (layout.rule.pair_sum_limit or 1 << 30) else None
                     if limit is not None:
                         # The pair-safe top of each channel, as insert-qdq proved it: kept while training.
-                        top = np.abs(codes.astype(np.int64) - np.asarray(zp, np.int64)).reshape(codes.shape[axis], -1).max(axis=1) if axis is not None else np.abs(codes).max()
+                        offsets = np.asarray(zp, np.int64)
+                        if axis is not None and offsets.ndim == 1:
+                            offsets = offsets.reshape([-1 if d == axis else 1 for d in range(codes.ndim)])
+                        distance = np.abs(codes.astype(np.int64) - offsets)
+                        top = np.moveaxis(distance, axis, 0).reshape(codes.shape[axis], -1).max(axis=1) if axis is not None else distance.max()
                         lo, hi = -np.asarray(top).reshape(scale.shape), np.asarray(top).reshape(scale.shape)
                     float_weight = floats.get(layer.name, {}).get(use.idx)
                     if float_weight is None or np.shape(float_weight) != codes.shape:

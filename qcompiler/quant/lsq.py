@@ -43,7 +43,8 @@ def fake_quantize(x, scale, zero_point, lo, hi, axis: int | None):
     n = x.numel() / max(scale.numel(), 1)
     top = float(torch.max(hi).item()) if torch.is_tensor(hi) else float(np.max(hi))
     s = broadcast(grad_scaled(scale, 1.0 / math.sqrt(max(n * max(top, 1.0), 1.0))), x.dim(), axis)
-    z = broadcast(torch.as_tensor(zero_point, dtype=x.dtype), x.dim(), axis)
+    # A read-only numpy array (an initializer's) is copied: torch would warn on sharing it.
+    z = broadcast(zero_point if torch.is_tensor(zero_point) else torch.tensor(np.array(zero_point), dtype=x.dtype), x.dim(), axis).to(x.dtype)
     lo_t = broadcast(torch.as_tensor(lo, dtype=x.dtype), x.dim(), axis)
     hi_t = broadcast(torch.as_tensor(hi, dtype=x.dtype), x.dim(), axis)
     # Clipped before rounding (the same values for integer bounds): a value past an end then

@@ -100,3 +100,23 @@ def test_learned_activation_offsets_stay_integers_the_runtime_reads() -> None:
             assert zp.dtype == old.dtype == np.uint8
             moved += int(zp != old)
     assert moved == stats["activation_offsets_moved"]
+
+
+@pytest.mark.parametrize("isa", ["avx2", "avx512-vnni"])
+def test_8_bit_weights_with_per_channel_zero_points_train_on_either_cpu(isa: str) -> None:
+    """On an int16-pair CPU qat keeps each channel's pair-safe top; the zero point arrays that
+    insert-qdq writes per channel broadcast along the weight's channel axis (they once did not:
+    a Gemm's (10, 64) codes against a (10,) zero point raised)."""
+    from qcompiler.targets.spec import load_target
+
+    calib = DataSource({"input": _data(96)})
+    pipe = "infer-shapes,fold-constants,calibrate,insert-qdq,qat{epochs=1,lr=0.001,batch-size=32}"
+    result = qcompiler.compile(small_cnn(), load_target("ort-cpu", cpu=isa), calibration=calib, pipeline=pipe, verify=False)
+    stats = _stats(result)
+    # Full-range int8 weights saturate in this machine's kernels if it adds int16 pairs.
+    if isa == "avx2" or load_target("ort-cpu").weights.pair_sum_limit is None:
+        assert stats["torch_vs_onnxruntime_sqnr_db"] > 30
+    for node in result.model.graph:
+        if node.op_type in ("Conv", "Gemm"):
+            codes = node.inputs[1].producer().inputs[0].const_value.numpy().astype(np.int64)
+            assert np.abs(codes).max() <= 127
