@@ -23,6 +23,7 @@ import onnx
 import onnx.version_converter
 
 from qcompiler.calibration import CALIBRATION_FACT, CalibrationRanges
+from qcompiler.quant.adaround import pair_sum_violations
 from qcompiler.precision import ACTIVATION_BITS_FACT, FLOAT_LAYER_INPUTS_FACT, ROUNDED_WEIGHTS_FACT, WEIGHT_BITS_FACT
 from qcompiler.errors import QCError
 from qcompiler.ir import SOURCE_KEY, NameAuthority, annotate_types, add_initializer, constant_array, is_float_tensor, opset_version, to_proto
@@ -562,6 +563,11 @@ class _Rewriter:
         # to the narrower range: the integer kernels then compute exactly the b-bit quantizer.
         bits = self.weight_bits.get(w_value.name, self.target.bits.default or rule.bits)
         rounded = self.rounded_weights.get(w_value.name)
+        if rounded is not None and rounded.matches(w, ax, bits) and self._saturates(rounded, rule):
+            # Codes a training pass chose on a grid this CPU's int16 pair sums overflow on (a fact
+            # left by another target, or a hand-made one): rounded again on the pair-safe grid.
+            self.notes.add(f"{node.name}: the trained codes of '{w_value.name}' would saturate this CPU's int16 pair sums; rounded on its pair-safe grid instead")
+            rounded = None
         if rounded is not None and rounded.matches(w, ax, bits):
             # A training pass (adaround) chose each code on this very grid: store its codes.
             q, scale, zp = rounded.codes, rounded.grid.scale, rounded.grid.zero_point
@@ -583,6 +589,12 @@ class _Rewriter:
         self.weight_cache[id(dq_out)] = self.weight_cache[id(w_value)]
         self._drop_if_unused(w_value)
         return self.weight_cache[id(w_value)][1:]
+
+    @staticmethod
+    def _saturates(rounded: RoundedWeight, rule) -> bool:
+        """Whether two codes of one sign in a channel sum past the rule's int16 pair limit."""
+        limit = rule.pair_sum_limit
+        return limit is not None and bool(np.any(pair_sum_violations(np.asarray(rounded.codes, np.int64), rounded.grid.zero_point, rounded.grid.axis, limit)))
 
     def _weight_dtype(self, bits: int) -> str:
         """The ONNX integer type a ``bits``-wide weight is stored in: the smallest native width that

@@ -298,3 +298,27 @@ def test_dead_weight_channel_keeps_its_bias_in_int32():
     got = run(compiled, {"input": x})[0]
     np.testing.assert_allclose(got[:, 1], ref[:, 1], atol=0.02)  # the dead channel's output is its bias (2.5)
     assert any("int32 bias" in d.message for d in ctx.diagnostics)
+
+
+def test_trained_codes_that_would_saturate_int16_pairs_are_rounded_again_pair_safe() -> None:
+    """Codes chosen for a CPU that accumulates in int32 (full int8 range), handed to insert-qdq for
+    one that adds int16 pairs, would saturate there: insert-qdq rounds those weights again on its
+    pair-safe grid and says so, instead of shipping codes the kernels overflow on."""
+    from qcompiler.precision import ROUNDED_WEIGHTS_FACT
+    from qcompiler.quant.adaround import pair_sum_violations
+    from tests.helpers import small_cnn
+
+    data = DataSource({"input": np.random.default_rng(0).normal(0, 1, (32, 3, 8, 8)).astype(np.float32)})
+    wide = PassContext(target=load_target("ort-cpu", cpu="avx512-vnni"), data=data)
+    model = parse_pipeline("infer-shapes,fold-constants,adaround{bits=8,iterations=0},calibrate").run(small_cnn(), wide).model
+    rounded = wide.facts[ROUNDED_WEIGHTS_FACT]
+    assert any(pair_sum_violations(r.codes, r.grid.zero_point, r.grid.axis, 128).any() for r in rounded.values())
+    narrow = PassContext(target=load_target("ort-cpu", cpu="avx2"), data=data)
+    narrow.facts.update(wide.facts)
+    result = parse_pipeline("calibrate,insert-qdq").run(model, narrow)
+    for node in result.model.graph:
+        if node.op_type in ("Conv", "Gemm"):
+            dq = node.inputs[1].producer()
+            codes = dq.inputs[0].const_value.numpy().astype(np.int64)
+            assert not pair_sum_violations(codes, np.zeros(()), 0, 128).any(), node.name
+    assert any("pair-safe grid instead" in d.message for d in narrow.diagnostics)
