@@ -31,7 +31,7 @@ from qcompiler.precision import ROUNDED_WEIGHTS_FACT, WEIGHT_BITS_FACT
 from qcompiler.quant.adaround import AdaRoundSettings, optimize_rounding
 from qcompiler.quant.uniform import sqnr_db
 from qcompiler.registry import register_pass
-from qcompiler.sensitivity import BIPOLAR_BITS, RoundedWeight, WeightLayout, WeightRange, weight_grid
+from qcompiler.quant.weights import BIPOLAR_BITS, RoundedWeight, WeightLayout, WeightRange, weight_grid
 from qcompiler.targets.spec import FLOAT_WIDTH
 
 #: Activations folded into a layer's output error when they are its only reader: the error that

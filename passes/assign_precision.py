@@ -35,7 +35,8 @@ from qcompiler.precision_ilp import (
     solve_uniform,
 )
 from qcompiler.registry import register_pass
-from qcompiler.sensitivity import TraceBound, WeightRange, layer_sensitivities
+from qcompiler.sensitivity import TraceBound, layer_sensitivities
+from qcompiler.quant.weights import WeightRange
 
 
 def budget_pipeline(spec: TargetSpec, budget: str, *, option: str = "budget") -> str:

@@ -34,7 +34,7 @@ from qcompiler.quant.observers import Observer
 from qcompiler.quant.uniform import affine_params, dequantize, int32_bias_scale_floor, quantize, raise_scales
 from qcompiler.registry import register_pass
 from qcompiler.cost_model import storage_dtype, storage_width
-from qcompiler.sensitivity import FLOAT8_NUMPY, RoundedWeight, WeightRange, dequantize_weight, quantize_float8, quantize_weight, weight_layout, weight_qrange
+from qcompiler.quant.weights import FLOAT8_NUMPY, RoundedWeight, WeightRange, dequantize_weight, quantize_float8, quantize_weight, weight_layout, weight_qrange
 from qcompiler.targets.spec import FLOAT_WIDTH, INTEGER_DTYPES, IR_TYPES, TargetSpec
 
 _NP_DTYPES = {"int4": np.int8, "uint4": np.uint8, "int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16, "int32": np.int32, **FLOAT8_NUMPY}

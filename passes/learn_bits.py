@@ -51,7 +51,7 @@ from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.precision import checked_activation_bits
 from qcompiler.quant.learned_bits import BitNetQuantizer, UhlichQuantizer, allowed_ceil, initial_range
 from qcompiler.registry import register_pass
-from qcompiler.sensitivity import RoundedWeight, weight_grid
+from qcompiler.quant.weights import RoundedWeight, weight_grid
 from qcompiler.targets.spec import FLOAT_WIDTH
 from qcompiler.training import TrainSettings, fit, output_value, steps_per_epoch, training_loss
 

@@ -37,7 +37,7 @@ from qcompiler.quant.adaround import pair_sum_violations
 from qcompiler.quant.lsq import fake_quantize
 from qcompiler.quant.uniform import dequantize, per_channel, sqnr_db
 from qcompiler.registry import register_pass
-from qcompiler.sensitivity import WeightGrid, weight_layout, weight_qrange
+from qcompiler.quant.weights import WeightGrid, weight_layout, weight_qrange
 from qcompiler.low_bit_training import torch_vs_onnxruntime, training_split
 from qcompiler.training import TrainSettings, fit, output_value, training_loss
 

@@ -40,7 +40,7 @@ from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.precision import checked_activation_bits
 from qcompiler.quant.slb import LevelChoice, Schedule, sharpness
 from qcompiler.registry import register_pass
-from qcompiler.sensitivity import BIPOLAR_BITS, RoundedWeight, WeightRange, quantize_bipolar, weight_grid, weight_qrange
+from qcompiler.quant.weights import BIPOLAR_BITS, RoundedWeight, WeightRange, quantize_bipolar, weight_grid, weight_qrange
 from qcompiler.targets.spec import FLOAT_WIDTH
 from qcompiler.training import TrainSettings, fit, output_value, training_loss
 

@@ -28,7 +28,7 @@ from qcompiler.op_roles import input_roles
 from qcompiler.pass_manager import PassContext
 from qcompiler.precision import ACTIVATION_BITS_FACT, ROUNDED_WEIGHTS_FACT, WEIGHT_BITS_FACT
 from qcompiler.quant.uniform import sqnr_db
-from qcompiler.sensitivity import RoundedWeight, WeightGrid, WeightLayout, weight_layout
+from qcompiler.quant.weights import RoundedWeight, WeightGrid, WeightLayout, weight_layout
 
 #: Passed to the training graph as its reference overrides: "the float model's outputs".
 FLOAT_REFERENCE: Mapping[str, object] = MappingProxyType({})

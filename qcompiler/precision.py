@@ -16,7 +16,7 @@ ACTIVATION_BITS_FACT = "activation_bits"
 #: bias each layer had before insert-qdq quantized them, read by the accuracy guard to put a
 #: layer back in float.
 FLOAT_LAYER_INPUTS_FACT = "float_layer_inputs"
-#: The facts key holding {weight initializer name: `qcompiler.sensitivity.RoundedWeight`}: integer
+#: The facts key holding {weight initializer name: `qcompiler.quant.weights.RoundedWeight`}: integer
 #: codes a pass chose on the weight quantizer's own grid (adaround), written back into the
 #: initializer as their float values; insert-qdq stores these codes instead of rounding again.
 ROUNDED_WEIGHTS_FACT = "rounded_weights"

@@ -76,7 +76,7 @@ import onnx_ir as ir
 from qcompiler.errors import QCError
 from qcompiler.ir import SOURCE_KEY, NameAuthority, add_initializer, constant_array, to_proto, write_file_atomically
 from qcompiler.op_roles import input_roles
-from qcompiler.sensitivity import BIPOLAR_BITS
+from qcompiler.quant.weights import BIPOLAR_BITS
 from qcompiler.targets.spec import INTEGER_BITS, TargetSpec
 
 QONNX_DOMAIN = "qonnx.custom_op.general"

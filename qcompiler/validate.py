@@ -18,7 +18,7 @@ from qcompiler.cost_model import storage_dtype
 from qcompiler.ir import constant_array, opset_version
 from qcompiler.quant.pair_limit import max_pair_sum
 from qcompiler.op_roles import InputRoles, input_roles
-from qcompiler.sensitivity import block_axis
+from qcompiler.quant.weights import block_axis
 from qcompiler.targets.spec import FLOAT_WIDTH, INTEGER_BITS, INTEGER_DTYPES, IR_TYPES, TargetSpec, TensorRule
 
 #: Every rule `validate` checks, with what it means (printed by ``qc validate --rules``).

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from qcompiler.quant.uniform import dequantize
-from qcompiler.sensitivity import dequantize_weight, quantize_weight, weight_qrange
+from qcompiler.quant.weights import dequantize_weight, quantize_weight, weight_qrange
 from qcompiler.targets.spec import TensorRule
 
 RULE = TensorRule("int8", symmetric=True, granularity="per-channel", narrow_range=True)

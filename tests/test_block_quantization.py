@@ -10,7 +10,7 @@ import onnx_ir as ir
 import pytest
 
 import qcompiler
-from qcompiler.sensitivity import dequantize_weight, quantize_weight
+from qcompiler.quant.weights import dequantize_weight, quantize_weight
 from qcompiler.targets.spec import TensorRule
 from tests.helpers import run, small_cnn
 

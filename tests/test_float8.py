@@ -14,7 +14,7 @@ import pytest
 import qcompiler
 from qcompiler.errors import QCError
 from qcompiler.ir import to_proto
-from qcompiler.sensitivity import quantize_float8
+from qcompiler.quant.weights import quantize_float8
 from qcompiler.targets.spec import load_target
 from tests.helpers import small_cnn
 

@@ -12,7 +12,7 @@ import qcompiler
 from qcompiler.data import DataSource
 from qcompiler.errors import QCError
 from qcompiler.precision_ilp import pareto_front, solve_greedy, solve_ilp, solve_random, solve_uniform
-from qcompiler.sensitivity import weight_qrange
+from qcompiler.quant.weights import weight_qrange
 from qcompiler.targets.spec import TensorRule
 from tests.helpers import make_model, tensor_info
 
@@ -120,7 +120,7 @@ def test_weight_qrange() -> None:
 
 def test_auto_weight_range_clips_only_at_three_bits_and_fewer() -> None:
     from qcompiler.quant.uniform import dequantize
-    from qcompiler.sensitivity import quantize_weight
+    from qcompiler.quant.weights import quantize_weight
 
     rule = TensorRule("int8", symmetric=True, granularity="per-channel", narrow_range=True)
     w = np.random.default_rng(0).standard_t(4, (16, 64)).astype(np.float32)  # heavy tails, as trained weights

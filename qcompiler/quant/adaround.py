@@ -7,7 +7,7 @@ the inputs. AdaRound relaxes each weight's choice to a continuous ``h(V)`` in [0
 sigmoid), trains ``V`` by gradient descent on the layer's output error over calibration inputs,
 and pushes every ``h`` to 0 or 1 with a regulariser whose sharpness ``beta`` is annealed from 20
 to 2, so the final hard rounding ``h >= 0.5`` is what was optimised. The grid (scale, zero point,
-allowed codes) is the plain quantizer's (`qcompiler.sensitivity.WeightGrid`); only the choice
+allowed codes) is the plain quantizer's (`qcompiler.quant.weights.WeightGrid`); only the choice
 between the code below and the code above each weight changes.
 
 Everything here is numerics on tensors; `passes/adaround.py` walks the layers and feeds them.
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qcompiler.sensitivity import WeightGrid
+from qcompiler.quant.weights import WeightGrid
 
 #: The stretch of the rectified sigmoid (the paper's zeta and gamma): h reaches exactly 0 and 1
 #: at finite V, so the regulariser can settle a weight instead of chasing V to infinity.

@@ -11,7 +11,7 @@ import qcompiler
 from qcompiler.data import DataSource
 from qcompiler.errors import QCError
 from qcompiler.quant.uniform import dequantize
-from qcompiler.sensitivity import RoundedWeight, weight_grid
+from qcompiler.quant.weights import RoundedWeight, weight_grid
 from qcompiler.targets.spec import load_target
 from tests.helpers import run, small_cnn
 

@@ -18,7 +18,7 @@ from qcompiler.quant.adaround import (
     rectified_sigmoid,
     rounding_regularizer,
 )
-from qcompiler.sensitivity import weight_grid
+from qcompiler.quant.weights import weight_grid
 from qcompiler.targets.spec import load_target
 
 

@@ -88,7 +88,7 @@ def test_bitnet_gradient_through_the_step_exists() -> None:
 
 def test_initial_range_is_the_plain_quantizers() -> None:
     from qcompiler.quant.learned_bits import initial_range
-    from qcompiler.sensitivity import weight_grid
+    from qcompiler.quant.weights import weight_grid
     from qcompiler.targets.spec import load_target
 
     w = _w()

@@ -10,7 +10,7 @@ import torch
 
 from qcompiler.quant.lsq import fake_quantize, grad_scaled
 from qcompiler.quant.uniform import dequantize, quantize
-from qcompiler.sensitivity import WeightGrid
+from qcompiler.quant.weights import WeightGrid
 
 
 def test_forward_is_quantize_then_dequantize_per_channel() -> None:

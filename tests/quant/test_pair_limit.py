@@ -7,7 +7,7 @@ import pytest
 
 from qcompiler.quant.pair_limit import max_pair_sum, pair_safe_scale, pair_sum_limit
 from qcompiler.quant.uniform import quantize
-from qcompiler.sensitivity import quantize_weight
+from qcompiler.quant.weights import quantize_weight
 from qcompiler.targets.spec import load_target
 
 
