@@ -26,6 +26,7 @@ from qcompiler.calibration import CALIBRATION_FACT, CalibrationRanges
 from qcompiler.quant.adaround import pair_sum_violations
 from qcompiler.precision import ACTIVATION_BITS_FACT, FLOAT_LAYER_INPUTS_FACT, ROUNDED_WEIGHTS_FACT, WEIGHT_BITS_FACT
 from qcompiler.errors import QCError
+from qcompiler.format_metadata import annotate_formats
 from qcompiler.ir import SOURCE_KEY, NameAuthority, annotate_types, add_initializer, constant_array, is_float_tensor, opset_version, to_proto
 from qcompiler.op_roles import decomposed_activations, input_roles
 from qcompiler.pass_manager import Pass, PassContext, PassResult
@@ -306,6 +307,7 @@ class InsertQDQ(Pass):
             ctx.note(self.name, note, level="warning")
         for node, reason in plan.kept_float:
             ctx.note(self.name, reason, node=node.name, level="float", op_type=node.op_type)
+        annotate_formats(model, ctx.facts.get(WEIGHT_BITS_FACT))
         model.graph.sort()
         return PassResult(
             model,

@@ -17,6 +17,7 @@ import onnx_ir as ir
 from qcompiler.cost_model import storage_dtype
 from qcompiler.ir import constant_array, opset_version
 from qcompiler.quant.pair_limit import max_pair_sum
+from qcompiler.format_metadata import format_violations
 from qcompiler.op_roles import InputRoles, input_roles
 from qcompiler.quant.weights import block_axis
 from qcompiler.targets.spec import FLOAT_WIDTH, INTEGER_BITS, INTEGER_DTYPES, IR_TYPES, TargetSpec, TensorRule
@@ -35,6 +36,7 @@ RULES: dict[str, str] = {
     "unsupported-op": "ops on integer tensors are ones the target runs on integers; without a float fallback, every op reading quantized data is one the target quantizes",
     "fusion": "no Q/DQ pair between a quantized op and the activation the target fuses into it",
     "saturation": "where the CPU compiled for adds pairs of uint8 x int8 products in int16 ([cpu] accumulation), no two weights of one sign in an output channel sum to more than the int16 limit allows (128)",
+    "format": "a DequantizeLinear's qc.format metadata names a number format its storage type holds, and the stored values (or the Clip before it) lie in that format",
 }
 
 _FIXES: dict[str, str] = {
@@ -50,6 +52,7 @@ _FIXES: dict[str, str] = {
     "unsupported-op": "move the op out of the quantized region (dequantize before it) or choose a target that runs it quantized",
     "fusion": "remove the Q/DQ pair between the op and its activation; quantize after the activation",
     "saturation": "re-compile for this CPU (qc compile --target ort-cpu, or --cpu ISA), which narrows each channel just enough; or quantize with 7-bit weights (onnxruntime: reduce_range=True)",
+    "format": "re-quantize the tensor into the format its qc.format names, or correct the metadata (qc compile writes it)",
 }
 
 
@@ -241,6 +244,8 @@ class _Checker:
             if node.op_type == "QuantizeLinear":
                 self._check_quantizer(node)
             elif node.op_type == "DequantizeLinear":
+                for problem in format_violations(node):
+                    self.add("format", node, problem)
                 if self._is_constant(node.inputs[0]):
                     self._check_constant_dq(node, roles_of.get(id(node)))
                 else:

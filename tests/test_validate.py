@@ -194,6 +194,15 @@ def test_rule_granularity(calib: Path) -> None:
     assert found == {"granularity": [dq.name], "bias": [_node(model, "conv_b").inputs[2].producer().name]}
 
 
+def test_rule_format(calib: Path) -> None:
+    """A weight code outside the format its DequantizeLinear names (qc.format, written by qc compile)."""
+    model = _compiled("ort-cpu", calib)
+    dq = _weight_dq(model, "conv_a")
+    assert dq.metadata_props["qc.format"] == "int8"
+    dq.metadata_props["qc.format"] = "int3"  # the codes are 8-bit ones
+    assert _rules(model, "ort-cpu") == {"format": [dq.name]}
+
+
 def test_rule_axis(calib: Path) -> None:
     model = _compiled("ort-cpu", calib)
     dq = _weight_dq(model, "conv_d")  # [6, 6, 3, 3]: axis 1 has as many entries as axis 0

@@ -4,7 +4,8 @@ Every quantized tensor in qcompiler is stored in one of these. A format knows it
 rounds to them; the scales that map a tensor onto a format (per tensor, per channel) are the
 quantizer's business, except for block formats, whose shared scale is part of the format.
 
-- ``IntFormat``: ``int<b>`` / ``uint<b>`` (1-16 bits), two's complement codes.
+- ``IntFormat``: ``int<b>`` / ``uint<b>`` (1-16 bits for tensors, 32 for int32 biases), two's
+  complement codes; ``bipolar`` is the 1-bit {-1, +1} of QONNX's BipolarQuant.
 - ``FixedFormat``: ``fixed<i,f>`` (``ufixed``): ``i`` integer bits (the sign included) and ``f``
   fraction bits, so the values are ``k / 2**f``: an integer format with a power-of-two scale.
 - ``FloatFormat``: ``float<e,m>`` with a bias, subnormals or not, and one of four encodings of
@@ -58,8 +59,8 @@ class IntFormat:
     signed: bool = True
 
     def __post_init__(self) -> None:
-        if not 1 <= self.bits <= 16:
-            raise QCError(f"integer formats have 1 to 16 bits, not {self.bits}: {format_help()}", option="format")
+        if not 1 <= self.bits <= 32:
+            raise QCError(f"integer formats have 1 to 32 bits, not {self.bits}: {format_help()}", option="format")
 
     @property
     def name(self) -> str:
@@ -305,6 +306,28 @@ class FloatFormat:
         return out
 
 
+@dataclass(frozen=True)
+class BipolarFormat:
+    """``bipolar``: the two values -1 and +1 (a weight's sign times its scale; QONNX's BipolarQuant)."""
+
+    name: str = "bipolar"
+    bits: int = 1
+    min_value: float = -1.0
+    max_value: float = 1.0
+
+    def round(self, x: np.ndarray, *, rounding: Rounding = "nearest-even", saturate: bool = True, rng: np.random.Generator | None = None) -> np.ndarray:
+        """+1 for x >= 0, else -1 (BipolarQuant's rule; the rounding mode has nothing to choose)."""
+        return np.where(np.asarray(x) >= 0, 1.0, -1.0).astype(np.float32)
+
+    def representable(self, x: np.ndarray) -> np.ndarray:
+        return np.abs(np.asarray(x, np.float64)) == 1
+
+    def values(self) -> np.ndarray:
+        return np.array([-1.0, 1.0], np.float32)
+
+
+BIPOLAR = BipolarFormat()
+
 ElementFormat = Union[IntFormat, FixedFormat, FloatFormat]
 
 
@@ -377,7 +400,7 @@ class BlockFormat:
         return out.reshape(shape)
 
 
-NumberFormat = Union[IntFormat, FixedFormat, FloatFormat, BlockFormat]
+NumberFormat = Union[IntFormat, FixedFormat, FloatFormat, BipolarFormat, BlockFormat]
 
 E4M3FN = FloatFormat(4, 3, special="fn")
 E5M2 = FloatFormat(5, 2)
@@ -419,7 +442,7 @@ _BLOCK_ALIASES = {"mxfp8_e4m3": "mxfp8", "mxfp6_e2m3": "mxfp6"}
 
 def format_help() -> str:
     """One line listing the formats ``parse_format`` accepts."""
-    return ("valid formats: int<b> / uint<b> (b = 1..16, e.g. int8), fixed<i,f> / ufixed<i,f>, "
+    return ("valid formats: int<b> / uint<b> (b = 1..16, e.g. int8; int32 for biases), bipolar, fixed<i,f> / ufixed<i,f>, "
             "float<e,m[,bias=B][,ieee|fn|fnuz|finite][,nosub]>, " + ", ".join(_NAMED_FLOATS) + ", " + ", ".join(_NAMED_BLOCKS))
 
 
@@ -433,6 +456,8 @@ def parse_format(text: str) -> NumberFormat:
         text = _ALIASES[text]
     if text in _NAMED_FLOATS:
         return _NAMED_FLOATS[text]
+    if text == "bipolar":
+        return BIPOLAR
     if text in _BLOCK_ALIASES:
         text = _BLOCK_ALIASES[text]
     if text in _NAMED_BLOCKS:

@@ -123,13 +123,13 @@ def test_integer_and_fixed_point_formats() -> None:
     assert fixed.representable(np.array([0.125, 0.1, 8.0])).tolist() == [True, False, False]
 
 
-@pytest.mark.parametrize("name", ["int8", "uint4", "fixed<4,3>", "ufixed<2,6>", "float<4,3>", "float<5,2,bias=15,fn,nosub>", "e4m3fn", "e5m2fnuz", "fp16", "bf16", "e8m0", "mxfp4", "mxint8", "nvfp4"])
+@pytest.mark.parametrize("name", ["int8", "uint4", "fixed<4,3>", "ufixed<2,6>", "float<4,3>", "float<5,2,bias=15,fn,nosub>", "e4m3fn", "e5m2fnuz", "fp16", "bf16", "e8m0", "mxfp4", "mxint8", "nvfp4", "bipolar", "int32"])
 def test_names_round_trip(name: str) -> None:
     fmt = parse_format(name)
     assert parse_format(fmt.name) == fmt
 
 
-@pytest.mark.parametrize(("text", "culprit"), [("float<0,3>", "float<0,3> is not a format"), ("int<0>", "1 to 16 bits"), ("int17", "1 to 16 bits"),
+@pytest.mark.parametrize(("text", "culprit"), [("float<0,3>", "float<0,3> is not a format"), ("int<0>", "1 to 32 bits"), ("int33", "1 to 32 bits"),
                                                ("mxfp5", "unknown number format 'mxfp5'"), ("float<4,3,weird>", "unknown float format flag 'weird'"),
                                                ("fixed<0,4>", "sign among the integer bits"), ("", "unknown number format")])
 def test_bad_format_names_list_the_valid_ones(text: str, culprit: str) -> None:

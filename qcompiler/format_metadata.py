@@ -1,0 +1,121 @@
+"""The number format of every quantized tensor, written into the graph and checked against it.
+
+Each DequantizeLinear a pass writes carries ``qc.format`` in its metadata (``"int2"``,
+``"uint4"``, ``"e4m3fn"``, ``"bipolar"``...): the values its input may hold, narrower than the
+storage type where a width below it was chosen (a 2-bit weight stored in int8, a 4-bit activation
+clipped inside uint8). `qc validate` parses it and checks that the stored values are in it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.errors import QCError
+from qcompiler.ir import SOURCE_KEY, constant_array
+from qcompiler.quant.formats import BIPOLAR, FloatFormat, IntFormat, NumberFormat, parse_format
+
+#: The metadata key (on the DequantizeLinear node) holding the format's name.
+FORMAT_KEY = "qc.format"
+
+#: The format each ONNX storage type holds at full width.
+_STORAGE = {
+    ir.DataType.INT4: "int4", ir.DataType.UINT4: "uint4", ir.DataType.INT8: "int8", ir.DataType.UINT8: "uint8",
+    ir.DataType.INT16: "int16", ir.DataType.UINT16: "uint16", ir.DataType.INT32: "int32",
+    ir.DataType.FLOAT8E4M3FN: "e4m3fn", ir.DataType.FLOAT8E4M3FNUZ: "e4m3fnuz", ir.DataType.FLOAT8E5M2: "e5m2",
+    ir.DataType.FLOAT8E5M2FNUZ: "e5m2fnuz", ir.DataType.FLOAT4E2M1: "e2m1",
+}
+
+
+def _storage_format(value: ir.Value | None) -> NumberFormat | None:
+    dtype = value.dtype if value is not None else None
+    if dtype is None and value is not None and value.const_value is not None:
+        dtype = value.const_value.dtype
+    name = _STORAGE.get(dtype) if dtype is not None else None
+    return parse_format(name) if name is not None else None
+
+
+def _clip_bounds(value: ir.Value) -> tuple[float, float] | None:
+    """The constant bounds of a Clip producing ``value``, if one does."""
+    producer = value.producer()
+    if producer is None or producer.op_type != "Clip" or len(producer.inputs) < 3:
+        return None
+    lo, hi = (constant_array(v) if v is not None else None for v in producer.inputs[1:3])
+    if lo is None or hi is None:
+        return None
+    return float(np.asarray(lo).reshape(-1)[0]), float(np.asarray(hi).reshape(-1)[0])
+
+
+def _narrowest_int(lo: float, hi: float, signed: bool) -> IntFormat:
+    """The narrowest integer format holding [lo, hi]."""
+    for bits in range(1, 33):
+        fmt = IntFormat(bits, signed)
+        if fmt.min_value <= lo and hi <= fmt.max_value:
+            return fmt
+    return IntFormat(32, signed)
+
+
+def stored_format(dq: ir.Node, widths: Mapping[str, int] | None = None) -> NumberFormat | None:
+    """The format of the values DequantizeLinear ``dq`` reads: the storage type's, narrowed to
+    the width ``widths`` gives its weight (by source name; 1 is bipolar), or to the range of the
+    Clip that feeds it. None for a storage type without a format here."""
+    codes = dq.inputs[0] if dq.inputs else None
+    storage = _storage_format(codes)
+    if storage is None or not isinstance(storage, IntFormat):
+        return storage
+    source = dq.metadata_props.get(SOURCE_KEY)
+    bits = (widths or {}).get(source) if source is not None else None
+    if bits == 1:
+        return BIPOLAR
+    if bits is not None and bits < storage.bits:
+        return IntFormat(bits, storage.signed)
+    bounds = _clip_bounds(codes) if codes is not None else None
+    if bounds is not None:
+        narrow = _narrowest_int(*bounds, storage.signed)
+        if narrow.bits < storage.bits:
+            return narrow
+    return storage
+
+
+def annotate_formats(model: ir.Model, widths: Mapping[str, int] | None = None) -> int:
+    """Write ``qc.format`` on every DequantizeLinear of ``model`` that has none; the count written."""
+    written = 0
+    for node in model.graph:
+        if node.op_type == "DequantizeLinear" and FORMAT_KEY not in node.metadata_props:
+            fmt = stored_format(node, widths)
+            if fmt is not None:
+                node.metadata_props[FORMAT_KEY] = fmt.name
+                written += 1
+    return written
+
+
+def format_violations(dq: ir.Node) -> list[str]:
+    """What is wrong with DequantizeLinear ``dq``'s ``qc.format``: a name that is no format, a
+    format its storage type cannot hold, stored values outside it, a Clip wider than it."""
+    name = dq.metadata_props.get(FORMAT_KEY)
+    if name is None:
+        return []
+    try:
+        fmt = parse_format(name)
+    except QCError as exc:
+        return [f"{FORMAT_KEY} '{name}' is not a number format ({exc.message.split(':')[0]})"]
+    codes = dq.inputs[0] if dq.inputs else None
+    problems = []
+    storage = _storage_format(codes)
+    if storage is not None and not isinstance(fmt, type(storage)) and fmt is not BIPOLAR:
+        return [f"{FORMAT_KEY} '{name}' is not stored in {storage.name}"]
+    if storage is not None and (fmt.min_value < storage.min_value or fmt.max_value > storage.max_value):
+        problems.append(f"{FORMAT_KEY} '{name}' holds values its storage type {storage.name} cannot")
+    values = constant_array(codes) if codes is not None else None
+    if values is not None:
+        if isinstance(fmt, FloatFormat):
+            values = np.asarray(values).astype(np.float32)
+        outside = ~fmt.representable(np.asarray(values))
+        if outside.any():
+            first = np.asarray(values).reshape(-1)[np.flatnonzero(outside.reshape(-1))[0]]
+            problems.append(f"{int(outside.sum())} stored value(s) are not in {FORMAT_KEY} '{name}' (the first: {first})")
+    elif codes is not None and (bounds := _clip_bounds(codes)) is not None and (bounds[0] < fmt.min_value or bounds[1] > fmt.max_value):
+        problems.append(f"the Clip feeding it allows [{bounds[0]:g}, {bounds[1]:g}], wider than {FORMAT_KEY} '{name}'")
+    return problems
