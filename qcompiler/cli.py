@@ -1,4 +1,4 @@
-"""The ``qc`` command line: compile, verify, passes, targets.
+"""The ``qc`` command line: compile, verify, validate, cost, pack, passes, targets.
 
 User mistakes surface as one line on stderr naming the file, node, pass or option at fault, with
 exit status 2; a traceback means a bug in qcompiler.
@@ -256,6 +256,59 @@ def validate_cmd(
         write_file_atomically(json_path, (json.dumps(payload, indent=2) + "\n").encode())
     if violations:
         raise typer.Exit(1)
+
+
+@app.command("cost")
+def cost_cmd(
+    model: Annotated[Path, typer.Argument(help="An ONNX model, float or quantized (each tensor's format read from its qc.format, else its storage type).")],
+    target: Annotated[str, typer.Option("--target", "-t", help="Built-in target name or a .toml file: its [energy] table is used.")] = "ort-cpu",
+    energy: Annotated[Optional[str], typer.Option("--energy", help="Another energy table: a built-in name or a .toml file (layout: targets/energy/horowitz-45nm.toml).")] = None,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the per-layer costs and totals as JSON here.")] = None,
+) -> None:
+    """Modelled energy per inference of MODEL's weight layers: MACs, formats, compute and memory energy, against the same network in fp32, with every figure's source."""
+    import dataclasses
+    import json
+
+    from qcompiler.energy_model import layer_energies, load_energy_table, totals
+    from qcompiler.ir import load_model, write_file_atomically
+    from qcompiler.pass_manager import PassContext
+    from qcompiler.pipeline import parse_pipeline
+    from qcompiler.targets.spec import load_target
+
+    spec = load_target(target)
+    if json_path is not None:
+        if not json_path.parent.is_dir():
+            raise QCError("its folder does not exist", file=str(json_path), option="--json")
+        if json_path.resolve() == model.resolve():
+            raise QCError("is the model being costed: choose another path", file=str(json_path), option="--json")
+    table = load_energy_table(energy or spec.energy_table)
+    loaded = load_model(model)
+    # Static shapes for the MAC counts: inference here, on a copy (the file is not touched).
+    loaded = parse_pipeline("infer-shapes").run(loaded, PassContext(target=spec)).model
+    rows = layer_energies(loaded, table)
+    if not rows:
+        raise QCError("no layer with weights (Conv, ConvTranspose, Gemm, MatMul with a constant operand) to cost", file=str(model))
+    total = totals(rows)
+    grid = Table(title=f"{model}: modelled energy per inference ({table.name})")
+    for col in ("layer", "op", "MACs", "weights", "input", "weight KiB", "compute µJ", "memory µJ", "iso-area x"):
+        grid.add_column(col, justify="left" if col in ("layer", "op", "weights", "input") else "right", overflow="fold")
+    for r in rows:
+        grid.add_row(escape(r.node), r.op_type, f"{r.macs:,}", r.weight_format, r.activation_format, f"{r.weight_bits / 8 / 1024:,.1f}",
+                     f"{r.compute_pj / 1e6:.3f}", f"{r.memory_pj / 1e6:.3f}", f"{r.iso_area_speedup:.2f}")
+    out.print(grid)
+    out.print(f"total: {total.macs:,} MACs; compute {total.compute_pj / 1e6:.3f} µJ, memory {total.memory_pj / 1e6:.3f} µJ, "
+              f"together {total.total_pj / 1e6:.3f} µJ per inference", markup=False, highlight=False)
+    out.print(f"against the same layers in fp32 ({total.fp32_total_pj / 1e6:.3f} µJ): compute {total.fp32_compute_pj / total.compute_pj:.2f}x, "
+              f"memory {total.fp32_memory_pj / total.memory_pj:.2f}x, together {total.fp32_total_pj / total.total_pj:.2f}x less energy; "
+              f"iso-area speedup {total.iso_area_speedup:.2f}x (modelled, not measured)", markup=False, highlight=False)
+    out.print("assumptions:", markup=False)
+    for line in table.assumptions():
+        out.print(f"  {line}", markup=False, highlight=False)
+    if json_path is not None:
+        payload = {"model": str(model), "target": spec.name, "energy_table": table.name, "assumptions": table.assumptions(),
+                   "layers": [dataclasses.asdict(r) for r in rows],
+                   "totals": {**dataclasses.asdict(total), "total_pj": total.total_pj, "fp32_total_pj": total.fp32_total_pj}}
+        write_file_atomically(json_path, (json.dumps(payload, indent=2) + "\n").encode())
 
 
 def _stdout_is_terminal() -> bool:

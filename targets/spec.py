@@ -236,6 +236,9 @@ class TargetSpec:
     machine: MachineChoice | None = None
     #: ``[speed]``: per-layer speed check (off unless the target file turns it on).
     speed: SpeedRules = SpeedRules()
+    #: ``[energy] table``: the energy-per-operation table `qc cost` uses, a built-in name
+    #: (``targets/energy/NAME.toml``) or a .toml path relative to the target file.
+    energy_table: str = "horowitz-45nm"
 
     def quantizes(self, op_type: str) -> bool:
         return op_type in self.ops.quantized
@@ -264,6 +267,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "verify": {"optimization": (str, False)},
     "cpu": {"accumulation": (dict, True), "depthwise_exact": (bool, False)},
     "speed": {"keep_slower_float": (bool, False), "min_slowdown": ((int, float), False), "min_difference_ms": ((int, float), False)},
+    "energy": {"table": (str, False)},
 }
 
 
@@ -544,7 +548,15 @@ def load_target(name_or_path: str, cpu: str | None = None) -> TargetSpec:
         path=str(path),
         machine=machine,
         speed=speed,
+        energy_table=_energy_table(data.get("energy", {}), path),
     )
+
+
+def _energy_table(table: dict[str, Any], path: Path) -> str:
+    name = table.get("table", "horowitz-45nm")
+    if name.endswith(".toml") and not Path(name).is_absolute():
+        return str((Path(path).parent / name).resolve())
+    return name
 
 
 def _speed_rules(table: dict[str, Any], path: Path) -> SpeedRules:
