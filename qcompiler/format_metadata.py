@@ -15,7 +15,7 @@ import onnx_ir as ir
 
 from qcompiler.errors import QCError
 from qcompiler.ir import SOURCE_KEY, constant_array
-from qcompiler.quant.formats import BIPOLAR, FloatFormat, IntFormat, NumberFormat, parse_format
+from qcompiler.quant.formats import BIPOLAR, BlockFormat, FixedFormat, FloatFormat, IntFormat, NumberFormat, parse_format
 
 #: The metadata key (on the DequantizeLinear node) holding the format's name.
 FORMAT_KEY = "qc.format"
@@ -91,19 +91,28 @@ def annotate_formats(model: ir.Model, widths: Mapping[str, int] | None = None) -
     return written
 
 
-def format_violations(dq: ir.Node) -> list[str]:
-    """What is wrong with DequantizeLinear ``dq``'s ``qc.format``: a name that is no format, a
-    format its storage type cannot hold, stored values outside it, a Clip wider than it."""
-    name = dq.metadata_props.get(FORMAT_KEY)
+def _checked_format(fmt: NumberFormat) -> NumberFormat:
+    """The format the stored values themselves are in: a block format's elements, and for fixed
+    point (alone or as MXINT8's elements) the integer codes, value x 2**f."""
+    if isinstance(fmt, BlockFormat):
+        fmt = fmt.element
+    return fmt.codes if isinstance(fmt, FixedFormat) else fmt
+
+
+def format_violations(node: ir.Node) -> list[str]:
+    """What is wrong with ``qc.format`` on ``node`` (a DequantizeLinear, or the Mul of an emulated
+    format): a name that is no format, a format its storage type cannot hold, stored values
+    outside it, a Clip wider than it."""
+    name = node.metadata_props.get(FORMAT_KEY)
     if name is None:
         return []
     try:
-        fmt = parse_format(name)
+        fmt = _checked_format(parse_format(name))
     except QCError as exc:
         return [f"{FORMAT_KEY} '{name}' is not a number format ({exc.message.split(':')[0]})"]
-    codes = dq.inputs[0] if dq.inputs else None
+    codes = node.inputs[0] if node.inputs else None
     problems = []
-    storage = _storage_format(codes)
+    storage = _storage_format(codes) if node.op_type == "DequantizeLinear" else None
     if storage is not None and not isinstance(fmt, type(storage)) and fmt is not BIPOLAR:
         return [f"{FORMAT_KEY} '{name}' is not stored in {storage.name}"]
     if storage is not None and (fmt.min_value < storage.min_value or fmt.max_value > storage.max_value):

@@ -17,7 +17,7 @@ import onnx_ir as ir
 from qcompiler.cost_model import storage_dtype
 from qcompiler.ir import constant_array, opset_version
 from qcompiler.quant.pair_limit import max_pair_sum
-from qcompiler.format_metadata import format_violations
+from qcompiler.format_metadata import FORMAT_KEY, format_violations
 from qcompiler.op_roles import InputRoles, input_roles
 from qcompiler.quant.weights import block_axis
 from qcompiler.targets.spec import FLOAT_WIDTH, INTEGER_BITS, INTEGER_DTYPES, IR_TYPES, TargetSpec, TensorRule
@@ -241,6 +241,9 @@ class _Checker:
                 continue
             self._check_consumer(node, roles_of)
         for node in self.nodes:
+            if node.op_type != "DequantizeLinear" and FORMAT_KEY in node.metadata_props:
+                for problem in format_violations(node):
+                    self.add("format", node, problem)
             if node.op_type == "QuantizeLinear":
                 self._check_quantizer(node)
             elif node.op_type == "DequantizeLinear":

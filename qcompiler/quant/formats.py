@@ -390,8 +390,11 @@ class BlockFormat:
         """The float32 values ``quantize``'s parts stand for."""
         elements = np.asarray(elements, np.float32)
         axis = axis % elements.ndim
-        repeated = np.take(np.repeat(np.asarray(scales, np.float64), self.block_size, axis=axis), np.arange(elements.shape[axis]), axis=axis)
-        return (elements.astype(np.float64) * repeated * tensor_scale).astype(np.float32)
+        # Each block's scale as one float32 (the block scale times the tensor scale), then one
+        # float32 product per element: what DequantizeLinear with block_size computes.
+        scale32 = (np.asarray(scales, np.float32) * np.float32(tensor_scale)).astype(np.float32)
+        repeated = np.take(np.repeat(scale32, self.block_size, axis=axis), np.arange(elements.shape[axis]), axis=axis)
+        return (elements * repeated).astype(np.float32)
 
     def round(self, x: np.ndarray, axis: int = -1, *, rounding: Rounding = "nearest-even", rng: np.random.Generator | None = None) -> np.ndarray:
         """``x`` through this format and back: what a tensor stored in it holds."""

@@ -1,0 +1,177 @@
+"""A constant tensor stored in a number format, as ONNX onnxruntime computes bit for bit.
+
+`lower_constant` quantizes a float tensor into a format and returns the initializers and nodes
+that give back exactly the format's values (times their scales) when onnxruntime runs them:
+
+- natively, as DequantizeLinear of the stored codes, where onnxruntime has the type: integers
+  (int4/uint4, int8/uint8, int16/uint16, int32) and float8 (E4M3FN, E4M3FNUZ, E5M2, E5M2FNUZ);
+  FP4 and FP6 values (E2M1, E2M3, E3M2) are a subset of E4M3FN and are stored in it; fixed point
+  is integer codes with a power-of-two scale;
+- block formats (MXFP8/6/4, MXINT8, NVFP4) the same way, with DequantizeLinear's ``block_size``
+  (opset 21): one float32 scale per block, a power of two for MX (exact), E4M3 x the tensor scale
+  for NVFP4 (their float32 product is the scale, as the format's `dequantize` computes it);
+- fp16 and bf16 by a Cast of the stored half-precision values;
+- otherwise emulated: the format's values times the scale, stored as float32 (``float<e,m>`` with
+  a bias or encoding no runtime type has). The tensor then holds exactly the format's values; the
+  layer runs in float32.
+
+Each lowering writes the format's name on the node producing the tensor (``qc.format``), and says
+whether it ran natively. onnxruntime accumulates every layer in fp32 or int32, whatever the
+storage: unlike Hill et al.'s truncated accumulators, only the stored values are narrow.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import ml_dtypes
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.format_metadata import FORMAT_KEY
+from qcompiler.quant.uniform import _MIN_SCALE
+from qcompiler.quant.formats import BipolarFormat, BlockFormat, FixedFormat, FloatFormat, IntFormat, NumberFormat, parse_format
+
+#: Float formats onnxruntime stores natively, by name: (ONNX data type, numpy type).
+_FLOAT8 = {
+    "e4m3fn": (ir.DataType.FLOAT8E4M3FN, ml_dtypes.float8_e4m3fn), "e4m3fnuz": (ir.DataType.FLOAT8E4M3FNUZ, ml_dtypes.float8_e4m3fnuz),
+    "e5m2": (ir.DataType.FLOAT8E5M2, ml_dtypes.float8_e5m2), "e5m2fnuz": (ir.DataType.FLOAT8E5M2FNUZ, ml_dtypes.float8_e5m2fnuz),
+}
+#: Formats whose every value E4M3FN holds: stored in it.
+_IN_E4M3FN = ("e2m1", "e2m3", "e3m2")
+_HALF = {"fp16": np.float16, "bf16": ml_dtypes.bfloat16}
+_INTS = [(ir.DataType.INT4, 4, True), (ir.DataType.UINT4, 4, False), (ir.DataType.INT8, 8, True), (ir.DataType.UINT8, 8, False),
+         (ir.DataType.INT16, 16, True), (ir.DataType.UINT16, 16, False), (ir.DataType.INT32, 32, True)]
+_NUMPY_INT = {ir.DataType.INT4: ml_dtypes.int4, ir.DataType.UINT4: ml_dtypes.uint4, ir.DataType.INT8: np.int8, ir.DataType.UINT8: np.uint8,
+              ir.DataType.INT16: np.int16, ir.DataType.UINT16: np.uint16, ir.DataType.INT32: np.int32}
+
+
+@dataclass
+class LoweredTensor:
+    """What `lower_constant` built: add ``initializers`` and ``nodes`` to a graph; ``output`` holds
+    the tensor. ``values`` is what onnxruntime computes for it (float32), ``native`` whether a
+    runtime type stores it, ``storage`` in which type."""
+
+    output: ir.Value
+    nodes: list[ir.Node]
+    initializers: list[ir.Value]
+    values: np.ndarray
+    native: bool
+    storage: str
+
+
+def _int_storage(fmt: IntFormat) -> ir.DataType:
+    for dtype, bits, signed in _INTS:
+        if signed == fmt.signed and bits >= fmt.bits:
+            return dtype
+    return ir.DataType.INT32
+
+
+def _initializer(name: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+    tensor = ir.tensor(array, dtype=dtype, name=name) if dtype is not None else ir.tensor(array, name=name)
+    return ir.Value(name=name, const_value=tensor, shape=ir.Shape(list(array.shape)), type=ir.TensorType(tensor.dtype))
+
+
+def _scales(x: np.ndarray, top: float, axis: int | None) -> np.ndarray:
+    """float32 scales mapping each channel's max |x| (along ``axis``; the whole tensor when None) to ``top``."""
+    if axis is None:
+        amax = np.asarray(np.max(np.abs(x)) if x.size else 0.0)
+    else:
+        amax = np.max(np.abs(np.moveaxis(x, axis, 0)).reshape(x.shape[axis], -1), axis=1)
+    return np.where(amax > 0, amax / top, 1.0).astype(np.float32)
+
+
+def _per_axis(scale: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
+    return scale if axis is None or scale.ndim == 0 else scale.reshape([-1 if d == axis else 1 for d in range(ndim)])
+
+
+def lower_constant(name: str, x: np.ndarray, fmt: NumberFormat | str, axis: int | None = None, block_axis: int = -1) -> LoweredTensor:
+    """``x`` stored in ``fmt`` (per channel along ``axis``, per tensor when None; block formats
+    along ``block_axis``) as initializers and nodes whose output onnxruntime computes exactly."""
+    fmt = parse_format(fmt) if isinstance(fmt, str) else fmt
+    x = np.asarray(x, np.float32)
+    if isinstance(fmt, BlockFormat):
+        return _lower_blocks(name, x, fmt, block_axis)
+    if isinstance(fmt, FixedFormat):
+        codes = fmt.codes.round(x * np.float32(2.0**fmt.fraction_bits))
+        return _dequantize(name, fmt, codes, np.asarray(np.float32(fmt.step)), None, _int_storage(fmt.codes))
+    if isinstance(fmt, (IntFormat, BipolarFormat)):
+        if isinstance(fmt, BipolarFormat):
+            scale = _bipolar_scales(x, axis)
+        else:
+            scale = _scales(x, fmt.max_value, axis)
+        codes = fmt.round(x / _per_axis(scale, x.ndim, axis))
+        storage = _int_storage(IntFormat(2, True)) if isinstance(fmt, BipolarFormat) else _int_storage(fmt)
+        return _dequantize(name, fmt, codes, scale, axis, storage)
+    assert isinstance(fmt, FloatFormat)
+    if fmt.name in _HALF:
+        stored = x.astype(_HALF[fmt.name])
+        value = _initializer(f"{name}_stored", stored)
+        cast = ir.Node("", "Cast", [value], attributes={"to": ir.AttrInt64("to", ir.DataType.FLOAT)}, name=f"{name}_Cast")
+        return _finish(name, fmt, cast, [value], stored.astype(np.float32), True, fmt.name)
+    scale = _scales(x, fmt.max_value, axis)
+    values = fmt.round(x / _per_axis(scale, x.ndim, axis), saturate=True)
+    storage = fmt.name if fmt.name in _FLOAT8 else ("e4m3fn" if fmt.name in _IN_E4M3FN else None)
+    if storage is None:
+        # No runtime type holds it: the format's values in float32, times the scale (a Mul, the
+        # same float32 product DequantizeLinear computes; the values stay checkable).
+        value = _initializer(f"{name}_values", values.astype(np.float32))
+        s = _initializer(f"{name}_scale", _per_axis(scale, x.ndim, axis).astype(np.float32))
+        mul = ir.Node("", "Mul", [value, s], name=f"{name}_Mul")
+        emulated = (values.astype(np.float32) * _per_axis(scale, x.ndim, axis)).astype(np.float32)
+        return _finish(name, fmt, mul, [value, s], emulated, False, "float32")
+    dtype, numpy_type = _FLOAT8[storage]
+    return _dequantize(name, fmt, values, scale, axis, dtype, numpy_type)
+
+
+def _bipolar_scales(x: np.ndarray, axis: int | None) -> np.ndarray:
+    """Mean |x| per channel: the scale that minimises the squared error of sign(x) x scale. A
+    channel of zeros gets a negligible one (bipolar holds no zero), as `quantize_bipolar` does."""
+    if axis is None:
+        mean = np.asarray(np.mean(np.abs(x)) if x.size else 0.0)
+    else:
+        mean = np.mean(np.abs(np.moveaxis(x, axis, 0)).reshape(x.shape[axis], -1), axis=1)
+    return np.maximum(mean, _MIN_SCALE).astype(np.float32)
+
+
+def _dequantize(name: str, fmt: NumberFormat, codes: np.ndarray, scale: np.ndarray, axis: int | None, dtype: ir.DataType,
+                numpy_type: type | None = None, block_size: int = 0) -> LoweredTensor:
+    stored = codes.astype(numpy_type or _NUMPY_INT[dtype])
+    q = _initializer(f"{name}_quantized", stored, dtype)
+    s = _initializer(f"{name}_scale", np.asarray(scale, np.float32))
+    attrs = {}
+    if axis is not None and np.ndim(scale) > 0:
+        attrs["axis"] = ir.AttrInt64("axis", axis)
+    if block_size:
+        attrs["block_size"] = ir.AttrInt64("block_size", block_size)
+    dq = ir.Node("", "DequantizeLinear", [q, s], attributes=attrs, name=f"{name}_DequantizeLinear")
+    if block_size:
+        repeated = np.take(np.repeat(np.asarray(scale, np.float32), block_size, axis=axis), np.arange(codes.shape[axis]), axis=axis)
+        values = (stored.astype(np.float32) * repeated).astype(np.float32)
+    else:
+        values = (stored.astype(np.float32) * _per_axis(np.asarray(scale, np.float32), codes.ndim, axis)).astype(np.float32)
+    return _finish(name, fmt, dq, [q, s], values, True, ir.DataType(dtype).name.lower())
+
+
+def _lower_blocks(name: str, x: np.ndarray, fmt: BlockFormat, block_axis: int) -> LoweredTensor:
+    if x.ndim == 0:
+        x = x.reshape(1)
+    axis = block_axis % x.ndim
+    elements, block_scales, tensor_scale = fmt.quantize(x, axis)
+    # One float32 scale per block, as DequantizeLinear multiplies: exact for MX's powers of two.
+    scale = (block_scales.astype(np.float32) * np.float32(tensor_scale)).astype(np.float32)
+    element = fmt.element
+    if isinstance(element, FixedFormat):
+        codes = element.codes.round(elements * np.float32(2.0**element.fraction_bits))
+        return _dequantize(name, fmt, codes, (scale * np.float32(element.step)).astype(np.float32), axis, _int_storage(element.codes), block_size=fmt.block_size)
+    storage = element.name if element.name in _FLOAT8 else "e4m3fn"
+    dtype, numpy_type = _FLOAT8[storage]
+    return _dequantize(name, fmt, elements, scale, axis, dtype, numpy_type, block_size=fmt.block_size)
+
+
+def _finish(name: str, fmt: NumberFormat, node: ir.Node, initializers: list[ir.Value], values: np.ndarray, native: bool, storage: str) -> LoweredTensor:
+    node.metadata_props[FORMAT_KEY] = fmt.name
+    out = node.outputs[0]
+    out.name = f"{name}_{fmt.name.replace('<', '_').replace('>', '').replace(',', '_').replace('=', '')}"
+    out.dtype, out.shape = ir.DataType.FLOAT, ir.Shape(list(values.shape))
+    return LoweredTensor(out, [node], initializers, values, native, storage)
