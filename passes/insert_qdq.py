@@ -20,14 +20,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 import onnx
-import onnx.version_converter
 
 from qcompiler.calibration import CALIBRATION_FACT, CalibrationRanges
 from qcompiler.quant.adaround import pair_sum_violations
 from qcompiler.precision import ACTIVATION_BITS_FACT, FLOAT_LAYER_INPUTS_FACT, ROUNDED_WEIGHTS_FACT, WEIGHT_BITS_FACT
 from qcompiler.errors import QCError
 from qcompiler.format_metadata import annotate_formats
-from qcompiler.ir import SOURCE_KEY, NameAuthority, annotate_types, add_initializer, constant_array, is_float_tensor, opset_version, to_proto
+from qcompiler.ir import SOURCE_KEY, NameAuthority, upgraded_to, annotate_types, add_initializer, constant_array, is_float_tensor, opset_version, to_proto
 from qcompiler.op_roles import decomposed_activations, input_roles
 from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.quant.bias_correction import InputMeans, LayerInputMeans, corrected_bias, correctable_inputs
@@ -272,14 +271,9 @@ class InsertQDQ(Pass):
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         target = ctx.target
-        if opset_version(model) < target.min_opset:
-            # Per-channel DequantizeLinear needs the target's opset: upgrade with the ONNX converter.
-            old = opset_version(model)
-            try:
-                upgraded = onnx.version_converter.convert_version(to_proto(model), target.min_opset)
-            except Exception as exc:
-                raise QCError(f"model opset {old} is below the target's minimum {target.min_opset} and could not be converted: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", pass_name=self.name) from None
-            model = ir.serde.deserialize_model(upgraded)
+        # Per-channel DequantizeLinear needs the target's opset: upgrade with the ONNX converter.
+        model, old = upgraded_to(model, target.min_opset, self.name, "the target's minimum")
+        if old is not None:
             ctx.note(self.name, f"model upgraded from opset {old} to {target.min_opset}")
         # A pass before this one may have created untyped values; float data is found by type.
         annotate_types(model)

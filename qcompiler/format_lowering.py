@@ -29,6 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.format_metadata import FORMAT_KEY
+from qcompiler.quant.pair_limit import pair_safe_scale
 from qcompiler.quant.uniform import _MIN_SCALE
 from qcompiler.quant.formats import BipolarFormat, BlockFormat, FixedFormat, FloatFormat, IntFormat, NumberFormat, parse_format
 
@@ -85,9 +86,14 @@ def _per_axis(scale: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
     return scale if axis is None or scale.ndim == 0 else scale.reshape([-1 if d == axis else 1 for d in range(ndim)])
 
 
-def lower_constant(name: str, x: np.ndarray, fmt: NumberFormat | str, axis: int | None = None, block_axis: int = -1) -> LoweredTensor:
+def lower_constant(name: str, x: np.ndarray, fmt: NumberFormat | str, axis: int | None = None, block_axis: int = -1, pair_sum_limit: int | None = None) -> LoweredTensor:
     """``x`` stored in ``fmt`` (per channel along ``axis``, per tensor when None; block formats
-    along ``block_axis``) as initializers and nodes whose output onnxruntime computes exactly."""
+    along ``block_axis``) as initializers and nodes whose output onnxruntime computes exactly.
+
+    ``pair_sum_limit``: a weight read by integer kernels that add pairs of products in int16
+    (onnxruntime's u8s8 on AVX2 without VNNI): a signed integer format wide enough to overflow
+    them gets each channel's pair-safe scale (`qcompiler.quant.pair_limit`), so onnxruntime's
+    fused kernels compute exactly the stored values."""
     fmt = parse_format(fmt) if isinstance(fmt, str) else fmt
     x = np.asarray(x, np.float32)
     if isinstance(fmt, BlockFormat):
@@ -96,11 +102,17 @@ def lower_constant(name: str, x: np.ndarray, fmt: NumberFormat | str, axis: int 
         codes = fmt.codes.round(x * np.float32(2.0**fmt.fraction_bits))
         return _dequantize(name, fmt, codes, np.asarray(np.float32(fmt.step)), None, _int_storage(fmt.codes))
     if isinstance(fmt, (IntFormat, BipolarFormat)):
+        top = None
         if isinstance(fmt, BipolarFormat):
             scale = _bipolar_scales(x, axis)
+        elif pair_sum_limit is not None and fmt.signed and 2 * fmt.max_value > pair_sum_limit:
+            bound = np.max(np.abs(np.moveaxis(x, axis, 0)).reshape(x.shape[axis], -1), axis=1) if axis is not None else np.max(np.abs(x))
+            scale, top = pair_safe_scale(x, axis, bound, int(fmt.max_value), pair_sum_limit)
         else:
             scale = _scales(x, fmt.max_value, axis)
         codes = fmt.round(x / _per_axis(scale, x.ndim, axis))
+        if top is not None:
+            codes = np.clip(codes, -_per_axis(top, x.ndim, axis), _per_axis(top, x.ndim, axis)).astype(np.float32)
         storage = _int_storage(IntFormat(2, True)) if isinstance(fmt, BipolarFormat) else _int_storage(fmt)
         return _dequantize(name, fmt, codes, scale, axis, storage)
     assert isinstance(fmt, FloatFormat)

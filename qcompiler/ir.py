@@ -101,6 +101,22 @@ def opset_version(model: ir.Model) -> int:
     return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
 
 
+def upgraded_to(model: ir.Model, opset: int, pass_name: str, why: str) -> tuple[ir.Model, int | None]:
+    """``model`` at ``opset`` or above (the ONNX version converter, when it is below), and the
+    opset it had if it was upgraded (None otherwise). A model the converter cannot take is a
+    QCError naming ``pass_name`` and ``why`` it needed the upgrade."""
+    old = opset_version(model)
+    if old >= opset:
+        return model, None
+    import onnx.version_converter
+
+    try:
+        upgraded = onnx.version_converter.convert_version(to_proto(model), opset)
+    except Exception as exc:
+        raise QCError(f"model opset {old} is below {opset} ({why}) and could not be converted: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", pass_name=pass_name) from None
+    return ir.serde.deserialize_model(upgraded), old
+
+
 def initializer_bytes(model: ir.Model) -> int:
     """Bytes of all initializers (the model's weights) as stored."""
     return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)

@@ -1,0 +1,235 @@
+"""Searching number formats for a network's weights: candidates run in onnxruntime, costs modelled.
+
+A candidate is an assignment of one format per weight layer (and one activation format for the
+network). `FormatEvaluator` builds it as ONNX (each weight lowered with `lower_constant`, so the
+runtime computes exactly the format's values; each layer input fake-quantized in the activation
+format) and measures its outputs against the float model's on held-out samples: output SQNR,
+and top-1 accuracy where the data has labels.
+
+Two strategies share it:
+
+- ``network``: every format for all layers at once, cheapest first (Hill et al.'s search, over
+  formats instead of one network's fixed-point grid), one evaluation per format;
+
+Candidates run as the written model will, all onnxruntime optimizations on: formats it has kernels
+for (int8 with uint8 activations) run in them, with pair-safe weights where this CPU's kernels add
+int16 pairs; the others are dequantized and accumulate in fp32.
+- ``layer``: the damage of each layer alone in each format (one evaluation each), then the
+  assignment with the least modelled energy whose summed output noise fits the goal, exactly
+  (an integer program, `qcompiler.precision_ilp.solve_ilp` with the roles of cost and damage
+  swapped), checked end to end and tightened while it misses (the noises of layers add only
+  approximately).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.data import DataSource
+from qcompiler.energy_model import EnergyTable
+from qcompiler.errors import QCError
+from qcompiler.format_lowering import lower_constant
+from qcompiler.format_metadata import FORMAT_KEY
+from qcompiler.ir import to_proto
+from qcompiler.op_roles import input_roles
+from qcompiler.quant.formats import BlockFormat, FloatFormat, IntFormat, NumberFormat, parse_format
+from qcompiler.quant.uniform import sqnr_db
+from qcompiler.runtime import make_session, with_extra_outputs
+
+FP32 = parse_format("fp32")
+#: Activation formats a candidate can fake-quantize its layer inputs in (what QuantizeLinear stores, or a Cast).
+ACTIVATION_FORMATS = ("fp32", "fp16", "uint8", "int8", "e4m3fn", "e5m2")
+
+
+@dataclass(frozen=True)
+class WeightLayer:
+    """A layer whose weight is a constant: what the search assigns a format to."""
+
+    node: str
+    op_type: str
+    weight: str
+    input: str
+    axis: int | None  # output-channel axis: per-channel scales
+    block_axis: int  # reduction axis: block formats' blocks
+    params: int
+    macs: int
+
+
+def weight_layers(model: ir.Model) -> list[WeightLayer]:
+    """The Conv/ConvTranspose/Gemm/MatMul layers of ``model`` with a float constant weight."""
+    from qcompiler.cost_model import node_macs
+    from qcompiler.quant.weights import block_axis
+
+    layers = []
+    for node in model.graph:
+        roles = input_roles(node)
+        if roles.weight is None or roles.weight >= len(node.inputs) or not roles.activations:
+            continue
+        w, x = node.inputs[roles.weight], node.inputs[roles.activations[0]]
+        if w is None or x is None or w.const_value is None or w.const_value.dtype not in (ir.DataType.FLOAT, ir.DataType.FLOAT16):
+            continue
+        shape = tuple(w.const_value.shape)
+        axis = roles.weight_axis if len(shape) > 1 else None
+        blocks = block_axis(node, axis if axis is not None else 0, len(shape)) if len(shape) > 1 else 0
+        layers.append(WeightLayer(node.name, node.op_type, w.name, x.name, axis, blocks, math.prod(shape), node_macs(node, shape)))
+    if not layers:
+        raise QCError("no layer with a constant float weight (Conv, ConvTranspose, Gemm, MatMul) to search formats for", pass_name="search-formats")
+    return layers
+
+
+@dataclass
+class Measurement:
+    """One candidate as onnxruntime ran it on the held-out samples."""
+
+    sqnr_db: float
+    noise: float  # mean squared output error against the float model
+    top1: float | None  # % on the labels, when the data has them
+    seconds: float
+
+
+@dataclass
+class FormatEvaluator:
+    """Builds and measures candidates of ``model`` on ``data`` (held-out samples)."""
+
+    model: ir.Model
+    data: DataSource
+    activation_format: NumberFormat
+    output: str
+    #: The CPU's int16 pair-sum limit (`TensorRule.pair_sum_limit`): 8-bit integer weights get
+    #: pair-safe scales, so the fused kernels onnxruntime runs them in compute what was measured.
+    pair_sum_limit: int | None = None
+    evaluations: int = 0
+    _float: np.ndarray | None = field(default=None, repr=False)
+    _ranges: dict[str, tuple[float, float]] = field(default_factory=dict, repr=False)
+    _layers: list[WeightLayer] = field(default_factory=list, repr=False)
+
+    def __post_init__(self) -> None:
+        self._layers = weight_layers(self.model)
+        inputs = sorted({layer.input for layer in self._layers})
+        proto = with_extra_outputs(to_proto(self.model), inputs)
+        session = make_session(proto, what="float model")
+        names = [o.name for o in session.get_outputs()]
+        feeds = self.data.arrays
+        results = session.run(None, feeds)
+        by_name = dict(zip(names, results))
+        self._float = np.asarray(by_name[self.output], np.float64)
+        # The activation quantizers' ranges: min and max of each layer input on these samples.
+        self._ranges = {name: (float(np.min(by_name[name])), float(np.max(by_name[name]))) if by_name[name].size else (0.0, 1.0) for name in inputs}
+
+    @property
+    def layers(self) -> list[WeightLayer]:
+        return self._layers
+
+    @property
+    def signal(self) -> float:
+        """Mean squared float output: the SQNR's numerator."""
+        return float(np.mean(self._float**2))
+
+    def build(self, formats: dict[str, NumberFormat]) -> ir.Model:
+        """``model`` with each weight in ``formats`` (by weight name; absent: float) lowered, and
+        every layer input fake-quantized in the activation format."""
+        model = ir.serde.deserialize_model(to_proto(self.model))
+        graph = model.graph
+        nodes = {n.name: n for n in graph}
+        first = graph[0]
+        for layer in self._layers:
+            fmt = formats.get(layer.weight)
+            if fmt is None or fmt == FP32:
+                continue
+            node = nodes[layer.node]
+            index = input_roles(node).weight
+            w = node.inputs[index]
+            lowered = lower_constant(f"{layer.weight}_{layer.node}".replace("/", "_"), w.const_value.numpy().astype(np.float32), fmt, axis=layer.axis,
+                                     block_axis=layer.block_axis, pair_sum_limit=self.pair_sum_limit)
+            for init in lowered.initializers:
+                graph.register_initializer(init)
+            for n in lowered.nodes:
+                graph.insert_before(first, n)
+            node.replace_input_with(index, lowered.output)
+        if self.activation_format != FP32:
+            values = {v.name: v for n in graph for v in n.inputs if v is not None} | {v.name: v for v in graph.inputs}
+            for name in sorted({layer.input for layer in self._layers}):
+                self._fake_quantize(graph, values[name], first)
+        return model
+
+    def _fake_quantize(self, graph: ir.Graph, value: ir.Value, before: ir.Node) -> None:
+        fmt = self.activation_format
+        readers = [(u.node, u.idx) for u in value.uses()]
+        if fmt.name == "fp16":
+            down = ir.Node("", "Cast", [value], attributes={"to": ir.AttrInt64("to", ir.DataType.FLOAT16)})
+            up = ir.Node("", "Cast", [down.outputs[0]], attributes={"to": ir.AttrInt64("to", ir.DataType.FLOAT)})
+            new_nodes, out = [down, up], up.outputs[0]
+        else:
+            lo, hi = self._ranges.get(value.name, (0.0, 1.0))
+            lo, hi = min(lo, 0.0), max(hi, 0.0)  # zero exactly representable
+            amax = max(-lo, hi, 1e-12)
+            if isinstance(fmt, IntFormat) and not fmt.signed:
+                # Affine: [lo, hi] onto [0, max], zero on an integer code (as calibrate does).
+                scale = max(hi - lo, 1e-12) / fmt.max_value
+                zero = np.array(np.clip(np.round(-lo / scale), 0, fmt.max_value), np.uint8)
+            elif isinstance(fmt, IntFormat):
+                scale, zero = amax / fmt.max_value, np.array(0, np.int8)
+            else:
+                import ml_dtypes
+
+                scale = amax / fmt.max_value
+                zero = np.array(0, {"e4m3fn": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2}[fmt.name])
+            s = ir.Value(name=f"{value.name}_search_scale", const_value=ir.tensor(np.array(scale, np.float32)))
+            z = ir.Value(name=f"{value.name}_search_zero_point", const_value=ir.tensor(zero))
+            graph.register_initializer(s)
+            graph.register_initializer(z)
+            q = ir.Node("", "QuantizeLinear", [value, s, z])
+            dq = ir.Node("", "DequantizeLinear", [q.outputs[0], s, z])
+            dq.metadata_props[FORMAT_KEY] = fmt.name
+            new_nodes, out = [q, dq], dq.outputs[0]
+        out.dtype, out.shape = ir.DataType.FLOAT, value.shape
+        producer = value.producer()
+        if producer is not None:
+            graph.insert_after(producer, new_nodes)
+        else:
+            graph.insert_before(before, new_nodes)
+        for node, idx in readers:
+            node.replace_input_with(idx, out)
+
+    def measure(self, formats: dict[str, NumberFormat], as_run: bool = True) -> Measurement:
+        """Build the candidate, run it in onnxruntime and compare its outputs with the float model's.
+
+        ``as_run``: all optimizations on, as onnxruntime runs the written model (its integer
+        kernels included). False: basic optimizations, the formats' own numerics; what the
+        per-layer damage is measured with, because with some layers left float onnxruntime
+        (1.2x's weight-bias quantization) quantizes those float weights itself next to
+        quantized activations, which would charge their error to the layer being measured."""
+        start = time.perf_counter()
+        model = self.build(formats)
+        session = make_session(to_proto(model), optimize=as_run, what="candidate")
+        y = np.asarray(session.run([self.output], self.data.arrays)[0], np.float64)
+        self.evaluations += 1
+        noise = float(np.mean((y - self._float) ** 2))
+        top1 = None
+        if self.data.labels is not None and y.ndim == 2:
+            top1 = float(np.mean(np.argmax(y, axis=1) == np.asarray(self.data.labels).reshape(-1)) * 100)
+        return Measurement(sqnr_db(self._float, y), noise, top1, time.perf_counter() - start)
+
+    def float_top1(self) -> float | None:
+        if self.data.labels is None or self._float.ndim != 2:
+            return None
+        return float(np.mean(np.argmax(self._float, axis=1) == np.asarray(self.data.labels).reshape(-1)) * 100)
+
+
+def layer_energy_pj(layer: WeightLayer, fmt: NumberFormat, activation: NumberFormat, table: EnergyTable) -> float:
+    """Modelled energy of one layer's MACs and weight reads with its weight in ``fmt``."""
+    return layer.macs * table.mac_pj(fmt, activation) + layer.params * float(fmt.bits) * table.bit_pj(table.weights_from)
+
+
+def format_family(fmt: NumberFormat) -> str:
+    """A short kind for reports: int, fixed, float, block."""
+    if isinstance(fmt, BlockFormat):
+        return "block"
+    if isinstance(fmt, FloatFormat):
+        return "float"
+    return "int"
