@@ -36,6 +36,15 @@ from qcompiler.registry import register_pass
 _TIGHTENINGS = 8
 
 
+def _usable_cpus() -> int:
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
 @register_pass
 class SearchFormats(Pass):
     """Choose a number format per weight layer (or per network) with the least modelled energy that meets an SQNR or accuracy goal in onnxruntime."""
@@ -59,6 +68,9 @@ class SearchFormats(Pass):
         samples: int = 512
         #: Energy table (built-in name or .toml); empty: the target's.
         energy: str = ""
+        #: Worker processes measuring candidates side by side, one onnxruntime thread each
+        #: (0: one per CPU this process may use; 1: all in this process, onnxruntime's threads).
+        workers: int = 0
 
         def __post_init__(self) -> None:
             for name in self.formats.split("|"):
@@ -69,6 +81,8 @@ class SearchFormats(Pass):
                 raise ValueError("give a goal: 'min-sqnr' > 0 (dB) or 'max-drop' >= 0 (points, with labels)")
             if self.samples < 1:
                 raise ValueError("option 'samples' must be >= 1")
+            if self.workers < 0:
+                raise ValueError("option 'workers' must be >= 0 (0: one per CPU)")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         o = self.options
@@ -83,7 +97,15 @@ class SearchFormats(Pass):
             ctx.note(self.name, f"model upgraded from opset {old} to 21")
         held = ctx.data if ctx.data.num_samples <= o.samples else ctx.data.split(o.samples)[1]
         activation = parse_format(o.activations)
-        evaluator = FormatEvaluator(model, held, activation, model.graph.outputs[0].name, pair_sum_limit=ctx.target.weights.pair_sum_limit)
+        workers = o.workers or _usable_cpus()
+        evaluator = FormatEvaluator(model, held, activation, model.graph.outputs[0].name, pair_sum_limit=ctx.target.weights.pair_sum_limit, workers=workers)
+        try:
+            return self._search(model, ctx, evaluator, held, activation, start)
+        finally:
+            evaluator.close()
+
+    def _search(self, model: ir.Model, ctx: PassContext, evaluator: FormatEvaluator, held, activation, start: float) -> PassResult:
+        o = self.options
         table = load_energy_table(o.energy or ctx.target.energy_table)
         formats = list(dict.fromkeys(parse_format(n) for n in o.formats.split("|")))
         layers = evaluator.layers
@@ -98,10 +120,8 @@ class SearchFormats(Pass):
             return ok
 
         # One format for the whole network: each measured (the best uniform, and Hill's search).
-        uniform = []
-        for j, fmt in enumerate(formats):
-            m = evaluator.measure({layer.weight: fmt for layer in layers})
-            uniform.append((fmt, float(energy[:, j].sum()), m))
+        measured_uniform = evaluator.measure_many([{layer.weight: fmt for layer in layers} for fmt in formats])
+        uniform = [(fmt, float(energy[:, j].sum()), m) for j, (fmt, m) in enumerate(zip(formats, measured_uniform))]
         passing = [u for u in uniform if meets(u[2])]
         best_uniform = min(passing, key=lambda u: u[1]) if passing else None
         choice = {layer.weight: best_uniform[0] for layer in layers} if best_uniform else None
@@ -112,7 +132,8 @@ class SearchFormats(Pass):
         if o.granularity == "layer":
             # Each layer alone in each format, the formats' own numerics (see FormatEvaluator.measure).
             base = evaluator.measure({}, as_run=False)  # activations alone
-            damage = np.array([[max(evaluator.measure({layer.weight: f}, as_run=False).noise - base.noise, 0.0) for f in formats] for layer in layers])
+            alone = evaluator.measure_many([{layer.weight: f} for layer in layers for f in formats], as_run=False)
+            damage = np.maximum(np.array([m.noise for m in alone]).reshape(len(layers), len(formats)) - base.noise, 0.0)
             allowed = evaluator.signal * 10 ** (-o.min_sqnr / 10) - base.noise if o.min_sqnr > 0 else evaluator.signal * 1e-2
             while allowed > 0 and tightened <= _TIGHTENINGS:
                 try:
@@ -147,6 +168,8 @@ class SearchFormats(Pass):
             "goal_met": goal_met,
             "samples": held.num_samples,
             "evaluations": evaluator.evaluations,
+            "failed_evaluations": evaluator.failed,
+            "workers": evaluator.workers,
             "seconds": round(time.perf_counter() - start, 2),
             "layers": {layer.node: choice[layer.weight].name for layer in layers},
             # MACs and weight reads (the activations' traffic is the same for every candidate).

@@ -90,11 +90,13 @@ class Measurement:
     noise: float  # mean squared output error against the float model
     top1: float | None  # % on the labels, when the data has them
     seconds: float
+    failed: bool = False
 
 
 @dataclass
 class FormatEvaluator:
-    """Builds and measures candidates of ``model`` on ``data`` (held-out samples)."""
+    """Builds and measures candidates of ``model`` on ``data`` (held-out samples), in this
+    process or in ``workers`` worker processes (`measure_many`)."""
 
     model: ir.Model
     data: DataSource
@@ -103,16 +105,25 @@ class FormatEvaluator:
     #: The CPU's int16 pair-sum limit (`TensorRule.pair_sum_limit`): 8-bit integer weights get
     #: pair-safe scales, so the fused kernels onnxruntime runs them in compute what was measured.
     pair_sum_limit: int | None = None
+    #: Worker processes for `measure_many` (1: all in this process).
+    workers: int = 1
+    #: onnxruntime intra-op threads per session (0: its default; workers use 1 each).
+    threads: int = 0
     evaluations: int = 0
+    #: Candidates whose evaluation failed twice (a worker that died): reported, not fatal.
+    failed: int = 0
     _float: np.ndarray | None = field(default=None, repr=False)
     _ranges: dict[str, tuple[float, float]] = field(default_factory=dict, repr=False)
     _layers: list[WeightLayer] = field(default_factory=list, repr=False)
+    _pool: object = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
         self._layers = weight_layers(self.model)
+        if self._float is not None:
+            return  # a worker's copy: the reference outputs and ranges came with it
         inputs = sorted({layer.input for layer in self._layers})
         proto = with_extra_outputs(to_proto(self.model), inputs)
-        session = make_session(proto, what="float model")
+        session = make_session(proto, what="float model", threads=self.threads)
         names = [o.name for o in session.get_outputs()]
         feeds = self.data.arrays
         results = session.run(None, feeds)
@@ -120,6 +131,56 @@ class FormatEvaluator:
         self._float = np.asarray(by_name[self.output], np.float64)
         # The activation quantizers' ranges: min and max of each layer input on these samples.
         self._ranges = {name: (float(np.min(by_name[name])), float(np.max(by_name[name]))) if by_name[name].size else (0.0, 1.0) for name in inputs}
+
+    def _state(self) -> tuple:
+        """What a worker needs to rebuild this evaluator without rerunning the float model."""
+        return (to_proto(self.model).SerializeToString(), self.data.arrays, self.data.labels, self.activation_format.name, self.output,
+                self.pair_sum_limit, self._float, self._ranges)
+
+    def measure_many(self, candidates: list[dict[str, NumberFormat]], as_run: bool = True) -> list[Measurement]:
+        """`measure` for each candidate, spread over the worker processes. A candidate whose
+        worker dies is tried once more in a fresh pool, then reported failed (SQNR -inf)."""
+        if self.workers <= 1 or len(candidates) <= 1:
+            return [self.measure(c, as_run) for c in candidates]
+        from concurrent.futures.process import BrokenProcessPool
+
+        results: list[Measurement | None] = [None] * len(candidates)
+        named = [{k: v.name for k, v in c.items()} for c in candidates]
+        pending = list(range(len(candidates)))
+        for attempt in range(2):
+            pool = self._worker_pool(fresh=attempt > 0)
+            futures = {i: pool.submit(_measure_in_worker, named[i], as_run) for i in pending}
+            retry = []
+            for i, future in futures.items():
+                try:
+                    results[i] = future.result()
+                    self.evaluations += 1
+                except BrokenProcessPool:
+                    retry.append(i)
+            pending = retry
+            if not pending:
+                break
+        for i in pending:
+            self.failed += 1
+            results[i] = Measurement(float("-inf"), float("inf"), None, 0.0, failed=True)
+        return [r for r in results if r is not None]
+
+    def _worker_pool(self, fresh: bool = False):
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        if self._pool is not None and not fresh:
+            return self._pool
+        self.close()
+        # spawn: a forked child would inherit onnxruntime's and torch's thread pools mid-state.
+        self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker, initargs=(self._state(),))
+        return self._pool
+
+    def close(self) -> None:
+        """Stop the worker processes (if any)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
 
     @property
     def layers(self) -> list[WeightLayer]:
@@ -206,7 +267,7 @@ class FormatEvaluator:
         quantized activations, which would charge their error to the layer being measured."""
         start = time.perf_counter()
         model = self.build(formats)
-        session = make_session(to_proto(model), optimize=as_run, what="candidate")
+        session = make_session(to_proto(model), optimize=as_run, what="candidate", threads=self.threads)
         y = np.asarray(session.run([self.output], self.data.arrays)[0], np.float64)
         self.evaluations += 1
         noise = float(np.mean((y - self._float) ** 2))
@@ -233,3 +294,20 @@ def format_family(fmt: NumberFormat) -> str:
     if isinstance(fmt, FloatFormat):
         return "float"
     return "int"
+
+
+#: The evaluator of a worker process (one per process, built once by `_start_worker`).
+_WORKER: FormatEvaluator | None = None
+
+
+def _start_worker(state: tuple) -> None:
+    global _WORKER
+    proto, arrays, labels, activation, output, limit, reference, ranges = state
+    model = ir.serde.deserialize_model(__import__("onnx").load_from_string(proto))
+    _WORKER = FormatEvaluator(model, DataSource(arrays, labels), parse_format(activation), output, pair_sum_limit=limit, threads=1,
+                              _float=reference, _ranges=ranges)
+
+
+def _measure_in_worker(formats: dict[str, str], as_run: bool) -> Measurement:
+    assert _WORKER is not None
+    return _WORKER.measure({k: parse_format(v) for k, v in formats.items()}, as_run)

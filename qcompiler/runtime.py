@@ -26,11 +26,12 @@ def session_options(*, optimize: bool = True, threads: int = 0, spinning: bool =
     return options
 
 
-def make_session(model: onnx.ModelProto | str, *, optimize: bool = True, what: str = "model") -> ort.InferenceSession:
-    """An onnxruntime CPU session; a model onnxruntime refuses becomes a one-line `QCError`."""
+def make_session(model: onnx.ModelProto | str, *, optimize: bool = True, what: str = "model", threads: int = 0) -> ort.InferenceSession:
+    """An onnxruntime CPU session (``threads`` intra-op threads, 0: onnxruntime's default); a
+    model onnxruntime refuses becomes a one-line `QCError`."""
     source = model if isinstance(model, str) else model.SerializeToString()
     try:
-        return ort.InferenceSession(source, sess_options=session_options(optimize=optimize), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source, sess_options=session_options(optimize=optimize, threads=threads), providers=["CPUExecutionProvider"])
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QCError(f"onnxruntime cannot load the {what}: {first[:300]}", file=model if isinstance(model, str) else None) from None

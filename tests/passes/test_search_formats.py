@@ -37,7 +37,7 @@ def _stats(result) -> dict:
 
 def test_the_written_model_is_the_candidate_measured_and_names_its_formats() -> None:
     data = _data()
-    result = _compile("formats=int8|int4|e4m3fn|mxfp4,min-sqnr=18,samples=64", data)
+    result = _compile("formats=int8|int4|e4m3fn|mxfp4,min-sqnr=18,samples=64,workers=1", data)
     stats = _stats(result)
     assert stats["goal_met"] and stats["sqnr_db"] >= 18
     layers = [n for n in result.model.graph if input_roles(n).weight is not None]
@@ -89,3 +89,12 @@ def test_bad_options_name_themselves(options: str, culprit: str) -> None:
 def test_max_drop_without_labels_says_what_to_give() -> None:
     with pytest.raises(QCError, match="max-drop needs labels"):
         _compile("formats=int8,max-drop=1,min-sqnr=0")
+
+
+def test_two_worker_processes_measure_exactly_what_one_process_does() -> None:
+    data = _data()
+    one = _stats(_compile("formats=int8|int4|mxfp4,min-sqnr=18,samples=64,workers=1", data))
+    two = _stats(_compile("formats=int8|int4|mxfp4,min-sqnr=18,samples=64,workers=2", data))
+    assert two["workers"] == 2 and two["failed_evaluations"] == 0
+    for key in ("layers", "uniform", "sqnr_db", "energy_pj", "evaluations"):
+        assert one[key] == two[key], key
