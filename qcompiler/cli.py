@@ -155,6 +155,58 @@ def compile_cmd(
         raise typer.Exit(1)
 
 
+@app.command("search")
+def search_cmd(
+    model: Annotated[Path, typer.Argument(help="Float ONNX model.")],
+    calib: Annotated[Path, typer.Option("--calib", help=".npz data the candidates run on (its last --samples samples; labels for --max-drop).")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output folder for model.onnx (the chosen formats) and report.json.")] = Path("out"),
+    formats: Annotated[str, typer.Option("--formats", help="Candidate weight formats, '|'-separated: int8|int4|e4m3fn|mxfp4|float<3,4>|...")] = "int8|int4|int2|e4m3fn|e5m2|mxfp8|mxfp6|mxfp4|nvfp4|fp16",
+    activations: Annotated[str, typer.Option("--activations", help="Format of every layer input: fp32, fp16, uint8, int8, e4m3fn, e5m2.")] = "uint8",
+    granularity: Annotated[str, typer.Option("--granularity", help="layer (a format per layer) or network (one for all).")] = "layer",
+    min_sqnr: Annotated[float, typer.Option("--min-sqnr", help="Goal: output SQNR against float, dB (0: none).")] = 25.0,
+    max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Goal: top-1 drop in points (needs labels).")] = None,
+    samples: Annotated[int, typer.Option("--samples", min=1, help="Calibration samples every candidate runs on (the last ones).")] = 512,
+    workers: Annotated[int, typer.Option("--workers", min=0, help="Worker processes (0: one per CPU).")] = 0,
+    target: Annotated[str, typer.Option("--target", "-t", help="Target whose CPU and energy table apply.")] = "ort-cpu",
+    energy: Annotated[Optional[str], typer.Option("--energy", help="Energy table: built-in name or .toml (default: the target's).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
+) -> None:
+    """Search number formats for MODEL's weights (search-formats): least modelled energy that meets the goal, each candidate run in onnxruntime. Exits 1, with the most accurate candidate written, when no candidate meets the goal."""
+    from qcompiler.compiler import compile as run_compile
+
+    options = [f"formats={formats}", f"activations={activations}", f"granularity={granularity}", f"min-sqnr={min_sqnr:g}", f"samples={samples}", f"workers={workers}"]
+    if max_drop is not None:
+        options.append(f"max-drop={max_drop:g}")
+    if energy:
+        options.append(f"energy={energy}")
+    pipeline = "infer-shapes,fold-constants,fold-batchnorm,search-formats{" + ",".join(options) + "}"
+    # The search measured its own candidates; the compile's guard would hold them to its default goal.
+    result = run_compile(model, target=target, calibration=calib, pipeline=pipeline, verify=False, output_dir=output, force=force, min_sqnr=None, progress=_progress, latency_runs=0)
+    stats = next(p.stats for p in result.report.passes if p.name == "search-formats")
+    grid = Table(title=f"{model}: candidates, each run in onnxruntime on {stats['samples']} samples")
+    for col in ("weights", "energy µJ", "SQNR dB", "top-1 %", "goal"):
+        grid.add_column(col, justify="left" if col == "weights" else "right")
+    for u in sorted(stats["uniform"], key=lambda u: u["energy_pj"]):
+        grid.add_row(f"{u['format']} everywhere", f"{u['energy_pj'] / 1e6:.2f}", f"{u['sqnr_db']:.2f}", f"{u['top1']:.2f}" if u["top1"] is not None else "-", "met" if u["meets_goal"] else "missed")
+    chosen = ", ".join(f"{fmt} x{n}" for fmt, n in sorted(_counts(stats["layers"]).items(), key=lambda kv: -kv[1]))
+    grid.add_row(f"chosen ({stats['granularity']}): {chosen}", f"{stats['energy_pj'] / 1e6:.2f}", f"{stats['sqnr_db']:.2f}", f"{stats['top1']:.2f}" if stats["top1"] is not None else "-", "met" if stats["goal_met"] else "missed")
+    out.print(grid)
+    versus = f", {stats['energy_vs_best_uniform']:.2f}x less than the best uniform format ({stats['best_uniform']})" if stats["best_uniform"] else ""
+    out.print(f"modelled energy {stats['energy_vs_fp32']:.2f}x less than fp32{versus}; {stats['evaluations']} evaluations on {stats['workers']} worker(s), "
+              f"{stats['seconds']:.1f} s ({stats['energy_table']}; `qc cost {output / 'model.onnx'}` lists its assumptions)", markup=False, highlight=False)
+    out.print(f"wrote {output / 'model.onnx'} and {output / 'report.json'}", markup=False, highlight=False)
+    if not stats["goal_met"]:
+        err.print(f"error: no candidate met the goal; the most accurate one is in {output} (SQNR {stats['sqnr_db']:.2f} dB against a goal of {min_sqnr:g} dB)", markup=False, highlight=False)
+        raise typer.Exit(1)
+
+
+def _counts(layers: dict[str, str]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for fmt in layers.values():
+        counts[fmt] = counts.get(fmt, 0) + 1
+    return counts
+
+
 def _budget_pipeline(target: str, cpu: str | None, pipeline: str | None, budget: str) -> str:
     """The pipeline ``--budget`` runs: the target's mixed_pipeline with the budget filled in."""
     from qcompiler.passes.assign_precision import budget_pipeline
