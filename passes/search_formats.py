@@ -71,6 +71,10 @@ class SearchFormats(Pass):
         #: Worker processes measuring candidates side by side, one onnxruntime thread each
         #: (0: one per CPU this process may use; 1: all in this process, onnxruntime's threads).
         workers: int = 0
+        #: ``process``: local worker processes; ``ray``: Ray actors, on a local Ray with
+        #: ``workers`` CPUs or on the cluster at ``ray-address`` (the optional extra qcompiler[ray]).
+        executor: Literal["process", "ray"] = "process"
+        ray_address: str = ""
 
         def __post_init__(self) -> None:
             for name in self.formats.split("|"):
@@ -98,7 +102,8 @@ class SearchFormats(Pass):
         held = ctx.data if ctx.data.num_samples <= o.samples else ctx.data.split(o.samples)[1]
         activation = parse_format(o.activations)
         workers = o.workers or _usable_cpus()
-        evaluator = FormatEvaluator(model, held, activation, model.graph.outputs[0].name, pair_sum_limit=ctx.target.weights.pair_sum_limit, workers=workers)
+        evaluator = FormatEvaluator(model, held, activation, model.graph.outputs[0].name, pair_sum_limit=ctx.target.weights.pair_sum_limit, workers=workers,
+                                    executor=o.executor, ray_address=o.ray_address)
         try:
             return self._search(model, ctx, evaluator, held, activation, start)
         finally:
@@ -170,6 +175,7 @@ class SearchFormats(Pass):
             "evaluations": evaluator.evaluations,
             "failed_evaluations": evaluator.failed,
             "workers": evaluator.workers,
+            "executor": o.executor,
             "seconds": round(time.perf_counter() - start, 2),
             "layers": {layer.node: choice[layer.weight].name for layer in layers},
             # MACs and weight reads (the activations' traffic is the same for every candidate).

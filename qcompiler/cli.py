@@ -167,6 +167,8 @@ def search_cmd(
     max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Goal: top-1 drop in points (needs labels).")] = None,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Calibration samples every candidate runs on (the last ones).")] = 512,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Worker processes (0: one per CPU).")] = 0,
+    executor: Annotated[str, typer.Option("--executor", help="process (local worker processes) or ray (Ray actors: a local Ray, or --ray-address).")] = "process",
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="A running Ray cluster's address for --executor ray.")] = None,
     target: Annotated[str, typer.Option("--target", "-t", help="Target whose CPU and energy table apply.")] = "ort-cpu",
     energy: Annotated[Optional[str], typer.Option("--energy", help="Energy table: built-in name or .toml (default: the target's).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty output folder.")] = False,
@@ -174,7 +176,9 @@ def search_cmd(
     """Search number formats for MODEL's weights (search-formats): least modelled energy that meets the goal, each candidate run in onnxruntime. Exits 1, with the most accurate candidate written, when no candidate meets the goal."""
     from qcompiler.compiler import compile as run_compile
 
-    options = [f"formats={formats}", f"activations={activations}", f"granularity={granularity}", f"min-sqnr={min_sqnr:g}", f"samples={samples}", f"workers={workers}"]
+    options = [f"formats={formats}", f"activations={activations}", f"granularity={granularity}", f"min-sqnr={min_sqnr:g}", f"samples={samples}", f"workers={workers}", f"executor={executor}"]
+    if ray_address:
+        options.append(f"ray-address={ray_address}")
     if max_drop is not None:
         options.append(f"max-drop={max_drop:g}")
     if energy:
@@ -192,7 +196,7 @@ def search_cmd(
     grid.add_row(f"chosen ({stats['granularity']}): {chosen}", f"{stats['energy_pj'] / 1e6:.2f}", f"{stats['sqnr_db']:.2f}", f"{stats['top1']:.2f}" if stats["top1"] is not None else "-", "met" if stats["goal_met"] else "missed")
     out.print(grid)
     versus = f", {stats['energy_vs_best_uniform']:.2f}x less than the best uniform format ({stats['best_uniform']})" if stats["best_uniform"] else ""
-    out.print(f"modelled energy {stats['energy_vs_fp32']:.2f}x less than fp32{versus}; {stats['evaluations']} evaluations on {stats['workers']} worker(s), "
+    out.print(f"modelled energy {stats['energy_vs_fp32']:.2f}x less than fp32{versus}; {stats['evaluations']} evaluations on {stats['workers']} {stats['executor']} worker(s), "
               f"{stats['seconds']:.1f} s ({stats['energy_table']}; `qc cost {output / 'model.onnx'}` lists its assumptions)", markup=False, highlight=False)
     out.print(f"wrote {output / 'model.onnx'} and {output / 'report.json'}", markup=False, highlight=False)
     if not stats["goal_met"]:

@@ -107,6 +107,10 @@ class FormatEvaluator:
     pair_sum_limit: int | None = None
     #: Worker processes for `measure_many` (1: all in this process).
     workers: int = 1
+    #: Where the workers run: local ``process``es, or ``ray`` actors (a local Ray with
+    #: ``workers`` CPUs, or the cluster at ``ray_address``). The same evaluation either way.
+    executor: str = "process"
+    ray_address: str = ""
     #: onnxruntime intra-op threads per session (0: its default; workers use 1 each).
     threads: int = 0
     evaluations: int = 0
@@ -116,6 +120,7 @@ class FormatEvaluator:
     _ranges: dict[str, tuple[float, float]] = field(default_factory=dict, repr=False)
     _layers: list[WeightLayer] = field(default_factory=list, repr=False)
     _pool: object = field(default=None, repr=False)
+    _ray_started: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         self._layers = weight_layers(self.model)
@@ -140,30 +145,68 @@ class FormatEvaluator:
     def measure_many(self, candidates: list[dict[str, NumberFormat]], as_run: bool = True) -> list[Measurement]:
         """`measure` for each candidate, spread over the worker processes. A candidate whose
         worker dies is tried once more in a fresh pool, then reported failed (SQNR -inf)."""
-        if self.workers <= 1 or len(candidates) <= 1:
+        if (self.workers <= 1 and self.executor == "process") or len(candidates) <= 1:
             return [self.measure(c, as_run) for c in candidates]
-        from concurrent.futures.process import BrokenProcessPool
-
         results: list[Measurement | None] = [None] * len(candidates)
         named = [{k: v.name for k, v in c.items()} for c in candidates]
         pending = list(range(len(candidates)))
         for attempt in range(2):
-            pool = self._worker_pool(fresh=attempt > 0)
-            futures = {i: pool.submit(_measure_in_worker, named[i], as_run) for i in pending}
-            retry = []
-            for i, future in futures.items():
-                try:
-                    results[i] = future.result()
-                    self.evaluations += 1
-                except BrokenProcessPool:
-                    retry.append(i)
-            pending = retry
+            done, pending = self._run_on_workers(named, pending, as_run, fresh=attempt > 0)
+            for i, m in done.items():
+                results[i] = m
+                self.evaluations += 1
             if not pending:
                 break
         for i in pending:
             self.failed += 1
             results[i] = Measurement(float("-inf"), float("inf"), None, 0.0, failed=True)
         return [r for r in results if r is not None]
+
+    def _run_on_workers(self, named: list[dict[str, str]], indices: list[int], as_run: bool, fresh: bool) -> tuple[dict[int, Measurement], list[int]]:
+        """Measure ``named[i]`` for each ``i`` on the workers: (results, indices whose worker died)."""
+        done: dict[int, Measurement] = {}
+        lost: list[int] = []
+        if self.executor == "ray":
+            actors = self._ray_actors(fresh)  # first: says which extra to install without Ray
+            import ray
+
+            refs = {i: actors[k % len(actors)].measure.remote(named[i], as_run) for k, i in enumerate(indices)}
+            for i, ref in refs.items():
+                try:
+                    done[i] = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError):
+                    lost.append(i)
+            return done, lost
+        from concurrent.futures.process import BrokenProcessPool
+
+        pool = self._worker_pool(fresh)
+        futures = {i: pool.submit(_measure_in_worker, named[i], as_run) for i in indices}
+        for i, future in futures.items():
+            try:
+                done[i] = future.result()
+            except BrokenProcessPool:
+                lost.append(i)
+        return done, lost
+
+    def _ray_actors(self, fresh: bool) -> list:
+        try:
+            import ray
+        except ImportError:
+            raise QCError("executor=ray needs Ray: pip install 'qcompiler[ray]' (or pip install ray)", pass_name="search-formats", option="executor") from None
+        if self._pool is not None and not fresh:
+            return self._pool
+        for dead in self._pool or []:
+            ray.kill(dead)
+        if not ray.is_initialized():
+            if self.ray_address:
+                ray.init(address=self.ray_address, include_dashboard=False, log_to_driver=False)
+            else:
+                ray.init(num_cpus=max(self.workers, 1), include_dashboard=False, log_to_driver=False)
+                self._ray_started = True
+        actor = ray.remote(num_cpus=1)(_RayWorker)
+        state = ray.put(self._state())
+        self._pool = [actor.remote(state) for _ in range(max(self.workers, 1))]
+        return self._pool
 
     def _worker_pool(self, fresh: bool = False):
         import multiprocessing
@@ -177,10 +220,21 @@ class FormatEvaluator:
         return self._pool
 
     def close(self) -> None:
-        """Stop the worker processes (if any)."""
+        """Stop the worker processes or actors (and a Ray this evaluator started)."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            if isinstance(self._pool, list):
+                import ray
+
+                for actor in self._pool:
+                    ray.kill(actor)
+            else:
+                self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+        if self._ray_started:
+            import ray
+
+            ray.shutdown()
+            self._ray_started = False
 
     @property
     def layers(self) -> list[WeightLayer]:
@@ -311,3 +365,13 @@ def _start_worker(state: tuple) -> None:
 def _measure_in_worker(formats: dict[str, str], as_run: bool) -> Measurement:
     assert _WORKER is not None
     return _WORKER.measure({k: parse_format(v) for k, v in formats.items()}, as_run)
+
+
+class _RayWorker:
+    """A Ray actor holding one evaluator (the same as a process worker's)."""
+
+    def __init__(self, state: tuple) -> None:
+        _start_worker(state)
+
+    def measure(self, formats: dict[str, str], as_run: bool) -> Measurement:
+        return _measure_in_worker(formats, as_run)

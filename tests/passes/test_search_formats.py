@@ -98,3 +98,22 @@ def test_two_worker_processes_measure_exactly_what_one_process_does() -> None:
     assert two["workers"] == 2 and two["failed_evaluations"] == 0
     for key in ("layers", "uniform", "sqnr_db", "energy_pj", "evaluations"):
         assert one[key] == two[key], key
+
+
+def test_ray_actors_measure_exactly_what_worker_processes_do() -> None:
+    """The same evaluation on a local Ray with 2 CPUs (skipped where Ray is not installed)."""
+    pytest.importorskip("ray")
+    data = _data()
+    local = _stats(_compile("formats=int8|int4,granularity=network,min-sqnr=18,samples=64,workers=2", data))
+    on_ray = _stats(_compile("formats=int8|int4,granularity=network,min-sqnr=18,samples=64,workers=2,executor=ray", data))
+    assert on_ray["executor"] == "ray" and on_ray["failed_evaluations"] == 0
+    for key in ("layers", "uniform", "sqnr_db", "energy_pj", "evaluations"):
+        assert local[key] == on_ray[key], key
+
+
+def test_without_ray_the_ray_executor_says_which_extra_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
+    with pytest.raises(QCError, match=r"executor=ray needs Ray: pip install 'qcompiler\[ray\]'"):
+        _compile("formats=int8|int4,granularity=network,min-sqnr=18,samples=64,workers=2,executor=ray")
