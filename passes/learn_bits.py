@@ -168,8 +168,18 @@ class LearnBits(Pass):
         moves: list[int] = []
         every = max(steps_per_epoch(train_ctx.data, self.options.batch_size) // self.options.updates_per_epoch, 1)
         frozen: dict[str, object] = {}
+        # The fixed widths and the step they were fixed at (-1: not yet), trained by nothing but
+        # saved in every checkpoint: a run resumed after that step keeps them instead of deriving
+        # new ones from weights that trained on at the old ones.
+        fixed = torch.full((len(quantizers) + 1,), -1.0)
+        params["learn-bits.fixed-widths"] = fixed
 
         def before_step(step: int, total: int) -> None:
+            if not frozen and fixed[-1] >= 0:
+                for (name, q), bits in zip(quantizers.items(), fixed[:-1].tolist()):
+                    q.freeze(int(bits))
+                frozen["step"], frozen["lowered"] = int(fixed[-1]), []
+                return
             if not frozen and step >= int(total * self.options.freeze_at):
                 # The widths the model will ship at, kept to the budget, fixed from here on: the
                 # remaining steps train the weights (and steps, ranges) at exactly those widths.
@@ -178,6 +188,7 @@ class LearnBits(Pass):
                 frozen["step"] = step
                 for name, q in quantizers.items():
                     q.freeze(widths[name])
+                fixed.copy_(torch.tensor([float(widths[name]) for name in quantizers] + [float(step)]))
                 return
             if not frozen and self.options.method == "bitnet" and step and step % every == 0:
                 moves.extend(q.step() for i, q in enumerate(quantizers.values()) if i not in ends)

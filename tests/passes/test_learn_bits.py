@@ -78,3 +78,41 @@ def test_the_result_validates_against_the_target() -> None:
     pipeline = f"infer-shapes,fold-constants,learn-bits{{budget=bits=3,epochs=1,check-samples=0}},{TAIL}"
     model = qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=_calib(), pipeline=pipeline, verify=False).model
     assert validate(model, load_target("ort-cpu")) == []
+
+
+def test_a_run_resumed_after_the_widths_were_fixed_keeps_them(tmp_path) -> None:
+    """The widths fixed at freeze-at travel in the checkpoint: resuming after that step ends as the
+    uninterrupted run does, instead of deriving new widths from weights trained on at the old ones."""
+    from contextlib import contextmanager
+
+    folder = tmp_path / "ck"
+    # 256 training samples / 32 = 8 steps an epoch; the widths are fixed at step 4 of 16.
+    options = "budget=bits=3,initial-bits=4,epochs=2,batch-size=32,check-samples=128,freeze-at=0.25"
+    pipe = f"infer-shapes,fold-constants,learn-bits{{{options},checkpoint-dir={folder}}},{TAIL}"
+    straight = qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=_calib(), pipeline=pipe, verify=False)
+
+    class Interrupt:
+        steps = 0
+
+        @contextmanager
+        def __call__(self, label, total):
+            outer = self
+
+            class Bar:
+                def advance(self, n: int = 1) -> None:
+                    outer.steps += n
+                    if outer.steps == 11:  # in the second epoch: the checkpoint holds the first
+                        raise KeyboardInterrupt
+
+            yield Bar()
+
+    folder2 = tmp_path / "ck2"
+    pipe2 = pipe.replace(str(folder), str(folder2))
+    with pytest.raises(KeyboardInterrupt):
+        qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=_calib(), pipeline=pipe2, verify=False, progress=Interrupt())
+    resumed = qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=_calib(), pipeline=pipe2.replace("}", f",resume={folder2}}}", 1), verify=False)
+    a, b = _stats(straight), _stats(resumed)
+    assert b["resumed_from_epoch"] == 1 and b["widths_fixed_at_step"] == a["widths_fixed_at_step"] == 4
+    assert a["widths"] == b["widths"]
+    for node, codes in _stored(straight.model).items():
+        np.testing.assert_array_equal(_stored(resumed.model)[node], codes, err_msg=node)
