@@ -259,6 +259,7 @@ def verify_cmd(
 
     if json_path is not None and not json_path.parent.is_dir():
         raise QCError("its folder does not exist", file=str(json_path), option="--json")
+    _not_an_input(json_path, "--json", float_model, quant_model, data)
     report = run_verify(float_model, quant_model, data, count=count, progress=_progress, latency_runs=latency_runs)
     report.render(out)
     if json_path is not None:
@@ -284,6 +285,7 @@ def validate_cmd(
     spec = load_target(target, cpu=cpu)
     if json_path is not None and not json_path.parent.is_dir():
         raise QCError("its folder does not exist", file=str(json_path), option="--json")
+    _not_an_input(json_path, "--json", model, target if target.endswith(".toml") else None)
     violations = validate(load_model(model), spec)
     summary = f"{model}: {len(violations)} violation(s) of target '{spec.name}'" if violations else f"{model}: clean against target '{spec.name}' ({len(RULES)} rules checked)"
     if not _stdout_is_terminal():
@@ -335,8 +337,7 @@ def cost_cmd(
     if json_path is not None:
         if not json_path.parent.is_dir():
             raise QCError("its folder does not exist", file=str(json_path), option="--json")
-        if json_path.resolve() == model.resolve():
-            raise QCError("is the model being costed: choose another path", file=str(json_path), option="--json")
+        _not_an_input(json_path, "--json", model, energy if energy and energy.endswith(".toml") else None, target if target.endswith(".toml") else None)
     table = load_energy_table(energy or spec.energy_table)
     loaded = load_model(model)
     # Static shapes for the MAC counts: inference here, on a copy (the file is not touched).
@@ -378,6 +379,17 @@ def _plain_field(text: str) -> str:
     return " ".join(text.replace("\t", " ").splitlines())
 
 
+def _not_an_input(path: Path | None, option: str, *inputs: Path | str | None) -> None:
+    """Refuse an output path that is (symlinks resolved) one of the command's input files:
+    writing there would destroy the input."""
+    if path is None:
+        return
+    target = Path(path).resolve()
+    for given in inputs:
+        if given is not None and Path(given).exists() and Path(given).resolve() == target:
+            raise QCError(f"is an input of this command ({given}): writing there would replace it; choose another path", file=str(path), option=option)
+
+
 def _writable_file(path: Path, force: bool, option: str) -> None:
     """Refuse to overwrite an existing file without --force, or to write into a missing folder."""
     if path.is_dir():
@@ -399,6 +411,7 @@ def pack_cmd(
     from qcompiler.ir import load_model
 
     load_model(model)  # a missing or broken model gets the usual one-line error
+    _not_an_input(output, "--output", model)
     _writable_file(output, force, "--output")
     size = pack(model, output)
     on_disk = output.stat().st_size
@@ -418,6 +431,7 @@ def unpack_cmd(
     from qcompiler.codebook.qcz import unpack
     from qcompiler.ir import write_file_atomically
 
+    _not_an_input(output, "--output", qcz)
     _writable_file(output, force, "--output")
     write_file_atomically(output, unpack(qcz).SerializeToString())
     out.print(f"wrote {output}")
@@ -483,6 +497,9 @@ def targets_measure(
     from qcompiler.targets.spec import load_target
 
     spec = load_target(target)
+    _not_an_input(output, "--output", model, target if target.endswith(".toml") else None)
+    if per_layer:
+        _not_an_input(output.with_suffix(".layers.json"), "--per-layer", model, target if target.endswith(".toml") else None)
     _writable_file(output, force, "--output")
     if per_layer:
         from qcompiler.layer_speed import skip_reason
