@@ -29,7 +29,7 @@ import onnx
 from onnx import numpy_helper
 
 from qcompiler.codebook import ZERO_INDEX_KEY
-from qcompiler.codebook.huffman import HuffmanCode
+from qcompiler.codebook.huffman import MAX_LENGTH, HuffmanCode
 from qcompiler.errors import QCError
 from qcompiler.ir import write_file_atomically
 
@@ -218,7 +218,9 @@ def pack(model_path: str | os.PathLike, out_path: str | os.PathLike) -> CodedSiz
     kept = [t for t in skeleton.graph.initializer if t.name not in coded]
     del skeleton.graph.initializer[:]
     skeleton.graph.initializer.extend(kept)
-    header["skeleton_blob"] = add(zlib.compress(skeleton.SerializeToString(), 9))
+    serialized = skeleton.SerializeToString()
+    header["skeleton_blob"] = add(zlib.compress(serialized, 9))
+    header["skeleton_bytes"] = len(serialized)
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     payload = struct.pack("<Q", len(header_bytes)) + header_bytes + b"".join(blobs)
     write_file_atomically(out_path, MAGIC + hashlib.sha256(payload).digest() + payload)
@@ -237,25 +239,118 @@ def unpack(qcz_path: str | os.PathLike) -> onnx.ModelProto:
     digest, payload = raw[4:36], raw[36:]
     if len(digest) < 32 or hashlib.sha256(payload).digest() != digest:
         raise QCError("checksum mismatch: the file is truncated or altered", file=path)
+    # The digest only catches accidents (anyone can recompute it): everything below is checked
+    # against hard limits and the file's own size before anything is allocated or inflated.
+    if len(payload) < 8:
+        raise QCError("truncated: no header length", file=path)
     (length,) = struct.unpack("<Q", payload[:8])
+    if length > len(payload) - 8:
+        raise QCError(f"corrupt header: its declared length {length} exceeds the file", file=path)
     try:
         header = json.loads(payload[8 : 8 + length])
     except ValueError:
         raise QCError("corrupt header", file=path) from None
     blobs = payload[8 + length :]
+    try:
+        _check_header(header, len(blobs))
+    except _Hostile as exc:
+        raise QCError(f"corrupt header: {exc}", file=path) from None
 
     def blob(where: list[int]) -> bytes:
         return blobs[where[0] : where[0] + where[1]]
 
     try:
-        return _decode(header, blob)
-    except (ValueError, KeyError, TypeError, zlib.error) as exc:  # pragma: no cover - the digest matched
+        model = _decode(header, blob)
+    except (ValueError, KeyError, TypeError, zlib.error, _Hostile) as exc:
         raise QCError(f"cannot decode: {exc}", file=path) from None
+    except Exception as exc:  # protobuf's DecodeError and kin: the skeleton is no ONNX model
+        raise QCError(f"cannot decode the model: {type(exc).__name__}", file=path) from None
+    if not model.graph.node:
+        raise QCError("holds an empty graph: nothing to unpack", file=path)
+    return model
+
+
+#: Hard limits on what a .qcz may declare (far above any model qc packs, far below what would
+#: exhaust memory).
+MAX_ELEMENTS = 1 << 31  # per index tensor
+MAX_SKELETON_BYTES = (1 << 31) - 1  # protobuf's own limit
+#: Files packed before the header recorded the model's size: inflate at most this much.
+LEGACY_SKELETON_BYTES = 256 << 20
+_INDEX_DTYPES = ("int8", "uint8", "int16", "uint16", "int32", "int64")
+
+
+class _Hostile(ValueError):
+    """A .qcz field outside what qc writes."""
+
+
+def _span(where: object, size: int, what: str) -> None:
+    if not (isinstance(where, list) and len(where) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in where)):
+        raise _Hostile(f"{what} is not an [offset, length] pair")
+    if where[0] + where[1] > size:
+        raise _Hostile(f"{what} [{where[0]}, {where[1]}] lies past the end of the file's data ({size} bytes)")
+
+
+def _lengths(values: object, what: str) -> None:
+    if not isinstance(values, list) or len(values) > 1 << 20 or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= MAX_LENGTH for v in values):
+        raise _Hostile(f"{what} must be a list of code lengths 0..{MAX_LENGTH}")
+
+
+def _check_header(header: object, size: int) -> None:
+    """Every count, length, shape, dtype and span of a .qcz header within limits and the file."""
+    if not isinstance(header, dict) or header.get("version") != 1 or not isinstance(header.get("codebooks"), list):
+        raise _Hostile("not a version 1 header")
+    _span(header.get("skeleton_blob"), size, "the model's span")
+    skeleton_bytes = header.get("skeleton_bytes", LEGACY_SKELETON_BYTES)
+    if not isinstance(skeleton_bytes, int) or not 0 < skeleton_bytes <= MAX_SKELETON_BYTES:
+        raise _Hostile("the model's size is out of range")
+    for entry in header["codebooks"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("tensors"), list):
+            raise _Hostile("a codebook entry without tensors")
+        _lengths(entry.get("index_lengths"), "index_lengths")
+        if entry.get("gap_lengths") is not None:
+            _lengths(entry["gap_lengths"], "gap_lengths")
+        for record in entry["tensors"]:
+            if not isinstance(record, dict) or not isinstance(record.get("name"), str):
+                raise _Hostile("a tensor record without a name")
+            name = record["name"]
+            if record.get("dtype") not in _INDEX_DTYPES:
+                raise _Hostile(f"tensor '{name}': dtype {record.get('dtype')!r} is not an index type ({', '.join(_INDEX_DTYPES)})")
+            shape = record.get("shape")
+            if not isinstance(shape, list) or len(shape) > 8 or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+                raise _Hostile(f"tensor '{name}': bad shape")
+            elements = int(np.prod(shape, dtype=object)) if shape else 1
+            if elements > MAX_ELEMENTS:
+                raise _Hostile(f"tensor '{name}': {elements} elements is over the limit of {MAX_ELEMENTS}")
+            entries, bits = record.get("entries"), record.get("index_bits")
+            if not isinstance(entries, int) or not isinstance(bits, int) or not 0 <= entries <= elements or bits < 0:
+                raise _Hostile(f"tensor '{name}': bad entry count or bit count")
+            _span(record.get("index_blob"), size, f"tensor '{name}' indices")
+            if bits > 8 * record["index_blob"][1] or bits > entries * MAX_LENGTH:
+                raise _Hostile(f"tensor '{name}': {bits} index bits do not fit its data")
+            zero = record.get("zero_index")
+            if zero is not None:
+                if not isinstance(zero, int) or entry.get("gap_lengths") is None:
+                    raise _Hostile(f"tensor '{name}': a zero index without gaps")
+                _span(record.get("gap_blob"), size, f"tensor '{name}' gaps")
+                gap_bits = record.get("gap_bits")
+                if not isinstance(gap_bits, int) or not 0 <= gap_bits <= 8 * record["gap_blob"][1]:
+                    raise _Hostile(f"tensor '{name}': bad gap bit count")
+            elif entries != elements:
+                raise _Hostile(f"tensor '{name}': {entries} entries for {elements} elements")
+
+
+def _inflate(data: bytes, limit: int) -> bytes:
+    """zlib-inflate at most ``limit`` bytes: a deflate bomb stops there instead of filling memory."""
+    inflater = zlib.decompressobj()
+    out = inflater.decompress(data, limit)
+    if inflater.unconsumed_tail:
+        raise _Hostile(f"the model inflates past its declared {limit} bytes")
+    return out
 
 
 def _decode(header: dict, blob) -> onnx.ModelProto:
     model = onnx.ModelProto()
-    model.ParseFromString(zlib.decompress(blob(header["skeleton_blob"])))
+    model.ParseFromString(_inflate(blob(header["skeleton_blob"]), header.get("skeleton_bytes", LEGACY_SKELETON_BYTES)))
     for entry in header["codebooks"]:
         index_code = HuffmanCode(np.asarray(entry["index_lengths"], dtype=np.int64))
         gap_code = HuffmanCode(np.asarray(entry["gap_lengths"], dtype=np.int64)) if entry["gap_lengths"] is not None else None
@@ -266,6 +361,9 @@ def _decode(header: dict, blob) -> onnx.ModelProto:
                 array = entries.astype(dtype).reshape(shape)
             else:
                 gaps = gap_code.decode(blob(record["gap_blob"]), record["entries"], record["gap_bits"])
-                array = _from_sparse(gaps, entries, int(np.prod(shape)), record["zero_index"], dtype).reshape(shape)
+                size = int(np.prod(shape))
+                if len(gaps) and int(np.sum(gaps + 1)) > size:
+                    raise _Hostile(f"tensor '{record['name']}': its gaps run past its {size} elements")
+                array = _from_sparse(gaps, entries, size, record["zero_index"], dtype).reshape(shape)
             model.graph.initializer.append(numpy_helper.from_array(array, record["name"]))
     return model

@@ -108,3 +108,92 @@ def test_pack_of_a_model_without_clustered_weights(tmp_path: Path) -> None:
     onnx.save(to_proto(_net(np.random.default_rng(0))), plain)
     assert_one_line_error(qc("pack", plain, "-o", "m.qcz", cwd=tmp_path), "plain.onnx", "cluster-weights")
     assert not (tmp_path / "m.qcz").exists()
+
+
+# --- hostile files: a valid digest (anyone can compute one) over crafted contents ---------------
+
+def _craft(tmp_path, payload: bytes):
+    import hashlib
+
+    from qcompiler.codebook.qcz import MAGIC
+
+    path = tmp_path / "crafted.qcz"
+    path.write_bytes(MAGIC + hashlib.sha256(payload).digest() + payload)
+    return path
+
+
+def _with_header(header: dict, blobs: bytes = b"") -> bytes:
+    import json
+    import struct
+
+    text = json.dumps(header).encode()
+    return struct.pack("<Q", len(text)) + text + blobs
+
+
+def _skeleton(graph_nodes: int = 1) -> bytes:
+    import zlib
+
+    from onnx import TensorProto, helper
+
+    nodes = [helper.make_node("Identity", ["x"], ["y"])][:graph_nodes]
+    model = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]))
+    raw = model.SerializeToString()
+    return zlib.compress(raw), len(raw)
+
+
+def _record(**changes) -> dict:
+    record = {"name": "w", "dtype": "uint8", "shape": [4], "zero_index": None, "entries": 4, "index_bits": 4, "index_blob": [0, 1]}
+    record.update(changes)
+    return record
+
+
+@pytest.mark.parametrize(("case", "message"), [
+    ("short", "truncated: no header length"),
+    ("long-header", "exceeds the file"),
+    ("not-onnx", "cannot decode the model"),
+    ("object-dtype", "dtype 'O' is not an index type"),
+    ("huge-shape", "elements is over the limit"),
+    ("long-codes", "code lengths 0..16"),
+    ("past-end", "lies past the end of the file's data"),
+    ("bomb", "inflates past its declared 1000 bytes"),
+    ("empty-graph", "holds an empty graph"),
+])
+def test_a_crafted_file_is_one_clear_error_never_a_crash_or_a_bomb(tmp_path, case: str, message: str) -> None:
+    import zlib
+
+    from qcompiler.codebook.qcz import unpack
+
+    skeleton, size = _skeleton()
+    blobs = b"\x00" + skeleton
+    header = {"version": 1, "codebooks": [{"codebook": "c", "index_lengths": [1, 1], "gap_lengths": None, "tensors": [_record()]}],
+              "skeleton_blob": [1, len(skeleton)], "skeleton_bytes": size}
+    if case == "short":
+        payload = b"\x01\x02"
+    elif case == "long-header":
+        payload = (10**9).to_bytes(8, "little") + b"{}"
+    elif case == "not-onnx":
+        junk = zlib.compress(b"\xff" * 64)
+        header.update(skeleton_blob=[1, len(junk)], skeleton_bytes=64)
+        payload = _with_header(header, b"\x00" + junk)
+    elif case == "object-dtype":
+        header["codebooks"][0]["tensors"] = [_record(dtype="O")]
+        payload = _with_header(header, blobs)
+    elif case == "huge-shape":
+        header["codebooks"][0]["tensors"] = [_record(shape=[1 << 20, 1 << 20], entries=4)]
+        payload = _with_header(header, blobs)
+    elif case == "long-codes":
+        header["codebooks"][0]["index_lengths"] = [40, 40]
+        payload = _with_header(header, blobs)
+    elif case == "past-end":
+        header["codebooks"][0]["tensors"] = [_record(index_blob=[0, 10**6])]
+        payload = _with_header(header, blobs)
+    elif case == "bomb":
+        bomb = zlib.compress(b"\x00" * (10 << 20), 9)
+        header.update(skeleton_blob=[1, len(bomb)], skeleton_bytes=1000)
+        payload = _with_header(header, b"\x00" + bomb)
+    else:  # empty-graph
+        empty, empty_size = _skeleton(graph_nodes=0)
+        header.update(codebooks=[], skeleton_blob=[0, len(empty)], skeleton_bytes=empty_size)
+        payload = _with_header(header, empty)
+    with pytest.raises(QCError, match=message):
+        unpack(_craft(tmp_path, payload))
