@@ -57,8 +57,27 @@ class InputSpec:
         return specs
 
 
-def _open_npz_member(path: Path, archive: zipfile.ZipFile, key: str) -> np.ndarray:
-    """Memory-map an uncompressed .npy inside an .npz; read compressed ones into memory."""
+@dataclass(frozen=True)
+class _Member:
+    """An .npy inside an .npz, known from its header alone (nothing read yet)."""
+
+    key: str
+    shape: tuple[int, ...]
+    fortran: bool
+    dtype: np.dtype
+    stored: bool  # uncompressed: memory-mapped when read
+    offset: int  # of the array data in the file, when stored
+
+
+def _read_npy_header(fh) -> tuple[tuple[int, ...], bool, np.dtype]:
+    major, _ = np.lib.format.read_magic(fh)
+    read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    return read_header(fh)
+
+
+def _member(path: Path, archive: zipfile.ZipFile, key: str) -> _Member:
+    """The header of ``key`` (shape, dtype), read without inflating its data, checked against the
+    member's size: a declared shape larger than the bytes behind it is refused before any read."""
     info = archive.getinfo(key + ".npy")
     if info.compress_type == zipfile.ZIP_STORED:
         with path.open("rb") as fh:
@@ -67,15 +86,42 @@ def _open_npz_member(path: Path, archive: zipfile.ZipFile, key: str) -> np.ndarr
             name_len = int.from_bytes(local_header[26:28], "little")
             extra_len = int.from_bytes(local_header[28:30], "little")
             fh.seek(info.header_offset + 30 + name_len + extra_len)
-            major, _ = np.lib.format.read_magic(fh)
-            read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = read_header(fh)
+            start = fh.tell()
+            shape, fortran, dtype = _read_npy_header(fh)
             offset = fh.tell()
-        if dtype.hasobject:
-            raise QCError(f"array '{key}' holds Python objects; only numeric arrays are accepted", file=str(path))
-        return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
-    with archive.open(info) as fh:
+        data_bytes = info.file_size - (offset - start)
+    else:
+        with archive.open(info) as fh:
+            shape, fortran, dtype = _read_npy_header(fh)
+            header_bytes = fh.tell()
+        offset, data_bytes = 0, info.file_size - header_bytes
+    if dtype.hasobject:
+        raise QCError(f"array '{key}' holds Python objects; only numeric arrays are accepted", file=str(path))
+    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if declared > data_bytes:
+        raise QCError(f"array '{key}' declares shape {tuple(shape)} ({declared:,} bytes) but holds {data_bytes:,}: a truncated or altered file", file=str(path))
+    return _Member(key, tuple(shape), fortran, dtype, info.compress_type == zipfile.ZIP_STORED, offset)
+
+
+def _read_member(path: Path, archive: zipfile.ZipFile, member: _Member) -> np.ndarray:
+    """Memory-map an uncompressed member; read a compressed one into memory."""
+    if member.stored:
+        return np.memmap(path, dtype=member.dtype, mode="r", offset=member.offset, shape=member.shape, order="F" if member.fortran else "C")
+    with archive.open(member.key + ".npy") as fh:
         return np.lib.format.read_array(fh, allow_pickle=False)
+
+
+def _check_finite(array: np.ndarray, name: str, path: Path, chunk: int = 1024) -> None:
+    """A NaN or Inf in float data is an error naming the array and the first sample holding one."""
+    if not np.issubdtype(array.dtype, np.floating):
+        return
+    for start in range(0, len(array), chunk):  # in chunks: a memory-mapped file stays unread in bulk
+        part = np.asarray(array[start : start + chunk])
+        bad = ~np.isfinite(part.reshape(len(part), -1)).all(axis=1)
+        if bad.any():
+            index = start + int(np.flatnonzero(bad)[0])
+            kind = "NaN" if np.isnan(part[index - start]).any() else "Inf"
+            raise QCError(f"array '{name}' holds {kind} in sample {index} ({int(bad.sum())} bad sample(s) in this chunk of {len(part)}); calibration and verification need finite inputs", file=str(path))
 
 
 class DataSource:
@@ -103,24 +149,37 @@ class DataSource:
         try:
             archive = zipfile.ZipFile(path)
             keys = [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
-            raw = {k: _open_npz_member(path, archive, k) for k in keys}
+            # Headers first: names, dtypes and shapes are checked before any array is read, and
+            # only the arrays the model uses are read (a member it does not use costs nothing).
+            members = {k: _member(path, archive, k) for k in keys}
         except QCError:
             raise
         except Exception as exc:
             raise QCError(f"not a readable .npz file ({type(exc).__name__}: {exc})", file=str(path)) from None
-        labels = raw.pop(LABELS_KEY, None)
-        arrays: dict[str, np.ndarray] = {}
-        if len(inputs) == 1 and len(raw) == 1:
-            arrays[inputs[0].name] = next(iter(raw.values()))
+        label_member = members.pop(LABELS_KEY, None)
+        chosen: dict[str, _Member] = {}
+        if len(inputs) == 1 and len(members) == 1:
+            chosen[inputs[0].name] = next(iter(members.values()))
         else:
             for spec in inputs:
-                if spec.name not in raw:
-                    raise QCError(f"no array for model input '{spec.name}' (arrays in file: {', '.join(sorted(raw)) or 'none'})", file=str(path))
-                arrays[spec.name] = raw[spec.name]
+                if spec.name not in members:
+                    raise QCError(f"no array for model input '{spec.name}' (arrays in file: {', '.join(sorted(members)) or 'none'})", file=str(path))
+                chosen[spec.name] = members[spec.name]
         for spec in inputs:
-            _check_array(arrays[spec.name], spec, path)
-        if labels is not None and (labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer)):
-            raise QCError(f"'labels' must be a 1-D integer array, got {labels.dtype} {labels.shape}", file=str(path))
+            _check_array(chosen[spec.name], spec, path)
+        if label_member is not None and (len(label_member.shape) != 1 or not np.issubdtype(label_member.dtype, np.integer)):
+            raise QCError(f"'labels' must be a 1-D integer array, got {label_member.dtype} {label_member.shape}", file=str(path))
+        try:
+            arrays = {name: _read_member(path, archive, m) for name, m in chosen.items()}
+            labels = _read_member(path, archive, label_member) if label_member is not None else None
+        except Exception as exc:
+            raise QCError(f"not a readable .npz file ({type(exc).__name__}: {exc})", file=str(path)) from None
+        if count is not None and count > 0:
+            # Only the samples asked for are checked (and later read).
+            arrays = {k: a[:count] for k, a in arrays.items()}
+            labels = labels[:count] if labels is not None else None
+        for name, array in arrays.items():
+            _check_finite(array, chosen[name].key, path)
         source = cls(arrays, labels, origin=str(path))
         if count is not None:
             if count <= 0:
@@ -181,10 +240,11 @@ class DataSource:
         return next(self.batches(batch_size))
 
 
-def _check_array(array: np.ndarray, spec: InputSpec, path: Path) -> None:
+def _check_array(array: np.ndarray | _Member, spec: InputSpec, path: Path) -> None:
+    """An array (or its header) against a model input: dtype, samples, sample shape."""
     if array.dtype != spec.dtype:
         raise QCError(f"array for input '{spec.name}' has dtype {array.dtype}, the model expects {spec.dtype}", file=str(path))
-    if array.ndim == 0 or len(array) == 0:
+    if len(array.shape) == 0 or array.shape[0] == 0:
         raise QCError(f"array for input '{spec.name}' has no samples (first axis = samples)", file=str(path))
     if spec.shape is None:
         return

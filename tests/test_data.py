@@ -387,3 +387,58 @@ def test_fixed_batch_from_the_model_inputs() -> None:
     assert [len(b["x"]) for b in dynamic.batches(3)] == [3, 3, 3, 1]
     with pytest.raises(QCError, match="exactly 16"):
         source.for_inputs([InputSpec("x", np.dtype(np.float32), (16, 2))])
+
+
+# --------------------------------------------------------------------------------------------
+# untrusted files: headers before data, only what is used, finite values
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("save", SAVERS)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_input_names_the_array_and_sample(tmp_path: Path, save, bad: float) -> None:
+    x = images(12)
+    x[7, 1, 2, 3] = bad
+    save(tmp_path / "d.npz", input=x)
+    exc = data_error(tmp_path / "d.npz", [IMAGE])
+    assert "array 'input' holds" in str(exc) and "in sample 7" in str(exc) and ("NaN" in str(exc)) == np.isnan(bad)
+
+
+def test_a_non_finite_sample_past_the_count_is_not_read(tmp_path: Path) -> None:
+    x = images(12)
+    x[9] = np.nan
+    np.savez(tmp_path / "d.npz", input=x)
+    assert DataSource.from_npz(tmp_path / "d.npz", [IMAGE], count=5).num_samples == 5
+
+
+@pytest.mark.parametrize("save", SAVERS)
+def test_only_the_arrays_the_model_uses_are_read(tmp_path: Path, save, monkeypatch: pytest.MonkeyPatch) -> None:
+    import qcompiler.data as data
+
+    save(tmp_path / "d.npz", input=images(), unused=np.zeros((4096, 1024), np.float32), labels=np.arange(10))
+    read = []
+    original = data._read_member
+    monkeypatch.setattr(data, "_read_member", lambda path, archive, member: read.append(member.key) or original(path, archive, member))
+    DataSource.from_npz(tmp_path / "d.npz", [IMAGE])
+    assert sorted(read) == ["input", "labels"]
+
+
+def test_a_wrong_shape_is_refused_from_the_header_before_reading(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import qcompiler.data as data
+
+    np.savez_compressed(tmp_path / "d.npz", input=np.zeros((64, 3, 9, 9), np.float32))
+    monkeypatch.setattr(data, "_read_member", lambda *a: pytest.fail("read before the shape was checked"))
+    assert "sample shape (3, 9, 9)" in str(data_error(tmp_path / "d.npz", [IMAGE]))
+
+
+def test_a_declared_shape_larger_than_the_data_is_refused(tmp_path: Path) -> None:
+    """A header claiming more elements than the member holds (a hostile or truncated file)."""
+    import io
+
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": "<f4", "fortran_order": False, "shape": (1 << 20, 3, 4, 4)})
+    buffer.write(np.zeros(16, np.float32).tobytes())
+    with zipfile.ZipFile(tmp_path / "d.npz", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("input.npy", buffer.getvalue())
+    exc = data_error(tmp_path / "d.npz", [IMAGE])
+    assert "declares shape (1048576, 3, 4, 4)" in str(exc) and "truncated or altered" in str(exc)
