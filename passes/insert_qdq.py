@@ -662,8 +662,12 @@ class _Rewriter:
         if dq.inputs[1] is not q_out.inputs[1] or dq.inputs[2] is not q_out.inputs[2]:
             return  # not one shared scale: the op would need requantizing
         fill = None
-        if node.op_type == "Pad" and len(node.inputs) > 2 and node.inputs[2] is not None:
-            value = constant_array(node.inputs[2])
+        mode = node.attributes["mode"].as_string() if "mode" in node.attributes else "constant"
+        if node.op_type == "Pad" and mode == "constant":
+            # The fill is a float value: on the integer tensor it must be that value's code. An
+            # omitted fill is 0.0, whose code is the zero point, not the code 0 (which stands for
+            # -zero_point x scale: a Pad after a shifted ReLU would pad with a negative value).
+            value = constant_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else np.zeros((), np.float32)
             p = self._activation_params(out.name)
             qmin, qmax = self.act_qrange
             if value is None:
@@ -674,6 +678,8 @@ class _Rewriter:
             fill = self._initializer(f"{node.name}_fill", self._as_qtype(q.reshape(()), self.target.activations.dtype))
         node.replace_input_with(0, dq.inputs[0])
         if fill is not None:
+            if len(node.inputs) < 3:
+                node.resize_inputs(3)
             node.replace_input_with(2, fill)
         out.dtype = q_out.outputs[0].dtype
         q_out.outputs[0].replace_all_uses_with(out, replace_graph_outputs=True)
