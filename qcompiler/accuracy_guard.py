@@ -22,7 +22,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from qcompiler.data import DataSource
 from qcompiler.ir import NameAuthority, add_initializer, to_proto
 from qcompiler.pass_manager import ProgressFactory, null_progress
-from qcompiler.runtime import make_session
+from qcompiler.runtime import make_session, run_checked
 
 #: A fallback is kept only when it gains at least this much SQNR (smaller changes are noise on
 #: a few hundred samples, and each fallback costs speed).
@@ -119,7 +119,7 @@ class _Judge:
         return output.ndim == 2 and output.shape[1] > 1
 
     def _run(self, session) -> list[np.ndarray]:
-        chunks = [session.run(self.output_names, batch) for batch in self.data.batches(64)]
+        chunks = [run_checked(session, self.output_names, batch, what="model", data=self.data.origin) for batch in self.data.batches(64)]
         return [np.concatenate([c[i] for c in chunks]) for i in range(len(self.output_names))]
 
     def quality(self, model: ir.Model | onnx.ModelProto) -> Quality:

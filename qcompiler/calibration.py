@@ -16,7 +16,7 @@ from qcompiler.errors import QCError
 from qcompiler.ir import is_float_tensor, to_proto
 from qcompiler.pass_manager import PassContext
 from qcompiler.quant.observers import Observer, make_observer
-from qcompiler.runtime import make_session, with_extra_outputs
+from qcompiler.runtime import make_session, with_extra_outputs, run_checked
 
 #: The facts key under which the `calibrate` pass records the analysis later passes should use.
 CALIBRATION_FACT = "calibration"
@@ -74,7 +74,7 @@ class CalibrationRanges(Analysis[dict[str, Observer]]):
         total = len(range(0, ctx.data.usable_samples, ctx.data.fixed_batch or batch_size))
         with ctx.progress("calibrating", total) as progress:
             for batch in ctx.data.batches(batch_size):
-                results = session.run(wanted, batch)
+                results = run_checked(session, wanted, batch, what="model being calibrated", data=ctx.data.origin)
                 for name, array in zip(wanted, results):
                     observers[name].update(np.asarray(array))
                 for name in graph_inputs & observers.keys():

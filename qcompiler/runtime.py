@@ -22,7 +22,8 @@ def session_options(*, optimize: bool = True, threads: int = 0, spinning: bool =
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
-    options.log_severity_level = 3
+    # Fatal only: a failing run surfaces once, as run_checked's one line, not also as C++ log text.
+    options.log_severity_level = 4
     return options
 
 
@@ -52,3 +53,21 @@ def with_extra_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.Mod
         copy.graph.output.append(vi)
         existing.add(name)
     return copy
+
+
+def run_checked(session: ort.InferenceSession, names: list[str] | None, feeds: dict, *, what: str, data: str | None = None) -> list:
+    """``session.run``, with onnxruntime's failures (a node it cannot run, an index out of range in
+    the data) as one QCError line naming the model, the data file and the node, not C++ text."""
+    try:
+        return session.run(names, feeds)
+    except Exception as exc:  # onnxruntime raises its own pybind11 exception types
+        if isinstance(exc, (KeyboardInterrupt, MemoryError)):
+            raise
+        text = " ".join(str(exc).split())
+        import re
+
+        node = re.search(r"Name:'([^']*)'", text)
+        message = re.search(r"Status Message: (.*)", text)
+        detail = (message.group(1) if message else text)[:300]
+        raise QCError(f"onnxruntime failed running the {what}" + (f" on {data}" if data else "") + f": {detail}",
+                      node=node.group(1) if node and node.group(1) else None) from None

@@ -22,7 +22,7 @@ from qcompiler.ir import SOURCE_KEY, model_bytes_on_disk
 from qcompiler.pass_manager import ProgressFactory, null_progress
 from qcompiler.quant.uniform import dequantize
 from qcompiler.report import LatencyMetrics, LayerMetrics, OutputMetrics, SizeMetrics, VerificationReport
-from qcompiler.runtime import make_session, with_extra_outputs
+from qcompiler.runtime import make_session, with_extra_outputs, run_checked
 
 
 @dataclass
@@ -208,12 +208,12 @@ def verify(
     with progress("verifying", total_batches + (1 if matches else 0)) as bar:
         start = 0
         for batch in data.batches(batch_size):
-            f_out = dict(zip(output_names, float_session.run(output_names, batch)))
-            q_out = dict(zip(output_names, quant_session.run(output_names, batch)))
+            f_out = dict(zip(output_names, run_checked(float_session, output_names, batch, what="float model", data=data.origin)))
+            q_out = dict(zip(output_names, run_checked(quant_session, output_names, batch, what="quantized model", data=data.origin)))
             for name in output_names:
                 accs[name].update(f_out[name], q_out[name], _is_classifier_output(f_out[name].shape))
             if simulated_session is not None:
-                for name, got in zip(output_names, simulated_session.run(output_names, batch)):
+                for name, got in zip(output_names, run_checked(simulated_session, output_names, batch, what="quantized model", data=data.origin)):
                     simulated[name].update(f_out[name], got, False)
             if data.labels is not None and _is_classifier_output(f_out[output_names[0]].shape):
                 labels = data.labels[start : start + len(f_out[output_names[0]])]
@@ -301,9 +301,9 @@ def _per_layer(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto, match
     accs = {n: _Accumulator() for n in f_names}
     run_accs = {n: _Accumulator() for n in f_names}
     for batch in data.batches(batch_size):
-        f_out = f_session.run(f_names, batch)
-        q_out = q_session.run(q_names, batch)
-        run_out = dict(zip(run_names, run_session.run(run_names, batch))) if run_session is not None else {}
+        f_out = run_checked(f_session, f_names, batch, what="float model", data=data.origin)
+        q_out = run_checked(q_session, q_names, batch, what="quantized model", data=data.origin)
+        run_out = dict(zip(run_names, run_checked(run_session, run_names, batch, what="quantized model", data=data.origin))) if run_session is not None else {}
         for name, q_name, ref, got in zip(f_names, q_names, f_out, q_out):
             # An integer tensor of the same name (data movement run on quantized values) is not
             # comparable with the float one; its DequantizeLinear output is matched instead.

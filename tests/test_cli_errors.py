@@ -674,3 +674,24 @@ def test_force_never_deletes_the_input(tmp_path: Path, where: str) -> None:
     assert npz.exists(), "--force deleted the calibration data"
     assert snapshot(model_path) == before_model
     assert snapshot(npz) == before_npz
+
+
+def test_an_index_out_of_range_in_the_data_is_one_line_naming_the_file_and_node(tmp_path: Path) -> None:
+    """onnxruntime's Gather error on token ids past the embedding: not C++ text, not a traceback."""
+    import subprocess
+    import sys
+
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    table = numpy_helper.from_array(np.random.default_rng(0).normal(0, 1, (10, 4)).astype(np.float32), "table")
+    weight = numpy_helper.from_array(np.random.default_rng(1).normal(0, 1, (4, 3)).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"), helper.make_node("MatMul", ["e", "w"], ["y"], name="proj")], "g",
+                              [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 5])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 3])], initializer=[table, weight])
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    np.savez(tmp_path / "ids.npz", ids=np.full((8, 5), 99, np.int64))  # the table has 10 rows
+    done = subprocess.run([sys.executable, "-c", "from qcompiler.cli import main; main()", "compile", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "ids.npz"),
+                           "-o", str(tmp_path / "out")], capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert "onnxruntime failed running" in done.stderr and "ids.npz" in done.stderr and "embed" in done.stderr
+    assert not (tmp_path / "out").exists()
