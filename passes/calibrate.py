@@ -33,8 +33,9 @@ class Calibrate(Pass):
         def __post_init__(self) -> None:
             if not 50.0 < self.percentile <= 100.0:
                 raise ValueError(f"option 'percentile' must be in (50, 100], got {self.percentile}")
-            if self.bins < 16 or self.batch_size < 1:
-                raise ValueError("options 'bins' must be >= 16 and 'batch-size' >= 1")
+            # An upper bound too: every observed tensor keeps a histogram of this many bins.
+            if not 16 <= self.bins <= 1 << 20 or self.batch_size < 1:
+                raise ValueError("options 'bins' must be in [16, 1048576] and 'batch-size' >= 1")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         o = self.options

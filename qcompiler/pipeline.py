@@ -7,6 +7,7 @@ same text, so a pipeline round-trips (xDSL's textual pipelines work the same way
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -103,9 +104,12 @@ def _coerce(raw: str, annotation: Any, pass_name: str, option: str) -> Any:
             raise QCError(f"'{raw}' is not an integer", pass_name=pass_name, option=option) from None
     if annotation is float:
         try:
-            return float(raw)
+            value = float(raw)
         except ValueError:
             raise QCError(f"'{raw}' is not a number", pass_name=pass_name, option=option) from None
+        if not math.isfinite(value):
+            raise QCError(f"'{raw}' is not a finite number", pass_name=pass_name, option=option)
+        return value
     if annotation is str:
         return raw
     raise TypeError(f"pass '{pass_name}' option '{option}' has an unsupported type {annotation!r}")

@@ -321,3 +321,13 @@ def test_errors_are_qcerrors_not_other_exceptions() -> None:
 
 def test_pass_subclass_check() -> None:
     assert all(issubclass(cls, Pass) for cls in all_passes().values())
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("cluster-weights{target-bits=nan}", "option 'target-bits': 'nan' is not a finite number"),
+    ("calibrate{percentile=inf}", "option 'percentile': 'inf' is not a finite number"),
+    ("calibrate{bins=1000000000000}", "'bins' must be in \\[16, 1048576\\]"),
+])
+def test_non_finite_and_unbounded_option_values_are_refused(text: str, message: str) -> None:
+    with pytest.raises(QCError, match=message):
+        parse_pipeline(text)
