@@ -626,7 +626,13 @@ class _Rewriter:
         b = constant_array(b_value).astype(np.float64)
         scale = np.broadcast_to(np.asarray(scale, dtype=np.float32), b.shape).astype(np.float32)
         lo, hi = INTEGER_DTYPES["int32"][:2]
-        q = np.clip(np.rint(b / scale.astype(np.float64)), lo, hi).astype(np.int32)
+        ratio = np.rint(b / scale.astype(np.float64))
+        if not np.all(np.isfinite(ratio)) or np.any(ratio < lo) or np.any(ratio > hi):
+            # Clipping would change the bias in silence: it stays float, and the report says so.
+            worst = float(np.nanmax(np.abs(b / scale.astype(np.float64))))
+            self.notes.add(f"{node.name}: its bias does not fit int32 at input scale x weight scale (it would need {worst:.3g} steps; int32 holds {hi}): kept float")
+            return
+        q = ratio.astype(np.int32)
         per_channel = q.ndim == 1 and q.size > 1 and not np.all(scale == scale.reshape(-1)[0])
         if not per_channel:
             scale = scale.reshape(-1)[:1].reshape(())

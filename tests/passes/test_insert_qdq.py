@@ -350,3 +350,24 @@ def test_an_integer_pad_without_a_fill_pads_with_the_zero_point() -> None:
     zero_point = pad.inputs[0].producer().inputs[2].const_value.numpy()
     assert pad.inputs[2].const_value.numpy() == zero_point != 0
     assert sqnr_db(reference, run(model, {"x": x})[0]) > 40
+
+
+def test_a_bias_that_does_not_fit_int32_stays_float_and_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the weight-scale floor that normally keeps every bias in int32 (a bias correction
+    can still grow one past it), a tiny input scale x weight scale would clip the bias in silence:
+    it stays float instead, and the report names the layer."""
+    import sys
+
+    from qcompiler.registry import get_pass
+    from tests.helpers import small_cnn
+
+    module = sys.modules[get_pass("insert-qdq").__module__]  # the module the registry runs
+    monkeypatch.setattr(module._Rewriter, "_bias_scale_floor", lambda self, node, roles: None)
+    data = DataSource({"input": np.full((16, 3, 8, 8), 1e-7, np.float32)})  # an input range of ~1e-7
+    model, ctx = _compile(small_cnn(), data)
+    flagged = [d.message.split(":")[0] for d in ctx.diagnostics if "does not fit int32" in d.message]
+    assert flagged, [d.message for d in ctx.diagnostics]
+    for name in flagged:
+        node = next(n for n in model.graph if n.name == name)
+        bias = node.inputs[2]
+        assert bias.producer() is None or bias.producer().op_type != "DequantizeLinear"  # float, not clipped codes
