@@ -345,8 +345,9 @@ def run_measured(argv: list[str], log: Path) -> tuple[int, float, float | None]:
 
 
 def shell_line(argv: list[str]) -> str:
-    """``argv`` as a line to paste into a shell: arguments holding pipeline braces are quoted."""
-    return " ".join(f'"{a}"' if "{" in a else a for a in argv)
+    """``argv`` as a line to paste into a shell: arguments holding pipeline braces, pipes (format
+    lists), spaces or angle brackets are quoted."""
+    return " ".join(f'"{a}"' if any(c in a for c in "{|<> ") else a for a in argv)
 
 
 def _tail(log: Path, lines: int = 3) -> str:
