@@ -282,6 +282,12 @@ class InsertQDQ(Pass):
         if not weight_only:
             analysis = ctx.facts.get(CALIBRATION_FACT, CalibrationRanges())
             observers = ctx.analyses.get(analysis, model, ctx)
+            # A tensor the calibration data never gave a value (empty for every sample, or in a
+            # branch no sample took) has no range: it stays float rather than get an invented one.
+            unseen = sorted(n for n, o in observers.items() if o.count == 0)
+            if unseen:
+                observers = {n: o for n, o in observers.items() if o.count > 0}
+                ctx.note(self.name, f"{len(unseen)} tensor(s) had no values on the calibration data and stay float: {', '.join(unseen[:5])}{' ...' if len(unseen) > 5 else ''}", level="warning")
         input_means = {}
         # Bias correction measures layer inputs on the calibration data; weight-only targets
         # compile without data, and correct only when some is given.

@@ -76,7 +76,12 @@ class CalibrationRanges(Analysis[dict[str, Observer]]):
             for batch in ctx.data.batches(batch_size):
                 results = run_checked(session, wanted, batch, what="model being calibrated", data=ctx.data.origin)
                 for name, array in zip(wanted, results):
-                    observers[name].update(np.asarray(array))
+                    try:
+                        observers[name].update(np.asarray(array))
+                    except ValueError as exc:  # Inf in a tensor: the float model overflows on this data
+                        raise QCError(f"tensor '{name}' is infinite on the calibration data ({ctx.data.origin}): the float model itself overflows there "
+                                      f"({exc}); a range cannot hold it: check the data's scale, or run this part of the model in float32 without quantizing it",
+                                      pass_name="calibrate") from None
                 for name in graph_inputs & observers.keys():
                     observers[name].update(batch[name])
                 progress.advance()

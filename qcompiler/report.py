@@ -141,7 +141,9 @@ def _db(x: float) -> str:
 
 
 def _smaller(before: int, after: int) -> str:
-    ratio = before / max(after, 1)
+    if before <= 0 or after <= 0:
+        return "no weights to compare" if before <= 0 else "nothing left"
+    ratio = before / after
     return f"{ratio:.2f}x smaller" if ratio >= 1 else f"{1 / ratio:.2f}x larger"
 
 

@@ -695,3 +695,30 @@ def test_an_index_out_of_range_in_the_data_is_one_line_naming_the_file_and_node(
     assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
     assert "onnxruntime failed running" in done.stderr and "ids.npz" in done.stderr and "embed" in done.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_float_model_that_overflows_on_the_data_is_one_line(tmp_path: Path) -> None:
+    """The calibration run meets Inf inside the float model (not in the data file): one line naming
+    the tensor and the data, exit 2, nothing written."""
+    import subprocess
+    import sys
+
+    from onnx import TensorProto, helper, numpy_helper, save
+
+    w = numpy_helper.from_array(np.random.default_rng(0).normal(0, 1, (4, 3, 3, 3)).astype(np.float32), "w")
+    big = numpy_helper.from_array(np.array(1e38, np.float32), "big")
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "big"], ["m"], name="scale_up"), helper.make_node("Conv", ["m", "w"], ["y"], name="conv")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6])], initializer=[w, big])
+    save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    np.savez(tmp_path / "x.npz", x=np.full((8, 3, 8, 8), 100.0, np.float32))
+    done = subprocess.run([sys.executable, "-c", "from qcompiler.cli import main; main()", "compile", str(tmp_path / "m.onnx"), "--calib", str(tmp_path / "x.npz"),
+                           "-o", str(tmp_path / "out")], capture_output=True, text=True)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "is infinite on the calibration data" in done.stderr and "x.npz" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_size_line_of_a_model_without_weights_does_not_crash() -> None:
+    from qcompiler.report import _smaller
+
+    assert _smaller(0, 0) == "no weights to compare" and _smaller(100, 0) == "nothing left" and _smaller(400, 100) == "4.00x smaller"
