@@ -35,7 +35,7 @@ from qcompiler.quant.uniform import affine_params, dequantize, int32_bias_scale_
 from qcompiler.registry import register_pass
 from qcompiler.cost_model import storage_dtype, storage_width
 from qcompiler.quant.weights import FLOAT8_NUMPY, RoundedWeight, WeightRange, dequantize_weight, quantize_float8, quantize_weight, weight_layout, weight_qrange
-from qcompiler.targets.spec import FLOAT_WIDTH, INTEGER_DTYPES, IR_TYPES, TargetSpec
+from qcompiler.targets.spec import FLOAT8_DTYPES, FLOAT_WIDTH, INTEGER_DTYPES, IR_TYPES, TargetSpec
 
 _NP_DTYPES = {"int4": np.int8, "uint4": np.uint8, "int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16, "int32": np.int32, **FLOAT8_NUMPY}
 
@@ -581,6 +581,18 @@ class _Rewriter:
             q, scale, raised = raise_scales(w, q, scale, zp, scale_floor.reshape(np.shape(scale)) if np.ndim(scale) else scale_floor, qmin, qmax, ax)
             if raised:
                 self.notes.add(f"{node.name}: {raised} weight channel(s) nearly all zero got a larger scale so that their int32 bias holds the bias")
+        elif scale_floor is not None and not block and rule.is_float8 and (np.ndim(scale) == 0 or np.size(scale) == scale_floor.size):
+            floor = scale_floor.reshape(np.shape(scale)) if np.ndim(scale) else np.max(scale_floor)
+            if np.any(scale < floor):
+                # A float8 weight's scale is free to grow: its exponent range absorbs it (values
+                # move toward the subnormals), and the int32 bias then holds the bias. Left float,
+                # the bias would be quantized by onnxruntime itself (its weight-bias quantization),
+                # clipped.
+                top = FLOAT8_DTYPES[rule.dtype]
+                grown_count = int(np.sum(np.asarray(scale) < np.asarray(floor)))
+                grown = np.maximum(scale, floor).astype(np.float32)
+                q, scale, zp = quantize_float8(w, rule.dtype, (-grown * top, grown * top), ax)
+                self.notes.add(f"{node.name}: {grown_count} float8 weight scale(s) grown so that the int32 bias holds the bias")
         dq_out = self._dequantized_constant(w_value, q, scale, zp, self._weight_dtype(bits), ax, block)
         for use in list(w_value.uses()):
             if use.node in self.plan.quantized_nodes and input_roles(use.node).weight == use.idx:
