@@ -4,7 +4,7 @@
     python bench/low_bit_training.py --rows resnet20-w2       # CIFAR-10 ResNet-20 W2A8 with slb (~45 min)
     python bench/low_bit_training.py --rows resnet20-bits     # learn-bits at 2.5 bits + qat (~45 min)
     python bench/low_bit_training.py --rows resnet20-uniform  # uniform 2-bit with learn-bits' training, its baseline (~45 min)
-    python bench/low_bit_training.py --rows resnet20-w1       # W1A8 (bipolar) with slb (~45 min)
+    python bench/low_bit_training.py --rows resnet20-w1       # W1A8 (bipolar) slb 2 epochs + qat (~25 min)
     python bench/low_bit_training.py --rows resnet20-cost     # slb vs qat at 4 bits: peak memory and time per epoch, 5,000 images (~5 min)
     python bench/low_bit_training.py --rows lenet --quick     # a smoke check of every LeNet row (~3 min)
 
@@ -99,7 +99,7 @@ def specs(quick: bool) -> list[Spec]:
     # learn-bits: five epochs and one of qat keep the recipe within the hour on 2 cores.
     bits_epochs = 1 if quick else 5
     # W1 is reported, not held to a bar: a shorter run.
-    w1_epochs = 1 if quick else 3
+    w1_epochs = 1 if quick else 2
     n = ",max-minutes=2" if quick else ""
     mnist = dict(model=LENET, train=MNIST_TRAIN, test=MNIST_TEST)
     cifar_common = dict(model=RESNET20, train=CIFAR_TRAIN, test=CIFAR_TEST, lossless=CIFAR_LOSSLESS)
