@@ -192,7 +192,9 @@ def search_cmd(
         grid.add_column(col, justify="left" if col == "weights" else "right")
     for u in sorted(stats["uniform"], key=lambda u: u["energy_pj"]):
         grid.add_row(f"{u['format']} everywhere", f"{u['energy_pj'] / 1e6:.2f}", f"{u['sqnr_db']:.2f}", f"{u['top1']:.2f}" if u["top1"] is not None else "-", "met" if u["meets_goal"] else "missed")
-    chosen = ", ".join(f"{fmt} x{n}" for fmt, n in sorted(_counts(stats["layers"]).items(), key=lambda kv: -kv[1]))
+    from collections import Counter
+
+    chosen = ", ".join(f"{fmt} x{n}" for fmt, n in Counter(stats["layers"].values()).most_common())
     grid.add_row(f"chosen ({stats['granularity']}): {chosen}", f"{stats['energy_pj'] / 1e6:.2f}", f"{stats['sqnr_db']:.2f}", f"{stats['top1']:.2f}" if stats["top1"] is not None else "-", "met" if stats["goal_met"] else "missed")
     out.print(grid)
     versus = f", {stats['energy_vs_best_uniform']:.2f}x less than the best uniform format ({stats['best_uniform']})" if stats["best_uniform"] else ""
@@ -202,13 +204,6 @@ def search_cmd(
     if not stats["goal_met"]:
         err.print(f"error: no candidate met the goal; the most accurate one is in {output} (SQNR {stats['sqnr_db']:.2f} dB against a goal of {min_sqnr:g} dB)", markup=False, highlight=False)
         raise typer.Exit(1)
-
-
-def _counts(layers: dict[str, str]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for fmt in layers.values():
-        counts[fmt] = counts.get(fmt, 0) + 1
-    return counts
 
 
 def _budget_pipeline(target: str, cpu: str | None, pipeline: str | None, budget: str) -> str:

@@ -30,7 +30,7 @@ import onnx_ir as ir
 
 from qcompiler.format_metadata import FORMAT_KEY
 from qcompiler.quant.pair_limit import pair_safe_scale
-from qcompiler.quant.uniform import _MIN_SCALE
+from qcompiler.quant.uniform import _MIN_SCALE, channel_ranges
 from qcompiler.quant.formats import BipolarFormat, BlockFormat, FixedFormat, FloatFormat, IntFormat, NumberFormat, parse_format
 
 #: Float formats onnxruntime stores natively, by name: (ONNX data type, numpy type).
@@ -75,10 +75,8 @@ def _initializer(name: str, array: np.ndarray, dtype: ir.DataType | None = None)
 
 def _scales(x: np.ndarray, top: float, axis: int | None) -> np.ndarray:
     """float32 scales mapping each channel's max |x| (along ``axis``; the whole tensor when None) to ``top``."""
-    if axis is None:
-        amax = np.asarray(np.max(np.abs(x)) if x.size else 0.0)
-    else:
-        amax = np.max(np.abs(np.moveaxis(x, axis, 0)).reshape(x.shape[axis], -1), axis=1)
+    lo, hi = channel_ranges(x, axis) if x.size else (np.zeros(()), np.zeros(()))
+    amax = np.maximum(-lo, hi)
     return np.where(amax > 0, amax / top, 1.0).astype(np.float32)
 
 
@@ -106,7 +104,8 @@ def lower_constant(name: str, x: np.ndarray, fmt: NumberFormat | str, axis: int 
         if isinstance(fmt, BipolarFormat):
             scale = _bipolar_scales(x, axis)
         elif pair_sum_limit is not None and fmt.signed and 2 * fmt.max_value > pair_sum_limit:
-            bound = np.max(np.abs(np.moveaxis(x, axis, 0)).reshape(x.shape[axis], -1), axis=1) if axis is not None else np.max(np.abs(x))
+            lo, hi = channel_ranges(x, axis)
+            bound = np.maximum(-lo, hi)
             scale, top = pair_safe_scale(x, axis, bound, int(fmt.max_value), pair_sum_limit)
         else:
             scale = _scales(x, fmt.max_value, axis)

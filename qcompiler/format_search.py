@@ -10,15 +10,15 @@ Two strategies share it:
 
 - ``network``: every format for all layers at once, cheapest first (Hill et al.'s search, over
   formats instead of one network's fixed-point grid), one evaluation per format;
-
-Candidates run as the written model will, all onnxruntime optimizations on: formats it has kernels
-for (int8 with uint8 activations) run in them, with pair-safe weights where this CPU's kernels add
-int16 pairs; the others are dequantized and accumulate in fp32.
 - ``layer``: the damage of each layer alone in each format (one evaluation each), then the
   assignment with the least modelled energy whose summed output noise fits the goal, exactly
   (an integer program, `qcompiler.precision_ilp.solve_ilp` with the roles of cost and damage
   swapped), checked end to end and tightened while it misses (the noises of layers add only
   approximately).
+
+Candidates run as the written model will, all onnxruntime optimizations on: formats it has kernels
+for (int8 with uint8 activations) run in them, with pair-safe weights where this CPU's kernels add
+int16 pairs; the others are dequantized and accumulate in fp32.
 """
 
 from __future__ import annotations
@@ -37,9 +37,9 @@ from qcompiler.format_lowering import lower_constant
 from qcompiler.format_metadata import FORMAT_KEY
 from qcompiler.ir import to_proto
 from qcompiler.op_roles import input_roles
-from qcompiler.quant.formats import BlockFormat, FloatFormat, IntFormat, NumberFormat, parse_format
+from qcompiler.quant.formats import IntFormat, NumberFormat, parse_format
 from qcompiler.quant.uniform import sqnr_db
-from qcompiler.runtime import make_session, with_extra_outputs
+from qcompiler.runtime import make_session, run_checked, with_extra_outputs
 
 FP32 = parse_format("fp32")
 #: Activation formats a candidate can fake-quantize its layer inputs in (what QuantizeLinear stores, or a Cast).
@@ -131,7 +131,7 @@ class FormatEvaluator:
         session = make_session(proto, what="float model", threads=self.threads)
         names = [o.name for o in session.get_outputs()]
         feeds = self.data.arrays
-        results = session.run(None, feeds)
+        results = run_checked(session, None, feeds, what="float model", data=self.data.origin)
         by_name = dict(zip(names, results))
         self._float = np.asarray(by_name[self.output], np.float64)
         # The activation quantizers' ranges: min and max of each layer input on these samples.
@@ -322,7 +322,7 @@ class FormatEvaluator:
         start = time.perf_counter()
         model = self.build(formats)
         session = make_session(to_proto(model), optimize=as_run, what="candidate", threads=self.threads)
-        y = np.asarray(session.run([self.output], self.data.arrays)[0], np.float64)
+        y = np.asarray(run_checked(session, [self.output], self.data.arrays, what="candidate", data=self.data.origin)[0], np.float64)
         self.evaluations += 1
         noise = float(np.mean((y - self._float) ** 2))
         top1 = None
@@ -339,15 +339,6 @@ class FormatEvaluator:
 def layer_energy_pj(layer: WeightLayer, fmt: NumberFormat, activation: NumberFormat, table: EnergyTable) -> float:
     """Modelled energy of one layer's MACs and weight reads with its weight in ``fmt``."""
     return layer.macs * table.mac_pj(fmt, activation) + layer.params * float(fmt.bits) * table.bit_pj(table.weights_from)
-
-
-def format_family(fmt: NumberFormat) -> str:
-    """A short kind for reports: int, fixed, float, block."""
-    if isinstance(fmt, BlockFormat):
-        return "block"
-    if isinstance(fmt, FloatFormat):
-        return "float"
-    return "int"
 
 
 #: The evaluator of a worker process (one per process, built once by `_start_worker`).

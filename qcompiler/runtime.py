@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from collections.abc import Iterable
 
 import onnx
@@ -64,8 +66,6 @@ def run_checked(session: ort.InferenceSession, names: list[str] | None, feeds: d
         if isinstance(exc, (KeyboardInterrupt, MemoryError)):
             raise
         text = " ".join(str(exc).split())
-        import re
-
         node = re.search(r"Name:'([^']*)'", text)
         message = re.search(r"Status Message: (.*)", text)
         detail = (message.group(1) if message else text)[:300]
