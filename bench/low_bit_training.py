@@ -3,6 +3,7 @@
     python bench/low_bit_training.py --rows lenet             # MNIST LeNet-5: W2A4 and learn-bits <= 2 bits (~15 min on 2 cores)
     python bench/low_bit_training.py --rows resnet20-w2       # CIFAR-10 ResNet-20 W2A8 with slb (~45 min)
     python bench/low_bit_training.py --rows resnet20-bits     # learn-bits at 2.5 bits + qat (~45 min)
+    python bench/low_bit_training.py --rows resnet20-bits-slb # learn-bits widths, slb at them + qat (~50 min)
     python bench/low_bit_training.py --rows resnet20-uniform  # uniform 2-bit with learn-bits' training, its baseline (~45 min)
     python bench/low_bit_training.py --rows resnet20-w1       # W1A8 (bipolar) slb 2 epochs + qat (~25 min)
     python bench/low_bit_training.py --rows resnet20-cost     # slb vs qat at 4 bits: peak memory and time per epoch, 5,000 images (~5 min)
@@ -120,6 +121,11 @@ def specs(quick: bool) -> list[Spec]:
              + qat_after(1 if quick else 2), what="W2A8 slb + qat (first/last 8-bit)", **cifar_common),
         Spec("resnet20-bits2.5", "resnet20-bits", pipeline=f"{HEAD},learn-bits{{budget=bits=2.5,first-last-bits=8,epochs={bits_epochs},{aug}loss=cross-entropy+kl{n}}},{TAIL},"
              + qat_after(1), what="learn-bits <= 2.5 bits + qat (first/last 8-bit)", **cifar_common),
+        # learn-bits chooses the widths in one epoch; slb then searches each layer's weights at its
+        # width and qat trains the activations: the same training as the uniform W2 slb row.
+        Spec("resnet20-bits2.5-slb", "resnet20-bits-slb", pipeline=f"{HEAD},learn-bits{{budget=bits=2.5,first-last-bits=8,epochs=1,{aug}loss=cross-entropy+kl{n}}},"
+             f"slb{{bits=0,first-last-bits=8,epochs={1 if quick else 5},{aug}loss=cross-entropy+kl{n}}},{TAIL},"
+             + qat_after(1 if quick else 2), what="learn-bits widths <= 2.5 bits, slb at them + qat (first/last 8-bit)", **cifar_common),
         Spec("resnet20-w1-slb", "resnet20-w1", pipeline=f"{HEAD},slb{{bits=1,first-last-bits=8,epochs={w1_epochs},{aug}loss=cross-entropy+kl{n}}},{TAIL},"
              + qat_after(1), what="W1A8 slb + qat, bipolar (first/last 8-bit)", **cifar_common),
         Spec("resnet20-uniform2", "resnet20-uniform", pipeline=f"{HEAD},learn-bits{{budget=bits=2.03,initial-bits=2,first-last-bits=8,epochs={bits_epochs},{aug}loss=cross-entropy+kl{n}}},{TAIL},"
@@ -196,7 +202,7 @@ def compile_row(spec: Spec) -> Row:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default="lenet", help="groups to run: lenet, resnet20-w2, resnet20-w1, resnet20-bits, resnet20-uniform, resnet20-cost (comma-separated)")
+    parser.add_argument("--rows", default="lenet", help="groups to run: lenet, resnet20-w2, resnet20-w1, resnet20-bits, resnet20-bits-slb, resnet20-uniform, resnet20-cost (comma-separated)")
     parser.add_argument("--quick", action="store_true", help="1 epoch, 2 minutes per training pass: a smoke check")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
@@ -208,7 +214,7 @@ def main() -> None:
     groups = args.rows.split(",")
     chosen = [s for s in specs(args.quick) if s.group in groups]
     if not chosen:
-        raise SystemExit(f"no rows in groups {groups}: choose from lenet, resnet20-w2, resnet20-w1, resnet20-bits, resnet20-uniform, resnet20-cost")
+        raise SystemExit(f"no rows in groups {groups}: choose from lenet, resnet20-w2, resnet20-w1, resnet20-bits, resnet20-bits-slb, resnet20-uniform, resnet20-cost")
     rows: list[Row] = []
     floats: dict[str, Row] = {}
     for spec in chosen:
@@ -257,6 +263,7 @@ def report(rows: list[Row], floats: dict[str, Row], quick: bool) -> None:
         ("lenet-bits2", lambda r: r.top1 >= 99.2 and r.average_bits <= 2.0 + 1e-9, "LeNet-5 learn-bits <= 2 bits at >= 99.2 %"),
         ("resnet20-w2-slb", lambda r: floats["resnet20"].top1 - r.top1 <= 2.5, "ResNet-20 W2A8 slb drop <= 2.5 pts"),
         ("resnet20-bits2.5", lambda r: floats["resnet20"].top1 - r.top1 <= 1.0 and r.average_bits <= 2.5 + 1e-9, "ResNet-20 learn-bits <= 2.5 bits within 1.0 pt of float"),
+        ("resnet20-bits2.5-slb", lambda r: floats["resnet20"].top1 - r.top1 <= 1.0 and r.average_bits <= 2.5 + 1e-9, "ResNet-20 learn-bits widths + slb <= 2.5 bits within 1.0 pt of float"),
     ]
     for name, ok, label in checks:
         if name in by:
@@ -269,6 +276,10 @@ def report(rows: list[Row], floats: dict[str, Row], quick: bool) -> None:
         # slb's uniform 2-bit row trains longer (its own epochs and two of qat): a harder baseline.
         gain = by["resnet20-bits2.5"].top1 - by["resnet20-w2-slb"].top1
         print(f"{'PASS' if gain >= 0.5 else 'FAIL'}  learn-bits 2.5 bits vs uniform 2-bit by slb + qat: {gain:+.2f} pts (bar >= +0.5)")
+    if "resnet20-bits2.5-slb" in by and "resnet20-w2-slb" in by:
+        # The same slb + qat training; only the widths differ (learned against uniform 2-bit).
+        gain = by["resnet20-bits2.5-slb"].top1 - by["resnet20-w2-slb"].top1
+        print(f"{'PASS' if gain >= 0.5 else 'FAIL'}  learned widths (2.5 bits) vs uniform 2-bit, both slb + qat: {gain:+.2f} pts (bar >= +0.5)")
     if "resnet20-w4-slb-1ep" in by and "resnet20-w4-qat-1ep" in by:
         s, q = by["resnet20-w4-slb-1ep"], by["resnet20-w4-qat-1ep"]
         if s.peak_memory_mib and q.peak_memory_mib and s.train_seconds_per_epoch and q.train_seconds_per_epoch:

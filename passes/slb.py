@@ -37,7 +37,7 @@ from qcompiler.low_bit_training import (
     training_split,
 )
 from qcompiler.pass_manager import Pass, PassContext, PassResult
-from qcompiler.precision import checked_activation_bits
+from qcompiler.precision import ROUNDED_WEIGHTS_FACT, WEIGHT_BITS_FACT, checked_activation_bits
 from qcompiler.quant.slb import LevelChoice, Schedule, sharpness
 from qcompiler.registry import register_pass
 from qcompiler.quant.weights import BIPOLAR_BITS, RoundedWeight, WeightRange, quantize_bipolar, weight_grid, weight_qrange
@@ -50,7 +50,8 @@ MAX_SEARCH_BITS = 4
 
 @dataclass(frozen=True)
 class SlbOptions(TrainSettings):
-    #: Weight width of the searched layers: 1 (bipolar), 2, 3 or 4.
+    #: Weight width of the searched layers: 1 (bipolar), 2, 3 or 4; 0: each layer's width as an
+    #: earlier pass chose it (`learn-bits`, `assign-precision`), so slb trains at learned widths.
     bits: int = 2
     #: Width of the first and last weight layers (0: as the others); 8 is what most low-bit
     #: papers keep them at (say so beside the figure). Above 4 bits they train float.
@@ -81,8 +82,8 @@ class SlbOptions(TrainSettings):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.bits not in (1, 2, 3, 4):
-            raise ValueError("option 'bits' must be 1 (bipolar), 2, 3 or 4")
+        if self.bits not in (0, 1, 2, 3, 4):
+            raise ValueError("option 'bits' must be 1 (bipolar), 2, 3 or 4 (0: the widths an earlier pass chose)")
         if not 0 < self.temperature_start < self.temperature_end:
             raise ValueError("options 'temperature-start' and 'temperature-end' must satisfy 0 < start < end")
         if self.first_last_bits < 0 or self.bn_samples < 1 or self.check_samples < 0 or not self.float_lr > 0 or not self.initial_sharpness > 0:
@@ -103,13 +104,20 @@ class Slb(Pass):
         self._check_widths(ctx)
         activation_bits = checked_activation_bits(ctx.target, self.options.activation_bits, self.name)
         layers, skipped = quantizable_weights(model, ctx)
+        chosen = self._chosen_widths(ctx, layers)
         train_ctx, held_out = training_split(ctx, self.options.check_samples, self.name)
         choices: dict[str, LevelChoice] = {}
         float_layers: list[str] = []
+        kept_float: list[str] = []
         for i, layer in enumerate(layers):
-            bits = self.options.first_last_bits if self.options.first_last_bits and i in (0, len(layers) - 1) else self.options.bits
+            bits = self.options.first_last_bits if self.options.first_last_bits and i in (0, len(layers) - 1) else chosen.get(layer.weight, self.options.bits)
             layer.bits = bits
             rule, axis = layer.layout.rule, layer.layout.axis
+            # Whatever an earlier pass rounded this weight to is retrained here: its codes go.
+            ctx.facts.get(ROUNDED_WEIGHTS_FACT, {}).pop(layer.weight, None)
+            if bits == FLOAT_WIDTH:
+                kept_float.append(layer.weight)
+                continue
             if bits > MAX_SEARCH_BITS:
                 float_layers.append(layer.weight)
                 continue
@@ -130,7 +138,7 @@ class Slb(Pass):
 
         state = {"t": self.options.temperature_start}
         out = output_value(model, self.name)
-        floats = float_parameters(model, layers) + float_layers
+        floats = float_parameters(model, layers) + float_layers + kept_float
         training = TrainingGraph(model, lambda: {name: c.expected(state["t"]) for name, c in choices.items()}, floats)
         loss_name = training_loss(training, ctx, train_ctx.data, out.name, self.options.loss, self.options.batch_size, self.name)
         params = {f"{name}.logits": c.logits for name, c in choices.items()}
@@ -145,7 +153,7 @@ class Slb(Pass):
 
         start = time.perf_counter()
         result = fit(training, train_ctx, params, {}, loss_name=loss_name, out_name=out.name, reference_overrides=FLOAT_REFERENCE,
-                     settings=self.options, label=f"slb W{self.options.bits}", pass_name=self.name, before_step=before_step, lr_multipliers=multipliers)
+                     settings=self.options, label=f"slb W{self.options.bits or 'chosen'}", pass_name=self.name, before_step=before_step, lr_multipliers=multipliers)
         train_seconds = time.perf_counter() - start
         confidence = {name: round(c.confidence(state["t"]), 4) for name, c in choices.items()}
 
@@ -162,7 +170,10 @@ class Slb(Pass):
                       activation_bits=activation_bits if self.options.activation_bits else None)
         for row in done["layers"]:
             row["final_confidence"] = confidence.get(row["weight"])
-        stats = {"bits": self.options.bits, "first_last_bits": self.options.first_last_bits or self.options.bits, "activation_bits": activation_bits, "loss": loss_name,
+        searched = [layer.bits for layer in layers if layer.weight in choices]
+        stats = {"bits": self.options.bits or "chosen", "widths": {l.node.name: l.bits for l in layers}, "kept_float": len(kept_float),
+                 "average_bits": round(sum(l.bits * l.w.size for l in layers) / max(sum(l.w.size for l in layers), 1), 3),
+                 "searched_widths": sorted(set(searched)), "first_last_bits": self.options.first_last_bits or self.options.bits, "activation_bits": activation_bits, "loss": loss_name,
                  "loss_per_epoch": [round(v, 5) for v in result.losses], "train_seconds": round(train_seconds, 1),
                  "final_temperature": round(state["t"], 4), "float_trained_layers": len(float_layers),
                  "skipped": len(skipped), **done, **result.stats()}
@@ -172,10 +183,26 @@ class Slb(Pass):
             ctx.note(self.name, f"left to insert-qdq: {why}", node=node)
         return PassResult(model, True, stats)
 
+    def _chosen_widths(self, ctx: PassContext, layers) -> dict[str, int]:
+        """bits=0: each layer's width from the facts an earlier pass left (else none)."""
+        if self.options.bits:
+            return {}
+        chosen = ctx.facts.get(WEIGHT_BITS_FACT) or {}
+        ends = {0, len(layers) - 1} if self.options.first_last_bits else set()
+        missing = [l.node.name for i, l in enumerate(layers) if l.weight not in chosen and i not in ends]
+        if missing:
+            raise QCError("bits=0 trains at the widths an earlier pass chose, but "
+                          + (f"no width was chosen for {', '.join(missing[:3])}" if chosen else "no earlier pass chose any")
+                          + ": run learn-bits or assign-precision before slb, or give bits=1|2|3|4", pass_name=self.name, option="bits")
+        wide = sorted({b for b in chosen.values() if b != FLOAT_WIDTH and b > MAX_SEARCH_BITS})
+        if wide:
+            ctx.note(self.name, f"layers chosen at {wide} bits train as float weights; insert-qdq rounds them")
+        return chosen
+
     def _check_widths(self, ctx: PassContext) -> None:
         allowed = [b for b in ctx.target.bits.allowed if b != FLOAT_WIDTH]
         bits, first_last = self.options.bits, self.options.first_last_bits
-        if bits != BIPOLAR_BITS and bits not in allowed:
+        if bits and bits != BIPOLAR_BITS and bits not in allowed:
             raise QCError(f"{bits}-bit weights are not allowed by target '{ctx.target.name}' (its [bits] allowed: {allowed}; 1 is bipolar)", pass_name=self.name, option="bits")
         if bits == BIPOLAR_BITS and not ctx.target.weights.symmetric:
             raise QCError(f"bipolar weights need symmetric signed weights; target '{ctx.target.name}' quantizes them asymmetrically", pass_name=self.name, option="bits")

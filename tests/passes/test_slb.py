@@ -77,6 +77,23 @@ def test_first_and_last_at_eight_bits_train_float_and_are_rounded_by_insert_qdq(
     assert _stats(result)["float_trained_layers"] == 2
 
 
+@pytest.mark.parametrize("chooser", ["learn-bits{budget=bits=3,epochs=1,check-samples=0}",
+                                     "assign-precision{budget=bits=3}"])
+def test_bits_zero_trains_at_the_widths_an_earlier_pass_chose(chooser: str) -> None:
+    pipeline = f"infer-shapes,fold-constants,{chooser},slb{{bits=0,epochs=1,check-samples=0}},{TAIL}"
+    result = qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=_calib(), pipeline=pipeline, verify=False)
+    first = next(p.stats for p in result.report.passes if p.name == chooser.split("{")[0])
+    widths = first.get("widths") or {row["node"]: row["bits"] for row in first["layers"].values()}
+    stats = _stats(result)
+    assert stats["bits"] == "chosen" and stats["widths"] == widths
+    stored = _weight_codes(result.model)
+    for node, bits in widths.items():
+        # Searched widths hold their symmetric codes; wider ones are rounded by insert-qdq.
+        top = 2 ** (bits - 1) - 1
+        assert np.abs(stored[node]).max() <= (top if bits <= 4 else 127), node
+    assert set(stats["searched_widths"]) == {b for b in widths.values() if b <= 4}
+
+
 def test_refusals() -> None:
     calib = _calib(64)
     with pytest.raises(QCError, match="5-bit|option 'bits'"):
@@ -85,6 +102,8 @@ def test_refusals() -> None:
         qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=calib, pipeline="fold-batchnorm,calibrate,insert-qdq,slb{bits=2}", verify=False)
     with pytest.raises(QCError, match="activations are not allowed"):
         qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=calib, pipeline="slb{bits=2,activation-bits=3}", verify=False)
+    with pytest.raises(QCError, match="bits=0 trains at the widths an earlier pass chose, but no earlier pass chose any"):
+        qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=calib, pipeline="slb{bits=0}", verify=False)
     with pytest.raises(QCError, match="slb trains on data"):
         qcompiler.compile(small_bn_cnn(), "ort-cpu", pipeline="slb{bits=2}", verify=False)
 
