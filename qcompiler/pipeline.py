@@ -26,6 +26,22 @@ class PassSpec:
     options: tuple[tuple[str, str], ...] = ()
 
 
+def _top_level_items(body: str) -> list[str]:
+    """``body`` split at the commas outside angle brackets: a format such as ``float<4,3>`` in an
+    option's value stays whole."""
+    items, depth, start = [], 0, 0
+    for k, ch in enumerate(body):
+        if ch == "<":
+            depth += 1
+        elif ch == ">" and depth:
+            depth -= 1
+        elif ch == "," and not depth:
+            items.append(body[start:k])
+            start = k + 1
+    items.append(body[start:])
+    return items
+
+
 def split_pipeline(text: str) -> list[PassSpec]:
     """Split pipeline text into pass specs, checking only the syntax."""
     specs: list[PassSpec] = []
@@ -51,7 +67,7 @@ def split_pipeline(text: str) -> list[PassSpec]:
             body = text[i + 1 : close]
             if "{" in body:
                 raise QCError(f"pipeline syntax: nested '{{' in options of '{name}'", option="--pipeline")
-            for item in filter(None, (s.strip() for s in body.split(","))):
+            for item in filter(None, (s.strip() for s in _top_level_items(body))):
                 key, eq, value = item.partition("=")
                 if not eq or not key.strip():
                     raise QCError(f"pipeline syntax: option '{item}' of '{name}' is not key=value", option="--pipeline")

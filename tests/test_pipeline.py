@@ -53,6 +53,15 @@ def test_round_trip_of_every_builtin_target_pipeline() -> None:
         assert [p.options for p in first.passes] == [p.options for p in second.passes]
 
 
+def test_a_format_with_commas_stays_one_option_value() -> None:
+    text = "search-formats{formats=int8|float<2..5,0..6>|float<4,3,fn>,granularity=network}"
+    (spec,) = split_pipeline(text)
+    assert spec.options == (("formats", "int8|float<2..5,0..6>|float<4,3,fn>"), ("granularity", "network"))
+    (pass_,) = parse_pipeline(text).passes
+    assert pass_.options.formats == "int8|float<2..5,0..6>|float<4,3,fn>"
+    assert format_pipeline(parse_pipeline(format_pipeline([pass_])).passes) == format_pipeline([pass_])
+
+
 def test_whitespace_is_tolerated() -> None:
     manager = parse_pipeline("  fold-batchnorm ,\n calibrate { method = mse , bins = 64 } , insert-qdq ")
     assert names(manager) == ["fold-batchnorm", "calibrate", "insert-qdq"]
