@@ -205,12 +205,27 @@ class LayerEnergy:
         return self.compute_pj + self.memory_pj
 
 
-def _format_of(value: ir.Value | None) -> NumberFormat:
-    """The format of what a layer reads through ``value``: its DequantizeLinear's, else the float type's."""
+def _stored(value: ir.Value | None) -> tuple[ir.Node | None, ir.Value | None]:
+    """(the node naming ``value``'s format, the constant it is computed from): a DequantizeLinear
+    and its codes, or `format_lowering`'s emulations (a Cast, Mul or Max after the stored tensor)."""
     producer = value.producer() if value is not None else None
+    named = producer if producer is not None and FORMAT_KEY in producer.metadata_props else None
+    while producer is not None and producer.op_type in ("Cast", "Mul", "Max") and named is not None and producer.inputs and producer.inputs[0] is not None:
+        source = producer.inputs[0]
+        if source.producer() is None:
+            return named, source
+        producer = source.producer()
     if producer is not None and producer.op_type == "DequantizeLinear":
-        name = producer.metadata_props.get(FORMAT_KEY)
-        fmt = parse_format(name) if name is not None else stored_format(producer)
+        return named or producer, producer.inputs[0]
+    return named, value
+
+
+def _format_of(value: ir.Value | None) -> NumberFormat:
+    """The format of what a layer reads through ``value``: its DequantizeLinear's (or emulation's), else the float type's."""
+    node, _ = _stored(value)
+    if node is not None:
+        name = node.metadata_props.get(FORMAT_KEY)
+        fmt = parse_format(name) if name is not None else (stored_format(node) if node.op_type == "DequantizeLinear" else None)
         if fmt is not None:
             return fmt
     dtype = value.dtype if value is not None else None
@@ -234,8 +249,7 @@ def _output_format(value: ir.Value) -> NumberFormat:
 
 
 def _weight_shape(value: ir.Value) -> tuple[int, ...] | None:
-    producer = value.producer()
-    source = producer.inputs[0] if producer is not None and producer.op_type == "DequantizeLinear" else value
+    _, source = _stored(value)
     const = source.const_value if source is not None else None
     return tuple(const.shape) if const is not None else None
 

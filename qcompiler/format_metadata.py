@@ -20,6 +20,11 @@ from qcompiler.quant.formats import BIPOLAR, BlockFormat, FixedFormat, FloatForm
 #: The metadata key (on the DequantizeLinear node) holding the format's name.
 FORMAT_KEY = "qc.format"
 
+#: Metadata beside it when a float format is stored as int32 codes (`format_lowering`): the
+#: power of two (float.hex) the codes count in, or one per channel (space-separated, along the
+#: DequantizeLinear's axis); the format's values are codes x unit.
+FORMAT_UNIT_KEY = "qc.format_unit"
+
 #: The format each ONNX storage type holds at full width.
 _STORAGE = {
     ir.DataType.INT4: "int4", ir.DataType.UINT4: "uint4", ir.DataType.INT8: "int8", ir.DataType.UINT8: "uint8",
@@ -113,6 +118,30 @@ def format_violations(node: ir.Node) -> list[str]:
     codes = node.inputs[0] if node.inputs else None
     problems = []
     storage = _storage_format(codes) if node.op_type == "DequantizeLinear" else None
+    unit_text = node.metadata_props.get(FORMAT_UNIT_KEY)
+    if unit_text is not None:
+        try:
+            unit = np.array([float.fromhex(u) for u in unit_text.split()], np.float64)
+        except ValueError:
+            return [f"{FORMAT_UNIT_KEY} '{unit_text[:40]}' is not a list of numbers"]
+        if not isinstance(fmt, FloatFormat) or storage is None or storage.name != "int32":
+            return [f"{FORMAT_UNIT_KEY} is for float formats stored as int32 codes, not {name} in {storage.name if storage else 'this storage'}"]
+        stored = constant_array(codes) if codes is not None else None
+        if stored is not None:
+            stored = np.asarray(stored, np.float64)
+            axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 1
+            if unit.size == 1:
+                unit = unit.reshape(())
+            elif stored.ndim == 0 or stored.shape[axis % stored.ndim] != unit.size:
+                return [f"{FORMAT_UNIT_KEY} has {unit.size} units for a tensor of shape {list(stored.shape)}"]
+            else:
+                unit = unit.reshape([-1 if d == axis % stored.ndim else 1 for d in range(stored.ndim)])
+            values = stored * unit
+            outside = ~fmt.representable(values)
+            if outside.any():
+                first = values.reshape(-1)[np.flatnonzero(outside.reshape(-1))[0]]
+                problems.append(f"{int(outside.sum())} stored value(s) are not in {FORMAT_KEY} '{name}' (the first: {first})")
+        return problems
     if storage is not None and not isinstance(fmt, type(storage)) and fmt is not BIPOLAR:
         return [f"{FORMAT_KEY} '{name}' is not stored in {storage.name}"]
     if storage is not None and (fmt.min_value < storage.min_value or fmt.max_value > storage.max_value):

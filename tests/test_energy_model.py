@@ -70,6 +70,22 @@ def test_a_quantized_model_reads_its_formats_and_costs_less(table) -> None:
     assert total.fp32_total_pj / total.total_pj > 10 and total.iso_area_speedup == pytest.approx(4.6 / (0.2 * 16 / 64 + 0.1))
 
 
+def test_emulated_formats_are_counted_with_their_widths(table) -> None:
+    """Weights the search lowers as int32 codes behind a Max (fp16, minifloats), or as a float32
+    Mul where int32 cannot hold them, count at their format's width like native ones."""
+    from qcompiler.format_search import FormatEvaluator
+
+    calib = DataSource({"input": np.random.default_rng(0).normal(0, 1, (16, 3, 8, 8)).astype(np.float32)})
+    model = qcompiler.compile(small_cnn(), "ort-cpu", calibration=calib, pipeline="infer-shapes,fold-constants", verify=False).model
+    evaluator = FormatEvaluator(model, calib, parse_format("uint8"), model.graph.outputs[0].name)
+    names = (["fp16", "float<3,2>", "int4"] * 3)[: len(evaluator.layers)]
+    built = evaluator.build({layer.weight: parse_format(name) for layer, name in zip(evaluator.layers, names)})
+    rows = layer_energies(built, table)
+    assert [r.weight_format for r in rows] == names and len(names) >= 3
+    for r, layer, name in zip(rows, evaluator.layers, names):
+        assert r.weight_bits == layer.params * parse_format(name).bits
+
+
 def _table_file(tmp_path: Path, dram: str = "{ pj = 3900.0, source = \"my DRAM\" }") -> Path:
     text = (REPO / "targets" / "energy" / "horowitz-45nm.toml").read_text()
     path = tmp_path / "mine.toml"
