@@ -121,9 +121,10 @@ def specs(quick: bool) -> list[Spec]:
              + qat_after(1 if quick else 2), what="W2A8 slb + qat (first/last 8-bit)", **cifar_common),
         Spec("resnet20-bits2.5", "resnet20-bits", pipeline=f"{HEAD},learn-bits{{budget=bits=2.5,first-last-bits=8,epochs={bits_epochs},{aug}loss=cross-entropy+kl{n}}},{TAIL},"
              + qat_after(1), what="learn-bits <= 2.5 bits + qat (first/last 8-bit)", **cifar_common),
-        # learn-bits chooses the widths in one epoch; slb then searches each layer's weights at its
-        # width and qat trains the activations: the same training as the uniform W2 slb row.
-        Spec("resnet20-bits2.5-slb", "resnet20-bits-slb", pipeline=f"{HEAD},learn-bits{{budget=bits=2.5,first-last-bits=8,epochs=1,{aug}loss=cross-entropy+kl{n}}},"
+        # learn-bits chooses the widths in one epoch (keeping the pretrained weights: slb started
+        # from its codes reached 76.68 %, under the uniform row); slb then searches each layer's
+        # weights at its width and qat trains the activations, as in the uniform W2 slb row.
+        Spec("resnet20-bits2.5-slb", "resnet20-bits-slb", pipeline=f"{HEAD},learn-bits{{budget=bits=2.5,first-last-bits=8,epochs=1,keep-weights=true,{aug}loss=cross-entropy+kl{n}}},"
              f"slb{{bits=0,first-last-bits=8,epochs={1 if quick else 5},{aug}loss=cross-entropy+kl{n}}},{TAIL},"
              + qat_after(1 if quick else 2), what="learn-bits widths <= 2.5 bits, slb at them + qat (first/last 8-bit)", **cifar_common),
         Spec("resnet20-w1-slb", "resnet20-w1", pipeline=f"{HEAD},slb{{bits=1,first-last-bits=8,epochs={w1_epochs},{aug}loss=cross-entropy+kl{n}}},{TAIL},"

@@ -22,6 +22,11 @@ BN for the final weights, and hands codes and widths to `fold-batchnorm` and ins
 (`WEIGHT_BITS_FACT`, the lowering `assign-precision` uses), so every target and `qc validate` apply.
 
     --pipeline "infer-shapes,fold-constants,learn-bits{budget=bits=2.5,epochs=4},fold-batchnorm,calibrate,insert-qdq"
+
+``keep-weights=true`` hands on only the widths and leaves the float model as it came, so that a
+training pass after it starts from the pretrained weights at those widths:
+
+    --pipeline "infer-shapes,fold-constants,learn-bits{budget=bits=2.5,epochs=1,keep-weights=true},slb{bits=0,epochs=5},fold-batchnorm,calibrate,insert-qdq"
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from qcompiler.low_bit_training import (
     training_split,
 )
 from qcompiler.pass_manager import Pass, PassContext, PassResult
-from qcompiler.precision import checked_activation_bits
+from qcompiler.precision import ACTIVATION_BITS_FACT, WEIGHT_BITS_FACT, checked_activation_bits
 from qcompiler.quant.learned_bits import BitNetQuantizer, UhlichQuantizer, allowed_ceil, initial_range
 from qcompiler.registry import register_pass
 from qcompiler.quant.weights import RoundedWeight, weight_grid
@@ -86,6 +91,10 @@ class LearnBitsOptions(TrainSettings):
     freeze_at: float = 0.75
     bn_samples: int = 4096
     check_samples: int = 1000
+    #: Keep the float weights (and BN) as they were and hand on only the learned widths: the
+    #: widths for a later pass to train at (``slb{bits=0}``, `adaround`, `qat`) or for insert-qdq
+    #: to round at, from the pretrained weights rather than from these few epochs' codes.
+    keep_weights: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -205,6 +214,9 @@ class LearnBits(Pass):
         lowered = self._fit_budget(widths, quantizers, ends, layers, allowed, cost_of, limit)
         for node in lowered:
             ctx.note(self.name, "lowered one width after training so the rounded widths keep to the budget (not trained at it)", node=node, level="warning")
+        if self.options.keep_weights:
+            return self._widths_only(model, ctx, layers, quantizers, widths, cost_of, limit, unit, initial, frozen, lowered, activation_bits, loss_name, result,
+                                     train_seconds, skipped)
         rounded, continuous, pair_limited = {}, {}, {}
         for layer in layers:
             q = quantizers[layer.weight]
@@ -240,6 +252,25 @@ class LearnBits(Pass):
         for node, why in skipped:
             ctx.note(self.name, f"left to insert-qdq at the target's width: {why}", node=node)
         return PassResult(model, True, stats)
+
+    def _widths_only(self, model, ctx, layers, quantizers, widths, cost_of, limit, unit, initial, frozen, lowered, activation_bits, loss_name, result,
+                     train_seconds, skipped) -> PassResult:
+        """keep-weights: the model as it came, the widths in the facts (as assign-precision leaves them)."""
+        ctx.facts[WEIGHT_BITS_FACT] = {**ctx.facts.get(WEIGHT_BITS_FACT, {}), **widths}
+        if self.options.activation_bits:
+            ctx.facts[ACTIVATION_BITS_FACT] = activation_bits
+        total = float(sum(l.w.size for l in layers))
+        achieved = cost_of(widths)
+        continuous = {l.node.name: round(float(q.continuous_bits().detach()), 3) for l in layers if isinstance(q := quantizers[l.weight], UhlichQuantizer)}
+        for node, why in skipped:
+            ctx.note(self.name, f"left to insert-qdq at the target's width: {why}", node=node)
+        stats = {"method": self.options.method, "budget": self.options.budget, "initial_bits": initial, "cost": achieved, "limit": limit, "unit": unit,
+                 "cost_fraction_of_limit": round(achieved / limit, 4), "average_bits": round(sum(widths[l.weight] * l.w.size for l in layers) / total, 3),
+                 "widths": {l.node.name: widths[l.weight] for l in layers}, "continuous_bits": continuous, "widths_fixed_at_step": frozen.get("step"),
+                 "lowered_when_fixed": frozen.get("lowered", []), "lowered_after_training": lowered, "kept_weights": True,
+                 "activation_bits": activation_bits, "loss": loss_name, "loss_per_epoch": [round(v, 5) for v in result.losses],
+                 "train_seconds": round(train_seconds, 1), "skipped": len(skipped), **result.stats()}
+        return PassResult(model, False, stats)
 
     def _cost(self, model: ir.Model, ctx: PassContext, layers: list[WeightLayer], budget, activation_bits: int):
         """(cost of a {weight: bits} map, the budget's limit, unit): weight bits, or bit-ops."""

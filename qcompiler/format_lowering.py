@@ -26,7 +26,6 @@ storage: unlike Hill et al.'s truncated accumulators, only the stored values are
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import ml_dtypes
@@ -34,12 +33,21 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.format_metadata import FORMAT_KEY, FORMAT_UNIT_KEY
+from qcompiler.quant.formats import (
+    BipolarFormat,
+    BlockFormat,
+    FixedFormat,
+    FloatFormat,
+    IntFormat,
+    NumberFormat,
+    parse_format,
+)
 from qcompiler.quant.pair_limit import pair_safe_scale
-from qcompiler.quant.uniform import _MIN_SCALE, channel_ranges
-from qcompiler.quant.formats import BipolarFormat, BlockFormat, FixedFormat, FloatFormat, IntFormat, NumberFormat, parse_format
+from qcompiler.quant.uniform import channel_ranges
+from qcompiler.quant.weights import quantize_bipolar
 
 #: Float formats onnxruntime stores natively, by name: (ONNX data type, numpy type).
-_FLOAT8 = {
+FLOAT8_STORAGE = {
     "e4m3fn": (ir.DataType.FLOAT8E4M3FN, ml_dtypes.float8_e4m3fn), "e4m3fnuz": (ir.DataType.FLOAT8E4M3FNUZ, ml_dtypes.float8_e4m3fnuz),
     "e5m2": (ir.DataType.FLOAT8E5M2, ml_dtypes.float8_e5m2), "e5m2fnuz": (ir.DataType.FLOAT8E5M2FNUZ, ml_dtypes.float8_e5m2fnuz),
 }
@@ -107,7 +115,7 @@ def lower_constant(name: str, x: np.ndarray, fmt: NumberFormat | str, axis: int 
     if isinstance(fmt, (IntFormat, BipolarFormat)):
         top = None
         if isinstance(fmt, BipolarFormat):
-            scale = _bipolar_scales(x, axis)
+            scale = quantize_bipolar(x, axis)[1]
         elif pair_sum_limit is not None and fmt.signed and 2 * fmt.max_value > pair_sum_limit:
             lo, hi = channel_ranges(x, axis)
             bound = np.maximum(-lo, hi)
@@ -130,7 +138,7 @@ def lower_constant(name: str, x: np.ndarray, fmt: NumberFormat | str, axis: int 
         return _finish(name, fmt, cast, [value], stored, True, fmt.name)
     scale = _scales(x, fmt.max_value, axis)
     values = fmt.round(x / _per_axis(scale, x.ndim, axis), saturate=True)
-    storage = fmt.name if fmt.name in _FLOAT8 else ("e4m3fn" if fmt.name in _IN_E4M3FN else None)
+    storage = fmt.name if fmt.name in FLOAT8_STORAGE else ("e4m3fn" if fmt.name in _IN_E4M3FN else None)
     if storage is None:
         coded = _int32_codes(name, fmt, values.astype(np.float32), scale, axis)
         if coded is not None:
@@ -142,7 +150,7 @@ def lower_constant(name: str, x: np.ndarray, fmt: NumberFormat | str, axis: int 
         mul = ir.Node("", "Mul", [value, s], name=f"{name}_Mul")
         emulated = (values.astype(np.float32) * _per_axis(scale, x.ndim, axis)).astype(np.float32)
         return _finish(name, fmt, mul, [value, s], emulated, False, "float32")
-    dtype, numpy_type = _FLOAT8[storage]
+    dtype, numpy_type = FLOAT8_STORAGE[storage]
     return _dequantize(name, fmt, values, scale, axis, dtype, numpy_type)
 
 
@@ -187,16 +195,6 @@ def _int32_codes(name: str, fmt: FloatFormat, values: np.ndarray, scale: np.ndar
     return result
 
 
-def _bipolar_scales(x: np.ndarray, axis: int | None) -> np.ndarray:
-    """Mean |x| per channel: the scale that minimises the squared error of sign(x) x scale. A
-    channel of zeros gets a negligible one (bipolar holds no zero), as `quantize_bipolar` does."""
-    if axis is None:
-        mean = np.asarray(np.mean(np.abs(x)) if x.size else 0.0)
-    else:
-        mean = np.mean(np.abs(np.moveaxis(x, axis, 0)).reshape(x.shape[axis], -1), axis=1)
-    return np.maximum(mean, _MIN_SCALE).astype(np.float32)
-
-
 def _dequantize(name: str, fmt: NumberFormat, codes: np.ndarray, scale: np.ndarray, axis: int | None, dtype: ir.DataType,
                 numpy_type: type | None = None, block_size: int = 0) -> LoweredTensor:
     stored = codes.astype(numpy_type or _NUMPY_INT[dtype])
@@ -227,8 +225,8 @@ def _lower_blocks(name: str, x: np.ndarray, fmt: BlockFormat, block_axis: int) -
     if isinstance(element, FixedFormat):
         codes = element.codes.round(elements * np.float32(2.0**element.fraction_bits))
         return _dequantize(name, fmt, codes, (scale * np.float32(element.step)).astype(np.float32), axis, _int_storage(element.codes), block_size=fmt.block_size)
-    storage = element.name if element.name in _FLOAT8 else "e4m3fn"
-    dtype, numpy_type = _FLOAT8[storage]
+    storage = element.name if element.name in FLOAT8_STORAGE else "e4m3fn"
+    dtype, numpy_type = FLOAT8_STORAGE[storage]
     return _dequantize(name, fmt, elements, scale, axis, dtype, numpy_type, block_size=fmt.block_size)
 
 

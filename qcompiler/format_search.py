@@ -33,12 +33,12 @@ import onnx_ir as ir
 from qcompiler.data import DataSource
 from qcompiler.energy_model import EnergyTable
 from qcompiler.errors import QCError
-from qcompiler.format_lowering import lower_constant
+from qcompiler.format_lowering import FLOAT8_STORAGE, lower_constant
 from qcompiler.format_metadata import FORMAT_KEY
 from qcompiler.ir import to_proto
 from qcompiler.op_roles import input_roles
 from qcompiler.quant.formats import IntFormat, NumberFormat, parse_format
-from qcompiler.quant.uniform import sqnr_db
+from qcompiler.quant.uniform import affine_params, sqnr_db
 from qcompiler.runtime import make_session, run_checked, with_extra_outputs
 
 FP32 = parse_format("fp32")
@@ -91,6 +91,12 @@ class Measurement:
     top1: float | None  # % on the labels, when the data has them
     seconds: float
     failed: bool = False
+    #: Coefficient of determination of the outputs against the float model's (Hill et al.'s predictor input).
+    r2: float = float("nan")
+    #: How many of the held-out samples it ran on (the first ones).
+    samples: int = 0
+    #: Whether it ran as the written model does (`FormatEvaluator.measure`) or in the probe session.
+    full: bool = True
 
 
 @dataclass
@@ -114,6 +120,8 @@ class FormatEvaluator:
     #: onnxruntime intra-op threads per session (0: its default; workers use 1 each).
     threads: int = 0
     evaluations: int = 0
+    #: Runs in the shared probe session (`probe`), counted apart from full evaluations.
+    probes: int = 0
     #: Candidates whose evaluation failed twice (a worker that died): reported, not fatal.
     failed: int = 0
     _float: np.ndarray | None = field(default=None, repr=False)
@@ -121,9 +129,14 @@ class FormatEvaluator:
     _layers: list[WeightLayer] = field(default_factory=list, repr=False)
     _pool: object = field(default=None, repr=False)
     _ray_started: bool = field(default=False, repr=False)
+    _probe_session: object = field(default=None, repr=False)
+    _values: dict = field(default_factory=dict, repr=False)
+    _weights: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         self._layers = weight_layers(self.model)
+        values = {v.name: v for n in self.model.graph for v in n.inputs if v is not None}
+        self._weights = {layer.weight: values[layer.weight].const_value.numpy().astype(np.float32) for layer in self._layers}
         if self._float is not None:
             return  # a worker's copy: the reference outputs and ranges came with it
         inputs = sorted({layer.input for layer in self._layers})
@@ -142,16 +155,16 @@ class FormatEvaluator:
         return (to_proto(self.model).SerializeToString(), self.data.arrays, self.data.labels, self.activation_format.name, self.output,
                 self.pair_sum_limit, self._float, self._ranges)
 
-    def measure_many(self, candidates: list[dict[str, NumberFormat]], as_run: bool = True) -> list[Measurement]:
+    def measure_many(self, candidates: list[dict[str, NumberFormat]], as_run: bool = True, samples: int | None = None) -> list[Measurement]:
         """`measure` for each candidate, spread over the worker processes. A candidate whose
         worker dies is tried once more in a fresh pool, then reported failed (SQNR -inf)."""
         if (self.workers <= 1 and self.executor == "process") or len(candidates) <= 1:
-            return [self.measure(c, as_run) for c in candidates]
+            return [self.measure(c, as_run, samples) for c in candidates]
         results: list[Measurement | None] = [None] * len(candidates)
         named = [{k: v.name for k, v in c.items()} for c in candidates]
         pending = list(range(len(candidates)))
         for attempt in range(2):
-            done, pending = self._run_on_workers(named, pending, as_run, fresh=attempt > 0)
+            done, pending = self._run_on_workers(named, pending, as_run, samples, fresh=attempt > 0)
             for i, m in done.items():
                 results[i] = m
                 self.evaluations += 1
@@ -162,7 +175,7 @@ class FormatEvaluator:
             results[i] = Measurement(float("-inf"), float("inf"), None, 0.0, failed=True)
         return [r for r in results if r is not None]
 
-    def _run_on_workers(self, named: list[dict[str, str]], indices: list[int], as_run: bool, fresh: bool) -> tuple[dict[int, Measurement], list[int]]:
+    def _run_on_workers(self, named: list[dict[str, str]], indices: list[int], as_run: bool, samples: int | None, fresh: bool) -> tuple[dict[int, Measurement], list[int]]:
         """Measure ``named[i]`` for each ``i`` on the workers: (results, indices whose worker died)."""
         done: dict[int, Measurement] = {}
         lost: list[int] = []
@@ -170,7 +183,7 @@ class FormatEvaluator:
             actors = self._ray_actors(fresh)  # first: says which extra to install without Ray
             import ray
 
-            refs = {i: actors[k % len(actors)].measure.remote(named[i], as_run) for k, i in enumerate(indices)}
+            refs = {i: actors[k % len(actors)].measure.remote(named[i], as_run, samples) for k, i in enumerate(indices)}
             for i, ref in refs.items():
                 try:
                     done[i] = ray.get(ref)
@@ -180,7 +193,7 @@ class FormatEvaluator:
         from concurrent.futures.process import BrokenProcessPool
 
         pool = self._worker_pool(fresh)
-        futures = {i: pool.submit(_measure_in_worker, named[i], as_run) for i in indices}
+        futures = {i: pool.submit(_measure_in_worker, named[i], as_run, samples) for i in indices}
         for i, future in futures.items():
             try:
                 done[i] = future.result()
@@ -281,19 +294,14 @@ class FormatEvaluator:
             new_nodes, out = [down, up], up.outputs[0]
         else:
             lo, hi = self._ranges.get(value.name, (0.0, 1.0))
-            lo, hi = min(lo, 0.0), max(hi, 0.0)  # zero exactly representable
-            amax = max(-lo, hi, 1e-12)
-            if isinstance(fmt, IntFormat) and not fmt.signed:
-                # Affine: [lo, hi] onto [0, max], zero on an integer code (as calibrate does).
-                scale = max(hi - lo, 1e-12) / fmt.max_value
-                zero = np.array(np.clip(np.round(-lo / scale), 0, fmt.max_value), np.uint8)
-            elif isinstance(fmt, IntFormat):
-                scale, zero = amax / fmt.max_value, np.array(0, np.int8)
+            if isinstance(fmt, IntFormat):
+                # Affine onto [0, max] unsigned (zero on an integer code, as calibrate does), symmetric signed.
+                scale, zp = affine_params(lo, hi, -int(fmt.max_value) if fmt.signed else 0, int(fmt.max_value), symmetric=fmt.signed)
+                zero = np.array(zp, np.uint8 if not fmt.signed else np.int8)
             else:
-                import ml_dtypes
-
-                scale = amax / fmt.max_value
-                zero = np.array(0, {"e4m3fn": ml_dtypes.float8_e4m3fn, "e5m2": ml_dtypes.float8_e5m2}[fmt.name])
+                top = int(fmt.max_value)
+                scale, _ = affine_params(lo, hi, -top, top, symmetric=True)
+                zero = np.array(0, FLOAT8_STORAGE[fmt.name][1])
             s = ir.Value(name=f"{value.name}_search_scale", const_value=ir.tensor(np.array(scale, np.float32)))
             z = ir.Value(name=f"{value.name}_search_zero_point", const_value=ir.tensor(zero))
             graph.register_initializer(s)
@@ -311,24 +319,78 @@ class FormatEvaluator:
         for node, idx in readers:
             node.replace_input_with(idx, out)
 
-    def measure(self, formats: dict[str, NumberFormat], as_run: bool = True) -> Measurement:
+    def measure(self, formats: dict[str, NumberFormat], as_run: bool = True, samples: int | None = None) -> Measurement:
         """Build the candidate, run it in onnxruntime and compare its outputs with the float model's.
 
         ``as_run``: all optimizations on, as onnxruntime runs the written model (its integer
         kernels included). False: basic optimizations, the formats' own numerics; what the
         per-layer damage is measured with, because with some layers left float onnxruntime
         (1.2x's weight-bias quantization) quantizes those float weights itself next to
-        quantized activations, which would charge their error to the layer being measured."""
+        quantized activations, which would charge their error to the layer being measured.
+        ``samples``: only the first that many held-out samples (all: None)."""
         start = time.perf_counter()
         model = self.build(formats)
         session = make_session(to_proto(model), optimize=as_run, what="candidate", threads=self.threads)
-        y = np.asarray(run_checked(session, [self.output], self.data.arrays, what="candidate", data=self.data.origin)[0], np.float64)
+        n = self._count(samples)
+        feeds = {k: a[:n] for k, a in self.data.arrays.items()}
+        y = np.asarray(run_checked(session, [self.output], feeds, what="candidate", data=self.data.origin)[0], np.float64)
         self.evaluations += 1
-        noise = float(np.mean((y - self._float) ** 2))
+        return self._compare(y, n, start, full=True)
+
+    def probe(self, formats: dict[str, NumberFormat], samples: int) -> Measurement:
+        """The candidate on the first ``samples`` held-out samples in one session shared by every
+        candidate: the weights are its inputs, fed with the values each format's lowering computes
+        (`lower_constant(...).values`), the activations fake-quantized as in `build`. The formats'
+        own numerics without a session per candidate (onnxruntime's integer kernels not in the
+        loop): what the predictor and the first rungs of successive halving run on."""
+        start = time.perf_counter()
+        if self._probe_session is None:
+            model = self.build({})
+            nodes = {n.name: n for n in model.graph}
+            for i, layer in enumerate(self._layers):
+                node = nodes[layer.node]
+                index = input_roles(node).weight
+                w = node.inputs[index]
+                value = ir.Value(name=f"qc_probe_weight_{i}", shape=ir.Shape(list(w.const_value.shape)), type=ir.TensorType(ir.DataType.FLOAT))
+                model.graph.inputs.append(value)
+                node.replace_input_with(index, value)
+            self._probe_session = make_session(to_proto(model), optimize=False, what="probe", threads=self.threads)
+        n = self._count(samples)
+        feeds = {k: a[:n] for k, a in self.data.arrays.items()}
+        for i, layer in enumerate(self._layers):
+            feeds[f"qc_probe_weight_{i}"] = self.weight_values(layer, formats.get(layer.weight, FP32))
+        y = np.asarray(run_checked(self._probe_session, [self.output], feeds, what="probe", data=self.data.origin)[0], np.float64)
+        self.probes += 1
+        return self._compare(y, n, start, full=False)
+
+    def weight_values(self, layer: WeightLayer, fmt: NumberFormat) -> np.ndarray:
+        """The float32 values ``layer``'s weight has in ``fmt`` as onnxruntime computes them (cached)."""
+        key = (layer.weight, fmt.name)
+        if key not in self._values:
+            w = self._weights[layer.weight]
+            self._values[key] = w if fmt == FP32 else lower_constant("probe", w, fmt, axis=layer.axis, block_axis=layer.block_axis,
+                                                                      pair_sum_limit=self.pair_sum_limit).values.astype(np.float32)
+        return self._values[key]
+
+    def _count(self, samples: int | None) -> int:
+        return self.data.num_samples if samples is None else max(1, min(samples, self.data.num_samples))
+
+    def _compare(self, y: np.ndarray, n: int, start: float, full: bool) -> Measurement:
+        ref = self._float[:n]
+        noise = float(np.mean((y - ref) ** 2))
         top1 = None
         if self.data.labels is not None and y.ndim == 2:
-            top1 = float(np.mean(np.argmax(y, axis=1) == np.asarray(self.data.labels).reshape(-1)) * 100)
-        return Measurement(sqnr_db(self._float, y), noise, top1, time.perf_counter() - start)
+            top1 = float(np.mean(np.argmax(y, axis=1) == np.asarray(self.data.labels).reshape(-1)[:n]) * 100)
+        spread = float(np.sum((ref - ref.mean()) ** 2))
+        r2 = 1.0 - float(np.sum((y - ref) ** 2)) / spread if spread > 0 else float("nan")
+        return Measurement(sqnr_db(ref, y), noise, top1, time.perf_counter() - start, r2=r2, samples=n, full=full)
+
+    def float_top1_on(self, samples: int | None) -> float | None:
+        """The float model's top-1 on the first ``samples`` held-out samples."""
+        n = self._count(samples)
+        if self.data.labels is None or self._float.ndim != 2:
+            return None
+        return float(np.mean(np.argmax(self._float[:n], axis=1) == np.asarray(self.data.labels).reshape(-1)[:n]) * 100)
 
     def float_top1(self) -> float | None:
         if self.data.labels is None or self._float.ndim != 2:
@@ -339,6 +401,13 @@ class FormatEvaluator:
 def layer_energy_pj(layer: WeightLayer, fmt: NumberFormat, activation: NumberFormat, table: EnergyTable) -> float:
     """Modelled energy of one layer's MACs and weight reads with its weight in ``fmt``."""
     return layer.macs * table.mac_pj(fmt, activation) + layer.params * float(fmt.bits) * table.bit_pj(table.weights_from)
+
+
+def layer_time(layer: WeightLayer, fmt: NumberFormat, activation: NumberFormat, table: EnergyTable) -> float:
+    """Modelled time of one layer on an iso-area MAC array, in fp32-MAC times: its MACs times the
+    format's MAC energy over fp32's (a MAC's area taken proportional to its energy, as `qc cost`'s
+    iso-area speedup does). Memory time is not modelled."""
+    return layer.macs * table.mac_pj(fmt, activation) / table.mac_pj(FP32, FP32)
 
 
 #: The evaluator of a worker process (one per process, built once by `_start_worker`).
@@ -353,9 +422,9 @@ def _start_worker(state: tuple) -> None:
                               _float=reference, _ranges=ranges)
 
 
-def _measure_in_worker(formats: dict[str, str], as_run: bool) -> Measurement:
+def _measure_in_worker(formats: dict[str, str], as_run: bool, samples: int | None = None) -> Measurement:
     assert _WORKER is not None
-    return _WORKER.measure({k: parse_format(v) for k, v in formats.items()}, as_run)
+    return _WORKER.measure({k: parse_format(v) for k, v in formats.items()}, as_run, samples)
 
 
 class _RayWorker:
@@ -364,5 +433,5 @@ class _RayWorker:
     def __init__(self, state: tuple) -> None:
         _start_worker(state)
 
-    def measure(self, formats: dict[str, str], as_run: bool) -> Measurement:
-        return _measure_in_worker(formats, as_run)
+    def measure(self, formats: dict[str, str], as_run: bool, samples: int | None = None) -> Measurement:
+        return _measure_in_worker(formats, as_run, samples)

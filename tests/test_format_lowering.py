@@ -12,6 +12,7 @@ from qcompiler.format_lowering import lower_constant
 from qcompiler.format_metadata import format_violations
 from qcompiler.ir import to_proto
 from qcompiler.quant.formats import BlockFormat, parse_format
+from qcompiler.quant.weights import quantize_bipolar
 
 #: format -> (runs natively, storage type)
 FORMATS = {
@@ -52,8 +53,8 @@ def test_the_lowering_computes_the_formats_values_bit_for_bit_in_onnxruntime(nam
     else:
         # Per channel: the channel's max |x| maps to the format's largest value.
         amax = np.abs(x).max(axis=1, keepdims=True)
-        if name == "bipolar":  # the mean |x| of the channel is its scale (1e-12 for a channel of zeros)
-            scale = np.maximum(np.abs(x).mean(axis=1, keepdims=True), 1e-12).astype(np.float32)
+        if name == "bipolar":  # the mean |x| of the channel is its scale (1e-12 for a channel of zeros), as the weight quantizer has it
+            scale = quantize_bipolar(x, 0)[1].reshape(-1, 1)
         else:
             scale = np.where(amax > 0, amax / fmt.max_value, 1.0).astype(np.float32)
         expected = (fmt.round(x / scale) * scale).astype(np.float32)

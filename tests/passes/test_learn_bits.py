@@ -116,3 +116,20 @@ def test_a_run_resumed_after_the_widths_were_fixed_keeps_them(tmp_path) -> None:
     assert a["widths"] == b["widths"]
     for node, codes in _stored(straight.model).items():
         np.testing.assert_array_equal(_stored(resumed.model)[node], codes, err_msg=node)
+
+
+def test_keep_weights_hands_on_only_the_widths() -> None:
+    model = small_bn_cnn()
+    before = {name: v.const_value.numpy().copy() for name, v in model.graph.initializers.items()}
+    pipeline = "infer-shapes,fold-constants,learn-bits{budget=bits=3,epochs=1,keep-weights=true,check-samples=0}"
+    result = qcompiler.compile(model, "ort-cpu", calibration=_calib(), pipeline=pipeline, verify=False)
+    stats = _stats(result)
+    assert stats["kept_weights"] and stats["average_bits"] <= 3.0 + 1e-9 and "layers" not in stats
+    for name, value in result.model.graph.initializers.items():
+        if name in before:
+            np.testing.assert_array_equal(value.const_value.numpy(), before[name], err_msg=name)
+    # The widths reach insert-qdq (plain rounding at them) like assign-precision's.
+    lowered = qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=_calib(), pipeline=pipeline.replace(",check-samples=0}", ",check-samples=0}," + TAIL), verify=False)
+    for node, codes in _stored(lowered.model).items():
+        bits = _stats(lowered)["widths"][node]
+        assert np.abs(codes).max() <= 2 ** (bits - 1) - 1, node
