@@ -10,8 +10,16 @@ in onnxruntime with exactly the formats' values and carries ``qc.format`` on eve
 tensor; it is an exploration result for hardware with these formats, which the CPU emulates
 (ort-cpu's own kernels run int8 only: use assign-precision for them).
 
+One format for the whole network is found by a ``strategy`` (`qcompiler.format_strategies`):
+``exhaustive`` (every candidate in full), ``binary`` (binary search along each chain of widths),
+``halving`` (successive halving on growing sample counts) or ``predictor`` (Hill et al.'s R^2
+predictor on 10 inputs, then one-bit refinement). Per layer, the best such format is the baseline
+and the fallback of the integer program. ``objective=time`` minimises the iso-area MAC time instead
+of energy. Candidate lists take ranges: ``formats=int<2..8>|float<2..5,0..6>`` is a 42-design grid.
+
     search-formats{formats=int8|int4|e4m3fn|mxfp4,activations=uint8,min-sqnr=25}
     search-formats{granularity=network,max-drop=1.0}            # with labels in the data
+    search-formats{granularity=network,strategy=predictor,formats=int<2..8>|float<2..5,0..6>,max-drop=1.0}
 """
 
 from __future__ import annotations
@@ -25,11 +33,19 @@ import onnx_ir as ir
 
 from qcompiler.energy_model import load_energy_table
 from qcompiler.errors import QCError
+from qcompiler.format_predictor import AccuracyPredictor
+from qcompiler.format_search import (
+    ACTIVATION_FORMATS,
+    FP32,
+    FormatEvaluator,
+    layer_energy_pj,
+    layer_time,
+)
+from qcompiler.format_strategies import STRATEGIES, Goal, run_strategy
 from qcompiler.ir import upgraded_to
-from qcompiler.format_search import ACTIVATION_FORMATS, FP32, FormatEvaluator, Measurement, layer_energy_pj
 from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.precision_ilp import solve_ilp
-from qcompiler.quant.formats import parse_format
+from qcompiler.quant.formats import parse_format, parse_format_list
 from qcompiler.registry import register_pass
 
 #: How many times the layer-wise answer is tightened when it misses the goal end to end.
@@ -53,13 +69,22 @@ class SearchFormats(Pass):
 
     @dataclass(frozen=True)
     class Options:
-        #: Candidate weight formats, separated by '|' (any name `qcompiler.quant.formats` parses).
+        #: Candidate weight formats, separated by '|' (any name `qcompiler.quant.formats` parses;
+        #: numbers may be ranges, ``float<2..5,0..6>``).
         formats: str = "int8|int4|int2|e4m3fn|e5m2|mxfp8|mxfp6|mxfp4|nvfp4|fp16"
         #: The format of every layer input: fp32, fp16, uint8, int8, e4m3fn or e5m2.
         activations: str = "uint8"
         #: ``layer``: a format per layer (exact integer program over measured damage);
         #: ``network``: one format for all, every candidate measured.
         granularity: Literal["layer", "network"] = "layer"
+        #: How the one format for the whole network is found (see the module docstring).
+        strategy: Literal["exhaustive", "binary", "halving", "predictor"] = "exhaustive"
+        #: What is minimised: modelled ``energy`` (MACs and weight reads) or iso-area MAC ``time``.
+        objective: Literal["energy", "time"] = "energy"
+        #: strategy=predictor: the fitted curve (.json from bench/formats.py; empty: the built-in one)
+        #: and the inputs each candidate is probed on (Hill et al.: 10).
+        predictor: str = ""
+        probe_samples: int = 10
         #: Goal: output SQNR against the float model, in dB (0: none).
         min_sqnr: float = 25.0
         #: Goal: top-1 drop against the float model, in points, on the labels in the data (-1: none).
@@ -69,7 +94,9 @@ class SearchFormats(Pass):
         #: Energy table (built-in name or .toml); empty: the target's.
         energy: str = ""
         #: Worker processes measuring candidates side by side, one onnxruntime thread each
-        #: (0: one per CPU this process may use; 1: all in this process, onnxruntime's threads).
+        #: (0: one per CPU this process may use; 1: in this process, on one thread, so that N
+        #: workers use N cores). Runs outside the workers (probes, one candidate at a time) use
+        #: onnxruntime's threads unless workers=1.
         workers: int = 0
         #: ``process``: local worker processes; ``ray``: Ray actors, on a local Ray with
         #: ``workers`` CPUs or on the cluster at ``ray-address`` (the optional extra qcompiler[ray]).
@@ -77,8 +104,13 @@ class SearchFormats(Pass):
         ray_address: str = ""
 
         def __post_init__(self) -> None:
-            for name in self.formats.split("|"):
-                parse_format(name)
+            parse_format_list(self.formats)
+            if self.strategy not in STRATEGIES:
+                raise ValueError(f"option 'strategy' must be one of {', '.join(STRATEGIES)}")
+            if self.objective not in ("energy", "time"):
+                raise ValueError("option 'objective' must be energy or time")
+            if self.probe_samples < 1:
+                raise ValueError("option 'probe-samples' must be >= 1")
             if self.activations not in ACTIVATION_FORMATS:
                 raise ValueError(f"option 'activations' must be one of {', '.join(ACTIVATION_FORMATS)}")
             if self.min_sqnr <= 0 and self.max_drop < 0:
@@ -103,7 +135,7 @@ class SearchFormats(Pass):
         activation = parse_format(o.activations)
         workers = o.workers or _usable_cpus()
         evaluator = FormatEvaluator(model, held, activation, model.graph.outputs[0].name, pair_sum_limit=ctx.target.weights.pair_sum_limit, workers=workers,
-                                    executor=o.executor, ray_address=o.ray_address)
+                                    executor=o.executor, ray_address=o.ray_address, threads=1 if workers == 1 else 0)
         try:
             return self._search(model, ctx, evaluator, held, activation, start)
         finally:
@@ -112,26 +144,27 @@ class SearchFormats(Pass):
     def _search(self, model: ir.Model, ctx: PassContext, evaluator: FormatEvaluator, held, activation, start: float) -> PassResult:
         o = self.options
         table = load_energy_table(o.energy or ctx.target.energy_table)
-        formats = list(dict.fromkeys(parse_format(n) for n in o.formats.split("|")))
+        formats = parse_format_list(o.formats)
         layers = evaluator.layers
+        cost_of = layer_energy_pj if o.objective == "energy" else layer_time
+        cost = np.array([[cost_of(layer, f, activation, table) for f in formats] for layer in layers])
         energy = np.array([[layer_energy_pj(layer, f, activation, table) for f in formats] for layer in layers])
         fp32_energy = float(sum(layer_energy_pj(layer, FP32, FP32, table) for layer in layers))
+        fp32_cost = float(sum(cost_of(layer, FP32, FP32, table) for layer in layers))
         float_top1 = evaluator.float_top1()
+        goal = Goal(o.min_sqnr, o.max_drop, evaluator.float_top1_on)
+        meets = goal.meets
+        curve = AccuracyPredictor.load(o.predictor or None) if o.strategy == "predictor" else None
 
-        def meets(m: Measurement) -> bool:
-            ok = o.min_sqnr <= 0 or m.sqnr_db >= o.min_sqnr
-            if o.max_drop >= 0 and m.top1 is not None and float_top1 is not None:
-                ok = ok and float_top1 - m.top1 <= o.max_drop
-            return ok
-
-        # One format for the whole network: each measured (the best uniform, and Hill's search).
-        measured_uniform = evaluator.measure_many([{layer.weight: fmt for layer in layers} for fmt in formats])
-        uniform = [(fmt, float(energy[:, j].sum()), m) for j, (fmt, m) in enumerate(zip(formats, measured_uniform))]
-        passing = [u for u in uniform if meets(u[2])]
-        best_uniform = min(passing, key=lambda u: u[1]) if passing else None
+        # One format for the whole network, found by the strategy (the best uniform, and Hill's search).
+        total = {f: float(cost[:, j].sum()) for j, f in enumerate(formats)}
+        by_cost = sorted(formats, key=lambda f: (total[f], formats.index(f)))
+        outcome = run_strategy(o.strategy, evaluator, by_cost, goal, curve=curve, probe_samples=o.probe_samples)
+        uniform = [(fmt, total[fmt], m) for fmt, m in sorted(outcome.measured.items(), key=lambda fm: total[fm[0]])]
+        best_uniform = (outcome.choice, total[outcome.choice], outcome.measurement) if outcome.choice is not None else None
         choice = {layer.weight: best_uniform[0] for layer in layers} if best_uniform else None
         measured = best_uniform[2] if best_uniform else None
-        chosen_energy = best_uniform[1] if best_uniform else None
+        chosen_cost = best_uniform[1] if best_uniform else None
 
         tightened = 0
         if o.granularity == "layer":
@@ -142,15 +175,15 @@ class SearchFormats(Pass):
             allowed = evaluator.signal * 10 ** (-o.min_sqnr / 10) - base.noise if o.min_sqnr > 0 else evaluator.signal * 1e-2
             while allowed > 0 and tightened <= _TIGHTENINGS:
                 try:
-                    pick = solve_ilp(energy, damage, allowed, "noise")
+                    pick = solve_ilp(cost, damage, allowed, "noise")
                 except QCError:
                     break  # nothing fits this noise budget
                 candidate = {layer.weight: formats[k] for layer, k in zip(layers, pick)}
                 m = evaluator.measure(candidate)
-                e = float(energy[np.arange(len(layers)), pick].sum())
+                e = float(cost[np.arange(len(layers)), pick].sum())
                 if meets(m):
-                    if chosen_energy is None or e < chosen_energy:
-                        choice, measured, chosen_energy = candidate, m, e
+                    if chosen_cost is None or e < chosen_cost:
+                        choice, measured, chosen_cost = candidate, m, e
                     break
                 # The noises did not add up as assumed: ask for less, in proportion to the miss.
                 allowed *= min(0.7, max(0.1, allowed / max(m.noise - base.noise, 1e-30)))
@@ -159,14 +192,25 @@ class SearchFormats(Pass):
         goal_met = choice is not None
         if not goal_met:
             # Nothing met the goal: the most accurate candidate measured, and how far it is.
-            fmt, e, m = max(uniform, key=lambda u: u[2].sqnr_db)
-            choice, measured, chosen_energy = {layer.weight: fmt for layer in layers}, m, e
-            goal = f"{o.min_sqnr:g} dB" if o.min_sqnr > 0 else f"top-1 drop <= {o.max_drop:g}"
-            ctx.note(self.name, f"no candidate met the goal ({goal}); wrote the most accurate one: {fmt.name} everywhere, "
+            fmt, m = outcome.best
+            choice, measured, chosen_cost = {layer.weight: fmt for layer in layers}, m, total[fmt]
+            goal_text = f"{o.min_sqnr:g} dB" if o.min_sqnr > 0 else f"top-1 drop <= {o.max_drop:g}"
+            ctx.note(self.name, f"no candidate met the goal ({goal_text}); wrote the most accurate one: {fmt.name} everywhere, "
                                 f"SQNR {m.sqnr_db:.2f} dB" + (f", top-1 {m.top1:.2f} % (float {float_top1:.2f} %)" if m.top1 is not None else ""), level="warning")
+        index = {f: j for j, f in enumerate(formats)}
+        chosen_energy = float(sum(energy[i, index[choice[layer.weight]]] for i, layer in enumerate(layers)))
+        chosen_time = float(sum(layer_time(layer, choice[layer.weight], activation, table) for layer in layers))
         written = evaluator.build(choice)
         stats = {
             "granularity": o.granularity,
+            "strategy": o.strategy,
+            "objective": o.objective,
+            "candidates": len(formats),
+            "full_evaluations": len(outcome.measured),
+            "probes": outcome.probes,
+            "strategy_seconds": outcome.seconds,
+            "predicted": outcome.predicted.name if outcome.predicted is not None else None,
+            "predictor_fitted_on": curve.fitted_on if curve is not None else None,
             "activations": activation.name,
             "energy_table": table.name,
             "goal": {"min_sqnr_db": o.min_sqnr if o.min_sqnr > 0 else None, "max_drop": o.max_drop if o.max_drop >= 0 else None},
@@ -182,12 +226,21 @@ class SearchFormats(Pass):
             "energy_pj": round(chosen_energy, 1),
             "fp32_energy_pj": round(fp32_energy, 1),
             "energy_vs_fp32": round(fp32_energy / chosen_energy, 3) if chosen_energy else None,
+            # Hill et al.'s "speedup": MACs per unit time on an iso-area array, fp32 over the chosen formats.
+            "iso_area_speedup": round(sum(layer.macs for layer in layers) / chosen_time, 3) if chosen_time else None,
+            # The objective's modelled cost (energy in pJ, or time in fp32-MAC times) against fp32's.
+            "cost": round(chosen_cost, 1),
+            "fp32_cost": round(fp32_cost, 1),
+            "cost_vs_fp32": round(fp32_cost / chosen_cost, 3) if chosen_cost else None,
             "sqnr_db": round(measured.sqnr_db, 3),
             "top1": measured.top1,
             "float_top1": float_top1,
-            "uniform": [{"format": f.name, "energy_pj": round(e, 1), "sqnr_db": round(m.sqnr_db, 3), "top1": m.top1, "meets_goal": meets(m)} for f, e, m in uniform],
+            "uniform": [{"format": f.name, "energy_pj": round(float(energy[:, index[f]].sum()), 1), "cost": round(c, 1), "sqnr_db": round(m.sqnr_db, 3), "top1": m.top1,
+                         "r2": None if np.isnan(m.r2) else round(m.r2, 6), "meets_goal": meets(m)} for f, c, m in uniform],
             "best_uniform": best_uniform[0].name if best_uniform else None,
-            "energy_vs_best_uniform": round(best_uniform[1] / chosen_energy, 3) if best_uniform and chosen_energy else None,
+            "energy_vs_best_uniform": round(float(energy[:, index[best_uniform[0]]].sum()) / chosen_energy, 3) if best_uniform and chosen_energy else None,
+            "cost_vs_best_uniform": round(best_uniform[1] / chosen_cost, 3) if best_uniform and chosen_cost else None,
+            "trail": outcome.trail,
             "tightened": tightened,
         }
         return PassResult(written, True, stats)

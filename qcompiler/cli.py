@@ -163,6 +163,10 @@ def search_cmd(
     formats: Annotated[str, typer.Option("--formats", help="Candidate weight formats, '|'-separated: int8|int4|e4m3fn|mxfp4|float<3,4>|...")] = "int8|int4|int2|e4m3fn|e5m2|mxfp8|mxfp6|mxfp4|nvfp4|fp16",
     activations: Annotated[str, typer.Option("--activations", help="Format of every layer input: fp32, fp16, uint8, int8, e4m3fn, e5m2.")] = "uint8",
     granularity: Annotated[str, typer.Option("--granularity", help="layer (a format per layer) or network (one for all).")] = "layer",
+    strategy: Annotated[str, typer.Option("--strategy", help="How the one format for the network is found: exhaustive, binary, halving or predictor (Hill et al.'s R^2 predictor).")] = "exhaustive",
+    objective: Annotated[str, typer.Option("--objective", help="What is minimised: energy (MACs and weight reads) or time (iso-area MAC time).")] = "energy",
+    predictor: Annotated[Optional[Path], typer.Option("--predictor", help="--strategy predictor: a fitted curve (.json from bench/formats.py; default: the built-in one).")] = None,
+    probe_samples: Annotated[int, typer.Option("--probe-samples", min=1, help="--strategy predictor: inputs each candidate is probed on (Hill et al.: 10).")] = 10,
     min_sqnr: Annotated[float, typer.Option("--min-sqnr", help="Goal: output SQNR against float, dB (0: none).")] = 25.0,
     max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Goal: top-1 drop in points (needs labels).")] = None,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Calibration samples every candidate runs on (the last ones).")] = 512,
@@ -176,7 +180,10 @@ def search_cmd(
     """Search number formats for MODEL's weights (search-formats): least modelled energy that meets the goal, each candidate run in onnxruntime. Exits 1, with the most accurate candidate written, when no candidate meets the goal."""
     from qcompiler.compiler import compile as run_compile
 
-    options = [f"formats={formats}", f"activations={activations}", f"granularity={granularity}", f"min-sqnr={min_sqnr:g}", f"samples={samples}", f"workers={workers}", f"executor={executor}"]
+    options = [f"formats={formats}", f"activations={activations}", f"granularity={granularity}", f"strategy={strategy}", f"objective={objective}",
+               f"min-sqnr={min_sqnr:g}", f"samples={samples}", f"workers={workers}", f"executor={executor}", f"probe-samples={probe_samples}"]
+    if predictor is not None:
+        options.append(f"predictor={predictor}")
     if ray_address:
         options.append(f"ray-address={ray_address}")
     if max_drop is not None:
@@ -187,10 +194,10 @@ def search_cmd(
     # The search measured its own candidates; the compile's guard would hold them to its default goal.
     result = run_compile(model, target=target, calibration=calib, pipeline=pipeline, verify=False, output_dir=output, force=force, min_sqnr=None, progress=_progress, latency_runs=0)
     stats = next(p.stats for p in result.report.passes if p.name == "search-formats")
-    grid = Table(title=f"{model}: candidates, each run in onnxruntime on {stats['samples']} samples")
+    grid = Table(title=f"{model}: candidates measured in full ({stats['strategy']}: {stats['full_evaluations']} of {stats['candidates']}), each run in onnxruntime on {stats['samples']} samples")
     for col in ("weights", "energy µJ", "SQNR dB", "top-1 %", "goal"):
         grid.add_column(col, justify="left" if col == "weights" else "right")
-    for u in sorted(stats["uniform"], key=lambda u: u["energy_pj"]):
+    for u in stats["uniform"]:
         grid.add_row(f"{u['format']} everywhere", f"{u['energy_pj'] / 1e6:.2f}", f"{u['sqnr_db']:.2f}", f"{u['top1']:.2f}" if u["top1"] is not None else "-", "met" if u["meets_goal"] else "missed")
     from collections import Counter
 
@@ -198,11 +205,18 @@ def search_cmd(
     grid.add_row(f"chosen ({stats['granularity']}): {chosen}", f"{stats['energy_pj'] / 1e6:.2f}", f"{stats['sqnr_db']:.2f}", f"{stats['top1']:.2f}" if stats["top1"] is not None else "-", "met" if stats["goal_met"] else "missed")
     out.print(grid)
     versus = f", {stats['energy_vs_best_uniform']:.2f}x less than the best uniform format ({stats['best_uniform']})" if stats["best_uniform"] else ""
-    out.print(f"modelled energy {stats['energy_vs_fp32']:.2f}x less than fp32{versus}; {stats['evaluations']} evaluations on {stats['workers']} {stats['executor']} worker(s), "
+    if stats["objective"] == "time":
+        versus += f"; modelled iso-area MAC time {stats['cost_vs_fp32']:.2f}x less than fp32 (the objective)"
+    if stats["predicted"]:
+        versus += f"; the predictor's guess was {stats['predicted']}"
+    out.print(f"modelled energy {stats['energy_vs_fp32']:.2f}x less than fp32{versus}; {stats['evaluations']} full evaluations and {stats['probes']} probes on {stats['workers']} {stats['executor']} worker(s), "
               f"{stats['seconds']:.1f} s ({stats['energy_table']}; `qc cost {output / 'model.onnx'}` lists its assumptions)", markup=False, highlight=False)
     out.print(f"wrote {output / 'model.onnx'} and {output / 'report.json'}", markup=False, highlight=False)
     if not stats["goal_met"]:
-        err.print(f"error: no candidate met the goal; the most accurate one is in {output} (SQNR {stats['sqnr_db']:.2f} dB against a goal of {min_sqnr:g} dB)", markup=False, highlight=False)
+        how_close = f"SQNR {stats['sqnr_db']:.2f} dB against a goal of {min_sqnr:g} dB" if min_sqnr > 0 else ""
+        if max_drop is not None and stats["top1"] is not None:
+            how_close += ("; " if how_close else "") + f"top-1 drop {stats['float_top1'] - stats['top1']:.2f} against a goal of {max_drop:g}"
+        err.print(f"error: no candidate met the goal; the most accurate one is in {output} ({how_close})", markup=False, highlight=False)
         raise typer.Exit(1)
 
 

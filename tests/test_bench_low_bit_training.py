@@ -21,7 +21,7 @@ def _bench():
 def test_every_row_pipeline_parses(quick: bool) -> None:
     bench = _bench()
     specs = bench.specs(quick)
-    assert {s.group for s in specs} == {"lenet", "resnet20-w2", "resnet20-w1", "resnet20-bits", "resnet20-uniform", "resnet20-cost"}
+    assert {s.group for s in specs} == {"lenet", "resnet20-w2", "resnet20-w1", "resnet20-bits", "resnet20-bits-slb", "resnet20-uniform", "resnet20-cost"}
     for spec in specs:
         parse_pipeline(spec.pipeline)  # raises on an unknown pass or option
 

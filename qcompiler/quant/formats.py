@@ -24,6 +24,7 @@ has the type (``saturate=False``), and against ONNX QuantizeLinear's ``saturate=
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -492,3 +493,66 @@ def parse_format(text: str) -> NumberFormat:
     except ValueError:
         pass
     raise QCError(f"unknown number format '{raw}': {format_help()}", option="format")
+
+
+def parse_format_list(text: str) -> list[NumberFormat]:
+    """The formats a '|'-separated list names, each item a format or a grid of them: any number in
+    an item may be a range ``a..b`` (``int<2..8>``, ``float<2..5,1..7>``, ``fixed<1..3,4..6>``),
+    expanded over every combination. Duplicates are dropped, order kept; a QCError names the item
+    at fault."""
+    import itertools
+
+    formats: list[NumberFormat] = []
+    for item in filter(None, (part.strip() for part in text.split("|"))):
+        pieces = re.split(r"(-?\d+\.\.-?\d+)", item)
+        choices = []
+        for piece in pieces:
+            if re.fullmatch(r"-?\d+\.\.-?\d+", piece):
+                lo, hi = (int(v) for v in piece.split(".."))
+                if hi < lo or hi - lo > 64:
+                    raise QCError(f"range '{piece}' in '{item}' must run upwards over at most 64 values", option="formats")
+                choices.append([str(v) for v in range(lo, hi + 1)])
+            else:
+                choices.append([piece])
+        formats.extend(parse_format("".join(combo)) for combo in itertools.product(*choices))
+    if not formats:
+        raise QCError(f"no format in '{text}': {format_help()}", option="formats")
+    return list(dict.fromkeys(formats))
+
+
+def one_bit_neighbours(fmt: NumberFormat, wider: bool) -> list[NumberFormat]:
+    """The formats of ``fmt``'s family one bit wider (or narrower): int/uint with a bit more or
+    less, fixed point with a fraction (or integer) bit more or less, a float with a mantissa (or
+    exponent) bit more or less, its other flags kept. Hill et al.'s refinement steps between them;
+    blocks and bipolar have none."""
+    step = 1 if wider else -1
+    found: list[NumberFormat] = []
+
+    def attempt(make) -> None:
+        try:
+            found.append(make())
+        except (QCError, ValueError):
+            pass
+
+    if isinstance(fmt, IntFormat) and fmt.bits + step >= 2:
+        attempt(lambda: IntFormat(fmt.bits + step, fmt.signed))
+    elif isinstance(fmt, FixedFormat):
+        attempt(lambda: FixedFormat(fmt.integer_bits, fmt.fraction_bits + step, fmt.signed))
+        attempt(lambda: FixedFormat(fmt.integer_bits + step, fmt.fraction_bits, fmt.signed))
+    elif isinstance(fmt, FloatFormat):
+        attempt(lambda: dataclasses.replace(fmt, mantissa_bits=fmt.mantissa_bits + step))
+        attempt(lambda: dataclasses.replace(fmt, exponent_bits=fmt.exponent_bits + step))
+    return [f for f in found if f.bits == fmt.bits + step]
+
+
+def format_chain(fmt: NumberFormat) -> tuple:
+    """The key of the chain of formats that differ from ``fmt`` only in one width (integer bits;
+    fixed point's fraction bits; a float's mantissa bits): along a chain more bits never round
+    worse, so a binary search over it finds the narrowest that meets a goal."""
+    if isinstance(fmt, IntFormat):
+        return ("int", fmt.signed)
+    if isinstance(fmt, FixedFormat):
+        return ("fixed", fmt.integer_bits, fmt.signed)
+    if isinstance(fmt, FloatFormat):
+        return ("float", fmt.exponent_bits, fmt.bias, fmt.special, fmt.subnormals, fmt.signed, fmt.has_zero)
+    return ("single", fmt.name)

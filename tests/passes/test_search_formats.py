@@ -117,3 +117,21 @@ def test_without_ray_the_ray_executor_says_which_extra_to_install(monkeypatch: p
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
     with pytest.raises(QCError, match=r"executor=ray needs Ray: pip install 'qcompiler\[ray\]'"):
         _compile("formats=int8|int4,granularity=network,min-sqnr=18,samples=64,workers=2,executor=ray")
+
+
+def test_the_time_objective_ranks_by_iso_area_mac_time() -> None:
+    from qcompiler.energy_model import load_energy_table
+    from qcompiler.format_search import FP32, layer_time, weight_layers
+    from qcompiler.quant.formats import parse_format
+
+    stats = _stats(_compile("formats=int8|e4m3fn|fp16,granularity=network,objective=time,min-sqnr=15,samples=64,workers=1"))
+    table, uint8 = load_energy_table("horowitz-45nm"), parse_format("uint8")
+    shaped = qcompiler.compile(small_cnn(), "ort-cpu", pipeline="infer-shapes", verify=False).model
+    layers = weight_layers(shaped)
+    times = {u["format"]: u["cost"] for u in stats["uniform"]}
+    for name, t in times.items():
+        assert t == pytest.approx(sum(layer_time(layer, parse_format(name), uint8, table) for layer in layers), abs=0.06)
+    assert stats["objective"] == "time" and stats["fp32_cost"] == pytest.approx(sum(layer.macs for layer in layers), abs=0.06)
+    meeting = [u for u in stats["uniform"] if u["meets_goal"]]
+    assert stats["best_uniform"] == min(meeting, key=lambda u: u["cost"])["format"]
+    assert layer_time(layers[0], FP32, FP32, table) == layers[0].macs

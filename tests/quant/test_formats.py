@@ -3,6 +3,7 @@ integer / fixed point / block numerics, and the parser's names and errors."""
 
 from __future__ import annotations
 
+import re
 import math
 
 import ml_dtypes
@@ -186,3 +187,31 @@ def test_e8m0_has_no_sign_no_zero() -> None:
     assert isinstance(e8m0, FloatFormat) and e8m0.bits == 8
     out = e8m0.round(np.array([3.0, 0.0, -1.0, 2.0**-130, 2.0**127], np.float32), saturate=False)
     assert out[0] == 4.0 and np.isnan(out[1]) and np.isnan(out[2]) and out[3] == 2.0**-127 and out[4] == 2.0**127
+
+
+def test_format_lists_expand_ranges_in_order_without_duplicates() -> None:
+    from qcompiler.quant.formats import parse_format_list
+
+    names = [f.name for f in parse_format_list("int<2..4>|float<2..3,1..2>|mxfp4|int4")]
+    assert names == ["int2", "int3", "int4", "float<2,1>", "float<2,2>", "float<3,1>", "float<3,2>", "mxfp4"]
+    assert [f.name for f in parse_format_list("float<4,3,fn>")] == ["e4m3fn"]
+
+
+@pytest.mark.parametrize("text, culprit", [("float<0..2,3>", "float<0,3>"), ("int<5..2>", "5..2"), ("", "no format"), ("mxfp5", "mxfp5")])
+def test_a_bad_format_list_names_the_item(text: str, culprit: str) -> None:
+    from qcompiler.quant.formats import parse_format_list
+
+    with pytest.raises(QCError, match=re.escape(culprit)):
+        parse_format_list(text)
+
+
+def test_one_bit_neighbours_and_chains() -> None:
+    from qcompiler.quant.formats import format_chain, one_bit_neighbours
+
+    assert [f.name for f in one_bit_neighbours(parse_format("float<3,2>"), wider=True)] == ["float<3,3>", "float<4,2>"]
+    assert [f.name for f in one_bit_neighbours(parse_format("e4m3fn"), wider=False)] == ["float<4,2,fn>", "float<3,3,fn>"]
+    assert [f.name for f in one_bit_neighbours(parse_format("int3"), wider=False)] == ["int2"]
+    assert one_bit_neighbours(parse_format("int2"), wider=False) == []  # int1 is no useful weight format
+    assert one_bit_neighbours(parse_format("mxfp4"), wider=True) == []
+    assert format_chain(parse_format("float<3,1>")) == format_chain(parse_format("float<3,5>")) != format_chain(parse_format("float<4,1>"))
+    assert format_chain(parse_format("int2")) == format_chain(parse_format("int8")) != format_chain(parse_format("uint8"))
