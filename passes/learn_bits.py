@@ -214,14 +214,29 @@ class LearnBits(Pass):
         lowered = self._fit_budget(widths, quantizers, ends, layers, allowed, cost_of, limit)
         for node in lowered:
             ctx.note(self.name, "lowered one width after training so the rounded widths keep to the budget (not trained at it)", node=node, level="warning")
+        total = float(sum(l.w.size for l in layers))
+        achieved = cost_of(widths)
+        continuous = {l.weight: round(float(q.continuous_bits().detach()), 3) for l in layers if isinstance(q := quantizers[l.weight], UhlichQuantizer)}
+        stats = {"method": self.options.method, "budget": self.options.budget, "initial_bits": initial, "cost": achieved, "limit": limit, "unit": unit,
+                 "cost_fraction_of_limit": round(achieved / limit, 4), "average_bits": round(sum(widths[l.weight] * l.w.size for l in layers) / total, 3),
+                 "widths": {l.node.name: widths[l.weight] for l in layers}, "widths_fixed_at_step": frozen.get("step"),
+                 "lowered_when_fixed": frozen.get("lowered", []), "lowered_after_training": lowered,
+                 "activation_bits": activation_bits, "loss": loss_name, "loss_per_epoch": [round(v, 5) for v in result.losses],
+                 "train_seconds": round(train_seconds, 1), "skipped": len(skipped), **result.stats()}
+        if moves:
+            stats["bitnet_moves"] = {"down": moves.count(-1), "up": moves.count(1), "kept": moves.count(0)}
+        for node, why in skipped:
+            ctx.note(self.name, f"left to insert-qdq at the target's width: {why}", node=node)
         if self.options.keep_weights:
-            return self._widths_only(model, ctx, layers, quantizers, widths, cost_of, limit, unit, initial, frozen, lowered, activation_bits, loss_name, result,
-                                     train_seconds, skipped)
-        rounded, continuous, pair_limited = {}, {}, {}
+            # The model as it came; the widths in the facts, as assign-precision leaves them.
+            ctx.facts[WEIGHT_BITS_FACT] = {**ctx.facts.get(WEIGHT_BITS_FACT, {}), **widths}
+            if self.options.activation_bits:
+                ctx.facts[ACTIVATION_BITS_FACT] = activation_bits
+            stats |= {"kept_weights": True, "continuous_bits": {l.node.name: continuous[l.weight] for l in layers if l.weight in continuous}}
+            return PassResult(model, False, stats)
+        rounded, pair_limited = {}, {}
         for layer in layers:
             q = quantizers[layer.weight]
-            if isinstance(q, UhlichQuantizer):
-                continuous[layer.weight] = round(float(q.continuous_bits().detach()), 3)
             codes, scale, bits = q.codes_and_scale(shadows[layer.weight].detach(), widths[layer.weight])
             top = 2 ** (bits - 1) - 1
             limit_pairs = layer.layout.rule.pair_sum_limit
@@ -237,40 +252,10 @@ class LearnBits(Pass):
                       widths_for_insert_qdq=pair_limited, activation_bits=activation_bits if self.options.activation_bits else None)
         for row in done["layers"]:
             row["continuous_bits"] = continuous.get(row["weight"])
-        total = float(sum(l.w.size for l in layers))
-        achieved = cost_of(widths)
-        stats = {"method": self.options.method, "budget": self.options.budget, "initial_bits": initial, "cost": achieved, "limit": limit, "unit": unit,
-                 "cost_fraction_of_limit": round(achieved / limit, 4), "average_bits": round(sum(widths[l.weight] * l.w.size for l in layers) / total, 3),
-                 "widths": {l.node.name: widths[l.weight] for l in layers}, "widths_fixed_at_step": frozen.get("step"),
-                 "lowered_when_fixed": frozen.get("lowered", []), "lowered_after_training": lowered,
-                 "activation_bits": activation_bits, "loss": loss_name, "loss_per_epoch": [round(v, 5) for v in result.losses],
-                 "train_seconds": round(train_seconds, 1), "skipped": len(skipped), **done, **result.stats()}
-        if moves:
-            stats["bitnet_moves"] = {"down": moves.count(-1), "up": moves.count(1), "kept": moves.count(0)}
+        stats |= done
         if held_out is not None:
             stats.update(torch_vs_onnxruntime(model, held_out, out.name, self.options.check_samples, ctx, self.name))
-        for node, why in skipped:
-            ctx.note(self.name, f"left to insert-qdq at the target's width: {why}", node=node)
         return PassResult(model, True, stats)
-
-    def _widths_only(self, model, ctx, layers, quantizers, widths, cost_of, limit, unit, initial, frozen, lowered, activation_bits, loss_name, result,
-                     train_seconds, skipped) -> PassResult:
-        """keep-weights: the model as it came, the widths in the facts (as assign-precision leaves them)."""
-        ctx.facts[WEIGHT_BITS_FACT] = {**ctx.facts.get(WEIGHT_BITS_FACT, {}), **widths}
-        if self.options.activation_bits:
-            ctx.facts[ACTIVATION_BITS_FACT] = activation_bits
-        total = float(sum(l.w.size for l in layers))
-        achieved = cost_of(widths)
-        continuous = {l.node.name: round(float(q.continuous_bits().detach()), 3) for l in layers if isinstance(q := quantizers[l.weight], UhlichQuantizer)}
-        for node, why in skipped:
-            ctx.note(self.name, f"left to insert-qdq at the target's width: {why}", node=node)
-        stats = {"method": self.options.method, "budget": self.options.budget, "initial_bits": initial, "cost": achieved, "limit": limit, "unit": unit,
-                 "cost_fraction_of_limit": round(achieved / limit, 4), "average_bits": round(sum(widths[l.weight] * l.w.size for l in layers) / total, 3),
-                 "widths": {l.node.name: widths[l.weight] for l in layers}, "continuous_bits": continuous, "widths_fixed_at_step": frozen.get("step"),
-                 "lowered_when_fixed": frozen.get("lowered", []), "lowered_after_training": lowered, "kept_weights": True,
-                 "activation_bits": activation_bits, "loss": loss_name, "loss_per_epoch": [round(v, 5) for v in result.losses],
-                 "train_seconds": round(train_seconds, 1), "skipped": len(skipped), **result.stats()}
-        return PassResult(model, False, stats)
 
     def _cost(self, model: ir.Model, ctx: PassContext, layers: list[WeightLayer], budget, activation_bits: int):
         """(cost of a {weight: bits} map, the budget's limit, unit): weight bits, or bit-ops."""

@@ -147,8 +147,8 @@ class SearchFormats(Pass):
         formats = parse_format_list(o.formats)
         layers = evaluator.layers
         cost_of = layer_energy_pj if o.objective == "energy" else layer_time
-        cost = np.array([[cost_of(layer, f, activation, table) for f in formats] for layer in layers])
         energy = np.array([[layer_energy_pj(layer, f, activation, table) for f in formats] for layer in layers])
+        cost = energy if o.objective == "energy" else np.array([[layer_time(layer, f, activation, table) for f in formats] for layer in layers])
         fp32_energy = float(sum(layer_energy_pj(layer, FP32, FP32, table) for layer in layers))
         fp32_cost = float(sum(cost_of(layer, FP32, FP32, table) for layer in layers))
         float_top1 = evaluator.float_top1()
@@ -206,7 +206,7 @@ class SearchFormats(Pass):
             "strategy": o.strategy,
             "objective": o.objective,
             "candidates": len(formats),
-            "full_evaluations": len(outcome.measured),
+            "full_evaluations": outcome.full_evaluations,
             "probes": outcome.probes,
             "strategy_seconds": outcome.seconds,
             "predicted": outcome.predicted.name if outcome.predicted is not None else None,

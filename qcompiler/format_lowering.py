@@ -43,7 +43,7 @@ from qcompiler.quant.formats import (
     parse_format,
 )
 from qcompiler.quant.pair_limit import pair_safe_scale
-from qcompiler.quant.uniform import channel_ranges
+from qcompiler.quant.uniform import channel_ranges, per_channel
 from qcompiler.quant.weights import quantize_bipolar
 
 #: Float formats onnxruntime stores natively, by name: (ONNX data type, numpy type).
@@ -93,10 +93,6 @@ def _scales(x: np.ndarray, top: float, axis: int | None) -> np.ndarray:
     return np.where(amax > 0, amax / top, 1.0).astype(np.float32)
 
 
-def _per_axis(scale: np.ndarray, ndim: int, axis: int | None) -> np.ndarray:
-    return scale if axis is None or scale.ndim == 0 else scale.reshape([-1 if d == axis else 1 for d in range(ndim)])
-
-
 def lower_constant(name: str, x: np.ndarray, fmt: NumberFormat | str, axis: int | None = None, block_axis: int = -1, pair_sum_limit: int | None = None) -> LoweredTensor:
     """``x`` stored in ``fmt`` (per channel along ``axis``, per tensor when None; block formats
     along ``block_axis``) as initializers and nodes whose output onnxruntime computes exactly.
@@ -122,9 +118,9 @@ def lower_constant(name: str, x: np.ndarray, fmt: NumberFormat | str, axis: int 
             scale, top = pair_safe_scale(x, axis, bound, int(fmt.max_value), pair_sum_limit)
         else:
             scale = _scales(x, fmt.max_value, axis)
-        codes = fmt.round(x / _per_axis(scale, x.ndim, axis))
+        codes = fmt.round(x / per_channel(scale, x.ndim, axis))
         if top is not None:
-            codes = np.clip(codes, -_per_axis(top, x.ndim, axis), _per_axis(top, x.ndim, axis)).astype(np.float32)
+            codes = np.clip(codes, -per_channel(top, x.ndim, axis), per_channel(top, x.ndim, axis)).astype(np.float32)
         storage = _int_storage(IntFormat(2, True)) if isinstance(fmt, BipolarFormat) else _int_storage(fmt)
         return _dequantize(name, fmt, codes, scale, axis, storage)
     assert isinstance(fmt, FloatFormat)
@@ -137,7 +133,7 @@ def lower_constant(name: str, x: np.ndarray, fmt: NumberFormat | str, axis: int 
         cast = ir.Node("", "Cast", [value], attributes={"to": ir.AttrInt64("to", ir.DataType.FLOAT)}, name=f"{name}_Cast")
         return _finish(name, fmt, cast, [value], stored, True, fmt.name)
     scale = _scales(x, fmt.max_value, axis)
-    values = fmt.round(x / _per_axis(scale, x.ndim, axis), saturate=True)
+    values = fmt.round(x / per_channel(scale, x.ndim, axis), saturate=True)
     storage = fmt.name if fmt.name in FLOAT8_STORAGE else ("e4m3fn" if fmt.name in _IN_E4M3FN else None)
     if storage is None:
         coded = _int32_codes(name, fmt, values.astype(np.float32), scale, axis)
@@ -146,9 +142,9 @@ def lower_constant(name: str, x: np.ndarray, fmt: NumberFormat | str, axis: int 
         # int32 cannot hold them exactly: the format's values in float32, times the scale (a Mul,
         # the same float32 product DequantizeLinear computes; the values stay checkable).
         value = _initializer(f"{name}_values", values.astype(np.float32))
-        s = _initializer(f"{name}_scale", _per_axis(scale, x.ndim, axis).astype(np.float32))
+        s = _initializer(f"{name}_scale", per_channel(scale, x.ndim, axis).astype(np.float32))
         mul = ir.Node("", "Mul", [value, s], name=f"{name}_Mul")
-        emulated = (values.astype(np.float32) * _per_axis(scale, x.ndim, axis)).astype(np.float32)
+        emulated = (values.astype(np.float32) * per_channel(scale, x.ndim, axis)).astype(np.float32)
         return _finish(name, fmt, mul, [value, s], emulated, False, "float32")
     dtype, numpy_type = FLOAT8_STORAGE[storage]
     return _dequantize(name, fmt, values, scale, axis, dtype, numpy_type)
@@ -157,9 +153,10 @@ def lower_constant(name: str, x: np.ndarray, fmt: NumberFormat | str, axis: int 
 def _int32_codes(name: str, fmt: FloatFormat, values: np.ndarray, scale: np.ndarray | None, axis: int | None) -> LoweredTensor | None:
     """``values`` (the format's own values) times ``scale`` (None: one) as int32 codes that a
     DequantizeLinear multiplies by a power-of-two unit (per tensor, or per channel along ``axis``)
-    times the scale, when that computes exactly ``values * scale`` in float32; None otherwise. The unit is the format's finest step (its smallest subnormal), coarser where the
-    largest code would not fit int32; a float format's values have few significant bits, so
-    int32 -> float32 converts every code exactly."""
+    times the scale, when that computes exactly ``values * scale`` in float32; None otherwise.
+    The unit is the format's finest step (its smallest subnormal), coarser where the largest code
+    would not fit int32; a float format's values have few significant bits, so int32 -> float32
+    converts every code exactly."""
     if not np.all(np.isfinite(values)):
         return None
     finest = 2.0 ** (1 - fmt.effective_bias - fmt.mantissa_bits)
@@ -168,7 +165,7 @@ def _int32_codes(name: str, fmt: FloatFormat, values: np.ndarray, scale: np.ndar
     if units.size > 1 and units.min() == units.max():
         units = units.reshape(-1)[:1].reshape(())  # one unit for all: per tensor
     unit_axis = axis if units.ndim else None
-    codes = values.astype(np.float64) / _per_axis(units, values.ndim, unit_axis)
+    codes = values.astype(np.float64) / per_channel(units, values.ndim, unit_axis)
     if not np.all(codes == np.round(codes)) or np.abs(codes).max(initial=0) >= 2.0**31:
         return None
     if scale is None:
@@ -177,7 +174,7 @@ def _int32_codes(name: str, fmt: FloatFormat, values: np.ndarray, scale: np.ndar
         # unit x scale is exact (a power of two times a float32), and so is code x (unit x scale).
         step_axis = axis if np.ndim(scale) else unit_axis
         step = (np.asarray(scale, np.float64) * units).astype(np.float32)
-        expected = (values.astype(np.float32) * _per_axis(np.asarray(scale, np.float32), values.ndim, axis if np.ndim(scale) else None)).astype(np.float32)
+        expected = (values.astype(np.float32) * per_channel(np.asarray(scale, np.float32), values.ndim, axis if np.ndim(scale) else None)).astype(np.float32)
     lowered = _dequantize(name, fmt, codes.astype(np.int32), step, step_axis, ir.DataType.INT32)
     if not np.array_equal(lowered.values, expected):  # -0.0 becomes code 0: equal, not the same bits
         return None  # the scale times the unit left float32's range: not exact
@@ -210,7 +207,7 @@ def _dequantize(name: str, fmt: NumberFormat, codes: np.ndarray, scale: np.ndarr
         repeated = np.take(np.repeat(np.asarray(scale, np.float32), block_size, axis=axis), np.arange(codes.shape[axis]), axis=axis)
         values = (stored.astype(np.float32) * repeated).astype(np.float32)
     else:
-        values = (stored.astype(np.float32) * _per_axis(np.asarray(scale, np.float32), codes.ndim, axis)).astype(np.float32)
+        values = (stored.astype(np.float32) * per_channel(np.asarray(scale, np.float32), codes.ndim, axis)).astype(np.float32)
     return _finish(name, fmt, dq, [q, s], values, True, ir.DataType(dtype).name.lower())
 
 

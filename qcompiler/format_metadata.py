@@ -15,7 +15,16 @@ import onnx_ir as ir
 
 from qcompiler.errors import QCError
 from qcompiler.ir import SOURCE_KEY, constant_array
-from qcompiler.quant.formats import BIPOLAR, BlockFormat, FixedFormat, FloatFormat, IntFormat, NumberFormat, parse_format
+from qcompiler.quant.formats import (
+    BIPOLAR,
+    BlockFormat,
+    FixedFormat,
+    FloatFormat,
+    IntFormat,
+    NumberFormat,
+    parse_format,
+)
+from qcompiler.quant.uniform import per_channel
 
 #: The metadata key (on the DequantizeLinear node) holding the format's name.
 FORMAT_KEY = "qc.format"
@@ -120,40 +129,43 @@ def format_violations(node: ir.Node) -> list[str]:
     storage = _storage_format(codes) if node.op_type == "DequantizeLinear" else None
     unit_text = node.metadata_props.get(FORMAT_UNIT_KEY)
     if unit_text is not None:
-        try:
-            unit = np.array([float.fromhex(u) for u in unit_text.split()], np.float64)
-        except ValueError:
-            return [f"{FORMAT_UNIT_KEY} '{unit_text[:40]}' is not a list of numbers"]
-        if not isinstance(fmt, FloatFormat) or storage is None or storage.name != "int32":
-            return [f"{FORMAT_UNIT_KEY} is for float formats stored as int32 codes, not {name} in {storage.name if storage else 'this storage'}"]
-        stored = constant_array(codes) if codes is not None else None
-        if stored is not None:
-            stored = np.asarray(stored, np.float64)
-            axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 1
-            if unit.size == 1:
-                unit = unit.reshape(())
-            elif stored.ndim == 0 or stored.shape[axis % stored.ndim] != unit.size:
-                return [f"{FORMAT_UNIT_KEY} has {unit.size} units for a tensor of shape {list(stored.shape)}"]
-            else:
-                unit = unit.reshape([-1 if d == axis % stored.ndim else 1 for d in range(stored.ndim)])
-            values = stored * unit
-            outside = ~fmt.representable(values)
-            if outside.any():
-                first = values.reshape(-1)[np.flatnonzero(outside.reshape(-1))[0]]
-                problems.append(f"{int(outside.sum())} stored value(s) are not in {FORMAT_KEY} '{name}' (the first: {first})")
-        return problems
+        return _unit_coded_violations(node, fmt, name, storage, unit_text)
     if storage is not None and not isinstance(fmt, type(storage)) and fmt is not BIPOLAR:
         return [f"{FORMAT_KEY} '{name}' is not stored in {storage.name}"]
     if storage is not None and (fmt.min_value < storage.min_value or fmt.max_value > storage.max_value):
         problems.append(f"{FORMAT_KEY} '{name}' holds values its storage type {storage.name} cannot")
     values = constant_array(codes) if codes is not None else None
     if values is not None:
-        if isinstance(fmt, FloatFormat):
-            values = np.asarray(values).astype(np.float32)
-        outside = ~fmt.representable(np.asarray(values))
-        if outside.any():
-            first = np.asarray(values).reshape(-1)[np.flatnonzero(outside.reshape(-1))[0]]
-            problems.append(f"{int(outside.sum())} stored value(s) are not in {FORMAT_KEY} '{name}' (the first: {first})")
+        problems += _outside(np.asarray(values).astype(np.float32) if isinstance(fmt, FloatFormat) else np.asarray(values), fmt, name)
     elif codes is not None and (bounds := _clip_bounds(codes)) is not None and (bounds[0] < fmt.min_value or bounds[1] > fmt.max_value):
         problems.append(f"the Clip feeding it allows [{bounds[0]:g}, {bounds[1]:g}], wider than {FORMAT_KEY} '{name}'")
     return problems
+
+
+def _outside(values: np.ndarray, fmt: NumberFormat, name: str) -> list[str]:
+    """One problem naming how many of ``values`` ``fmt`` cannot hold, and the first of them."""
+    outside = ~fmt.representable(values)
+    if not outside.any():
+        return []
+    first = values.reshape(-1)[np.flatnonzero(outside.reshape(-1))[0]]
+    return [f"{int(outside.sum())} stored value(s) are not in {FORMAT_KEY} '{name}' (the first: {first})"]
+
+
+def _unit_coded_violations(node: ir.Node, fmt: NumberFormat, name: str, storage: NumberFormat | None, unit_text: str) -> list[str]:
+    """`format_violations` for a float format stored as int32 codes in ``qc.format_unit`` units."""
+    try:
+        unit = np.array([float.fromhex(u) for u in unit_text.split()], np.float64)
+    except ValueError:
+        return [f"{FORMAT_UNIT_KEY} '{unit_text[:40]}' is not a list of numbers"]
+    if not isinstance(fmt, FloatFormat) or storage is None or storage.name != "int32":
+        return [f"{FORMAT_UNIT_KEY} is for float formats stored as int32 codes, not {name} in {storage.name if storage else 'this storage'}"]
+    stored = constant_array(node.inputs[0]) if node.inputs and node.inputs[0] is not None else None
+    if stored is None:
+        return []
+    stored = np.asarray(stored, np.float64)
+    axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 1
+    if unit.size == 1:
+        unit = unit.reshape(())
+    elif stored.ndim == 0 or stored.shape[axis % stored.ndim] != unit.size:
+        return [f"{FORMAT_UNIT_KEY} has {unit.size} units for a tensor of shape {list(stored.shape)}"]
+    return _outside(stored * per_channel(unit, stored.ndim, axis % stored.ndim), fmt, name)

@@ -135,8 +135,6 @@ class FormatEvaluator:
 
     def __post_init__(self) -> None:
         self._layers = weight_layers(self.model)
-        values = {v.name: v for n in self.model.graph for v in n.inputs if v is not None}
-        self._weights = {layer.weight: values[layer.weight].const_value.numpy().astype(np.float32) for layer in self._layers}
         if self._float is not None:
             return  # a worker's copy: the reference outputs and ranges came with it
         inputs = sorted({layer.input for layer in self._layers})
@@ -367,6 +365,9 @@ class FormatEvaluator:
         """The float32 values ``layer``'s weight has in ``fmt`` as onnxruntime computes them (cached)."""
         key = (layer.weight, fmt.name)
         if key not in self._values:
+            if not self._weights:  # read once, on the first probe: workers never need them
+                values = {v.name: v for n in self.model.graph for v in n.inputs if v is not None}
+                self._weights = {lay.weight: values[lay.weight].const_value.numpy().astype(np.float32) for lay in self._layers}
             w = self._weights[layer.weight]
             self._values[key] = w if fmt == FP32 else lower_constant("probe", w, fmt, axis=layer.axis, block_axis=layer.block_axis,
                                                                       pair_sum_limit=self.pair_sum_limit).values.astype(np.float32)
@@ -378,24 +379,24 @@ class FormatEvaluator:
     def _compare(self, y: np.ndarray, n: int, start: float, full: bool) -> Measurement:
         ref = self._float[:n]
         noise = float(np.mean((y - ref) ** 2))
-        top1 = None
-        if self.data.labels is not None and y.ndim == 2:
-            top1 = float(np.mean(np.argmax(y, axis=1) == np.asarray(self.data.labels).reshape(-1)[:n]) * 100)
+        top1 = self._top1(y)
         spread = float(np.sum((ref - ref.mean()) ** 2))
         r2 = 1.0 - float(np.sum((y - ref) ** 2)) / spread if spread > 0 else float("nan")
         return Measurement(sqnr_db(ref, y), noise, top1, time.perf_counter() - start, r2=r2, samples=n, full=full)
 
-    def float_top1_on(self, samples: int | None) -> float | None:
-        """The float model's top-1 on the first ``samples`` held-out samples."""
-        n = self._count(samples)
-        if self.data.labels is None or self._float.ndim != 2:
+    def _top1(self, y: np.ndarray) -> float | None:
+        """Top-1 % of outputs ``y`` for the first ``len(y)`` held-out samples (None: no labels, or not a classifier)."""
+        if self.data.labels is None or y.ndim != 2:
             return None
-        return float(np.mean(np.argmax(self._float[:n], axis=1) == np.asarray(self.data.labels).reshape(-1)[:n]) * 100)
+        return float(np.mean(np.argmax(y, axis=1) == np.asarray(self.data.labels).reshape(-1)[: len(y)]) * 100)
+
+    def float_top1_on(self, samples: int | None) -> float | None:
+        """The float model's top-1 on the first ``samples`` held-out samples (all: None)."""
+        return self._top1(self._float[: self._count(samples)])
 
     def float_top1(self) -> float | None:
-        if self.data.labels is None or self._float.ndim != 2:
-            return None
-        return float(np.mean(np.argmax(self._float, axis=1) == np.asarray(self.data.labels).reshape(-1)) * 100)
+        """The float model's top-1 on all the held-out samples."""
+        return self.float_top1_on(None)
 
 
 def layer_energy_pj(layer: WeightLayer, fmt: NumberFormat, activation: NumberFormat, table: EnergyTable) -> float:

@@ -88,7 +88,6 @@ class Outcome:
     choice: NumberFormat | None
     measurement: Measurement | None
     best: tuple[NumberFormat, Measurement] | None
-    full_evaluations: int
     probes: int
     seconds: float
     #: Every measurement in order: (format name, samples, full?, SQNR, top-1, R^2, met?).
@@ -98,13 +97,16 @@ class Outcome:
     #: Every candidate measured in full, with its measurement.
     measured: dict[NumberFormat, Measurement] = field(default_factory=dict)
 
+    @property
+    def full_evaluations(self) -> int:
+        return len(self.measured)
+
 
 class _Run:
     """The bookkeeping every strategy shares: measurements, counts, the trail."""
 
     def __init__(self, name: str, evaluator: FormatEvaluator, candidates: list[NumberFormat], goal: Goal) -> None:
         self.name, self.evaluator, self.goal = name, evaluator, goal
-        self.candidates = candidates
         self.rank = {f: i for i, f in enumerate(candidates)}  # by increasing cost
         self.full: dict[NumberFormat, Measurement] = {}
         self.probes = 0
@@ -136,7 +138,7 @@ class _Run:
         meeting = [f for f, m in self.full.items() if self.goal.meets(m)]
         choice = min(meeting, key=self.rank.__getitem__) if meeting else None
         best = max(self.full.items(), key=lambda fm: (self.goal.margin(fm[1]), -self.rank.get(fm[0], 0))) if self.full else None
-        return Outcome(self.name, choice, self.full.get(choice) if choice else None, best, len(self.full), self.probes,
+        return Outcome(self.name, choice, self.full.get(choice) if choice else None, best, self.probes,
                        round(time.perf_counter() - self.start, 3), self.trail, predicted, dict(self.full))
 
 
