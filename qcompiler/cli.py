@@ -285,9 +285,9 @@ def validate_cmd(
     cpu: CpuOpt = None,
 ) -> None:
     """Check MODEL against a target's rules (for this CPU, or --cpu); list every violation. Exit 0 when clean, 1 with violations, 2 on bad input."""
-    import json
 
-    from qcompiler.ir import load_model, write_file_atomically
+    from qcompiler.ir import load_model
+    from qcompiler.json_output import write_json
     from qcompiler.targets.spec import load_target
     from qcompiler.validate import RULES, validate
 
@@ -319,8 +319,8 @@ def validate_cmd(
     else:
         out.print(summary, markup=False, highlight=False)
     if json_path is not None:
-        payload = {"model": str(model), "target": spec.name, "clean": not violations, "rules": RULES, "violations": [v.to_dict() for v in violations]}
-        write_file_atomically(json_path, (json.dumps(payload, indent=2) + "\n").encode())
+        write_json(json_path, "validate", {"model": str(model), "target": spec.name, "clean": not violations, "rules": RULES,
+                                           "violations": [v.to_dict() for v in violations]})
     if violations:
         raise typer.Exit(1)
 
@@ -334,10 +334,10 @@ def cost_cmd(
 ) -> None:
     """Modelled energy per inference of MODEL's weight layers: MACs, formats, compute and memory energy, against the same network in fp32, with every figure's source."""
     import dataclasses
-    import json
 
     from qcompiler.energy_model import layer_energies, load_energy_table, totals
-    from qcompiler.ir import load_model, write_file_atomically
+    from qcompiler.ir import load_model
+    from qcompiler.json_output import write_json
     from qcompiler.pass_manager import PassContext
     from qcompiler.pipeline import parse_pipeline
     from qcompiler.targets.spec import load_target
@@ -371,10 +371,9 @@ def cost_cmd(
     for line in table.assumptions():
         out.print(f"  {line}", markup=False, highlight=False)
     if json_path is not None:
-        payload = {"model": str(model), "target": spec.name, "energy_table": table.name, "assumptions": table.assumptions(),
-                   "layers": [dataclasses.asdict(r) for r in rows],
-                   "totals": {**dataclasses.asdict(total), "total_pj": total.total_pj, "fp32_total_pj": total.fp32_total_pj}}
-        write_file_atomically(json_path, (json.dumps(payload, indent=2) + "\n").encode())
+        write_json(json_path, "cost", {"model": str(model), "target": spec.name, "energy_table": table.name, "assumptions": table.assumptions(),
+                                       "layers": [dataclasses.asdict(r) for r in rows],
+                                       "totals": {**dataclasses.asdict(total), "total_pj": total.total_pj, "fp32_total_pj": total.fp32_total_pj}})
 
 
 def _stdout_is_terminal() -> bool:
@@ -533,11 +532,10 @@ def targets_measure(
 
 def _print_layer_speed(spec: TargetSpec, layers: list | None, path: Path) -> None:
     """Time each layer as insert-qdq's speed check does (fresh, into its cache) and show the verdicts."""
-    import json
 
     from qcompiler.cost_model import storage_dtype, storage_width
     from qcompiler.cpu import detect_cpu
-    from qcompiler.ir import write_file_atomically
+    from qcompiler.json_output import write_json
     from qcompiler.latency_table import representative_layers
     import onnxruntime as ort
 
@@ -562,7 +560,7 @@ def _print_layer_speed(spec: TargetSpec, layers: list | None, path: Path) -> Non
             records.append({"layer": layer.name, "op_type": layer.op_type, "input_shape": list(layer.input_shape), "weight_shape": list(layer.weight.shape), "weight_dtype": dtype, "float_ms": timing.float_ms, "quantized_ms": timing.quantized_ms, "slowdown": timing.slowdown, "slowdown_low": timing.slowdown_low, "float_runs_as": timing.float_runs_as, "decision": "float" if keep else "quantized", "note": note})
             bar.advance()
     out.print(rows)
-    write_file_atomically(path, json.dumps({"cpu": detect_cpu().summary(), "onnxruntime": ort.__version__, "threads": threads(), "layers": records}, indent=1).encode())
+    write_json(path, "layer-speed", {"cpu": detect_cpu().summary(), "onnxruntime": ort.__version__, "threads": threads(), "layers": records})
     out.print(f"wrote {path}")
 
 

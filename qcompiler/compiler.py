@@ -144,7 +144,7 @@ def compile(  # noqa: A001 - the verb users expect: qcompiler.compile(...)
                 report.verification.latency.predicted_speedup = predicted_speedup(compiled, spec, ctx.facts.get(WEIGHT_BITS_FACT))
             _attach_layer_sqnr(report, compiled)
         if folder is not None:
-            (folder / "report.json").write_text(report.to_json())
+            (folder / "report.json").write_text(report.to_json())  # inside the atomic output folder
         return CompileResult(compiled, report, Path(output_dir) if output_dir is not None else None)
 
     if output_dir is None:

@@ -1,11 +1,11 @@
 """The compile/verify report: dataclasses, a versioned JSON form, and a terminal table.
 
-The JSON layout is documented in ``docs/report-schema.md``; bump `SCHEMA_VERSION` on any change.
+The JSON layout is documented in ``docs/report-schema.md`` and checked against
+``qcompiler/schemas/report.schema.json``; its version is ``json_output.SCHEMA_VERSIONS["report"]``.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-SCHEMA_VERSION = 3
+from qcompiler.json_output import dumps, stamp
 
 
 @dataclass
@@ -108,28 +108,18 @@ class Report:
     machine: dict[str, Any] | None = None
     #: The accuracy guard's goal, what it measured and which layers it put back in float.
     guard: dict[str, Any] | None = None
-    schema_version: int = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:
-        return _finite(asdict(self))
+        """The report as written to JSON: headed by its schema name and version, inf/nan as strings."""
+        return stamp("report", asdict(self))
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
+        return dumps("report", asdict(self))
 
     def render(self, console: Console | None = None) -> None:
         """Print the report as tables."""
         render_report(self, console or Console())
 
-
-def _finite(obj: Any) -> Any:
-    """JSON has no inf/nan: write them as strings so the file stays valid JSON."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return "inf" if obj > 0 else "-inf" if obj < 0 else "nan"
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
 
 
 def _pct(x: float | None) -> str:

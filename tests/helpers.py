@@ -126,3 +126,12 @@ def load_script(relative: str):
     sys.modules[name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def assert_matches_schema(payload: dict, kind: str) -> None:
+    """``payload`` (a JSON file qc wrote, parsed) obeys the shipped JSON Schema of its kind."""
+    import jsonschema
+
+    from qcompiler.json_output import schema
+
+    jsonschema.Draft202012Validator(schema(kind)).validate(payload)

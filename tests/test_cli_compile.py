@@ -13,6 +13,7 @@ import pytest
 
 import qcompiler
 from qcompiler.runtime import make_session
+from tests.helpers import assert_matches_schema
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,7 +47,7 @@ def test_readme_command_writes_a_verified_int8_model(compiled, cifar_test_npz: P
     assert abs(v["accuracy_quantized"] - v["accuracy_float"]) <= 0.005
     assert v["outputs"][0]["sqnr_db"] > 20
     assert v["size"]["quantized_weight_bytes"] < v["size"]["float_weight_bytes"] / 3.5
-    assert report["target"] == "ort-cpu" and report["schema_version"] == 3
+    assert report["target"] == "ort-cpu" and report["schema_version"] == 4 and report["schema"] == "qcompiler/report"
     assert [p["name"] for p in report["passes"]] == ["infer-shapes", "fold-constants", "fold-batchnorm", "calibrate", "insert-qdq"]
     assert len(v["layers"]) > 19
     # Every matched intermediate is a like-for-like comparison (no integer tensor read as float).
@@ -64,6 +65,7 @@ def test_report_json_matches_the_documented_schema(compiled) -> None:
         assert key in report and f"`{key}`" in schema
     for key in report["verification"]:
         assert f"`{key}`" in schema
+    assert_matches_schema(report, "report")
 
 
 def test_custom_pipeline_and_instruments(tmp_path: Path, bundled_model: Path, bundled_calib: Path) -> None:
@@ -128,6 +130,7 @@ def test_verify_compares_another_tools_model(tmp_path: Path, bundled_model: Path
     assert v["samples"] == 64 and v["outputs"][0]["sqnr_db"] > 10
     assert v["latency"]["runs"] == 5 and v["accuracy_float"] is not None
     assert v["layers"], "intermediate tensors of another tool's model are matched through its Q/DQ pairs"
+    assert_matches_schema(report, "report")
 
 
 def test_python_api_compile_and_verify(bundled_model: Path, bundled_calib: Path, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from qcompiler.energy_model import layer_energies, load_energy_table, totals
 from qcompiler.errors import QCError
 from qcompiler.ir import load_model
 from qcompiler.quant.formats import parse_format
-from tests.helpers import small_cnn
+from tests.helpers import assert_matches_schema, small_cnn
 
 REPO = Path(__file__).resolve().parent.parent
 LENET = REPO / "models" / "mnist_lenet5.onnx"
@@ -115,6 +115,7 @@ def test_qc_cost_prints_totals_and_assumptions_and_writes_json(tmp_path: Path) -
     assert "against the same layers in fp32" in done.stdout and "Horowitz" in done.stdout and "iso-area" in done.stdout
     payload = json.loads(out.read_text())
     assert len(payload["layers"]) == 4 and payload["totals"]["macs"] == 2_293_000 and payload["energy_table"] == "horowitz-45nm"
+    assert_matches_schema(payload, "cost")
 
 
 def test_qc_cost_refuses_to_write_its_json_over_the_model(tmp_path: Path) -> None:

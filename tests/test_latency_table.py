@@ -11,7 +11,7 @@ import onnx
 
 from qcompiler.latency_table import _compiled_at, measure, model_layers, representative_layers
 from qcompiler.targets.spec import load_target
-from tests.helpers import small_cnn
+from tests.helpers import assert_matches_schema, small_cnn
 
 QC = [sys.executable, "-m", "qcompiler.cli"]
 
@@ -71,7 +71,9 @@ def test_per_layer_table_shows_each_layers_evidence(tmp_path: Path) -> None:
     out = tmp_path / "measured.toml"
     done = subprocess.run([*QC, "target", "measure", "ort-cpu", "--model", str(model), "-o", str(out), "--runs", "10", "--per-layer"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    rows = json.loads(out.with_suffix(".layers.json").read_text())["layers"]
+    written = json.loads(out.with_suffix(".layers.json").read_text())
+    assert_matches_schema(written, "layer-speed")
+    rows = written["layers"]
     assert [r["layer"] for r in rows] == [l.name for l in model_layers(small_cnn())]
     assert all(r["decision"] in ("float", "quantized") and r["note"].startswith(("left float", "quantized")) and r["float_ms"] > 0 for r in rows)
     refused = subprocess.run([*QC, "target", "measure", "ort-cpu-int4", "--model", str(model), "-o", str(tmp_path / "int4.toml"), "--runs", "10", "--per-layer"], capture_output=True, text=True)

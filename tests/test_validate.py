@@ -17,7 +17,7 @@ import qcompiler
 from qcompiler.ir import load_model, to_proto
 from qcompiler.targets.spec import list_targets, load_target
 from qcompiler.validate import RULES, Violation, validate
-from tests.helpers import small_cnn
+from tests.helpers import assert_matches_schema, small_cnn
 
 QC = [sys.executable, "-m", "qcompiler.cli"]
 
@@ -53,9 +53,13 @@ def test_bundled_resnet20_for_tensorrt_validates_clean_from_the_cli(tmp_path: Pa
     assert clean.returncode == 0, clean.stdout
     report = json.loads((tmp_path / "v.json").read_text())
     assert report["clean"] and report["violations"] == [] and set(report["rules"]) == set(RULES)
+    assert_matches_schema(report, "validate")
     # The same file against ort-cpu: int8 activations and float biases are not what ort-cpu's kernels take.
-    dirty = subprocess.run([*QC, "validate", str(out / "model.onnx"), "--target", "ort-cpu"], capture_output=True, text=True)
+    dirty = subprocess.run([*QC, "validate", str(out / "model.onnx"), "--target", "ort-cpu", "--json", str(tmp_path / "dirty.json")], capture_output=True, text=True)
     assert dirty.returncode == 1 and "dtype" in dirty.stdout and "bias" in dirty.stdout
+    violations = json.loads((tmp_path / "dirty.json").read_text())
+    assert_matches_schema(violations, "validate")
+    assert not violations["clean"] and {v["rule"] for v in violations["violations"]} >= {"dtype", "bias"}
 
 
 def test_piped_output_is_one_violation_per_line(calib: Path, tmp_path: Path) -> None:
