@@ -120,7 +120,7 @@ def compile_cmd(
     if verify_each:
         instruments.append(VerifyEach())
     if dump_dir is not None:
-        instruments.append(DumpDir(dump_dir))
+        instruments.append(DumpDir(dump_dir, inputs=(model, calib, data, target if target.endswith(".toml") else None)))
     result = run_compile(
         model,
         target=target,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -28,13 +30,23 @@ class PrintAfter(Instrument):
             self.console.print(str(model.graph), markup=False, highlight=False)
 
 
+_DUMP_NAME = re.compile(r"\d{2,}-.+\.onnx")
+
+
 class DumpDir(Instrument):
     """Save the model after every pass as ``NN-<pass>.onnx`` in a folder."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, inputs: Iterable[str | Path | None] = ()) -> None:
         self.folder = Path(folder)
         if self.folder.exists() and not self.folder.is_dir():
             raise QCError("exists and is not a folder", file=str(self.folder), option="--dump-dir")
+        # Refused before any pass runs: a dump named like an input of the command would replace it.
+        if self.folder.is_dir():
+            here = self.folder.resolve()
+            for given in inputs:
+                if given is not None and Path(given).is_file() and Path(given).resolve().parent == here and _DUMP_NAME.fullmatch(Path(given).resolve().name):
+                    raise QCError(f"holds an input of this command named like a dump ({given}): saving the passes there could replace it; choose another folder",
+                                  file=str(self.folder), option="--dump-dir")
         self.count = 0
 
     def after_pass(self, pass_: Pass, model: ir.Model, ctx: PassContext, result: PassResult) -> None:

@@ -54,3 +54,23 @@ def test_unpack_refuses_to_write_over_its_qcz(tmp_path: Path) -> None:
     done = subprocess.run([*QC, "unpack", str(qcz), "-o", str(qcz), "--force"], capture_output=True, text=True)
     assert done.returncode == 2 and "is an input of this command" in done.stderr
     assert qcz.read_bytes() == b"anything"
+
+
+def test_target_measure_refuses_to_write_over_its_target_file(tmp_path: Path) -> None:
+    toml = tmp_path / "t.toml"
+    toml.write_text('name = "mine"\nextends = "ort-cpu"\n')
+    before = toml.read_bytes()
+    done = subprocess.run([*QC, "target", "measure", str(toml), "-o", str(toml), "--force", "--runs", "10"], capture_output=True, text=True)
+    assert done.returncode == 2 and "is an input of this command" in done.stderr and "--output" in done.stderr
+    assert toml.read_bytes() == before
+
+
+def test_a_dump_folder_holding_an_input_named_like_a_dump_is_refused(files: dict[str, Path], tmp_path: Path) -> None:
+    # The passes are dumped as NN-<pass>.onnx: an input of that name in the folder would be replaced.
+    model = tmp_path / "01-infer-shapes.onnx"
+    model.write_bytes(files["model"].read_bytes())
+    before = _digest(model)
+    done = subprocess.run([*QC, "compile", str(model), "--calib", str(files["data"]), "-o", str(tmp_path / "out"), "--dump-dir", str(tmp_path), "--latency-runs", "0"],
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "--dump-dir" in done.stderr and "named like a dump" in done.stderr and done.stderr.count("\n") == 1
+    assert _digest(model) == before and not (tmp_path / "out").exists()
