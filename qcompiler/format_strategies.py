@@ -16,10 +16,11 @@ the shared probe session, `FormatEvaluator.probe`) it spent:
   lose to it), those that miss it beyond that error dropped, the rest probed on four times as many,
   and so on; the survivors measured in full, cheapest first, a batch of ``workers`` at a time,
   until one meets;
-- ``predictor``: Hill et al.'s: every candidate probed on ``probe-samples`` (10) inputs, its top-1
-  predicted from the R^2 of its outputs (`AccuracyPredictor`; for an SQNR goal the probe's SQNR),
-  the cheapest predicted to meet measured in full, then refined one bit at a time
-  (`one_bit_neighbours`: narrower while it meets, wider while it misses), at most 3 full evaluations.
+- ``predictor``: Hill et al.'s: candidates probed cheapest first on ``probe-samples`` (10) inputs,
+  each one's top-1 predicted from the R^2 of its outputs (`AccuracyPredictor`; for an SQNR goal the
+  probe's SQNR) until one is predicted to meet; that one is measured in full, then refined one bit
+  at a time (`one_bit_neighbours`: narrower while it meets, wider while it misses), at most 3 full
+  evaluations (with two or more workers the guess and its narrower neighbour side by side).
 """
 
 from __future__ import annotations
@@ -196,9 +197,11 @@ def halving(evaluator: FormatEvaluator, candidates: list[NumberFormat], goal: Go
 def predictor(evaluator: FormatEvaluator, candidates: list[NumberFormat], goal: Goal, curve: AccuracyPredictor, *, probe_samples: int = 10) -> Outcome:
     run = _Run("predictor", evaluator, candidates, goal)
     float_top1 = goal.float_top1_on(None)
-    probes = {fmt: run.probe(fmt, probe_samples) for fmt in candidates}
+    probes: dict[NumberFormat, Measurement] = {}
 
     def predicted_margin(fmt: NumberFormat) -> float:
+        if fmt not in probes:  # probed when first needed
+            probes[fmt] = run.probe(fmt, probe_samples)
         m = probes[fmt]
         margins = []
         if goal.min_sqnr > 0:
@@ -207,19 +210,32 @@ def predictor(evaluator: FormatEvaluator, candidates: list[NumberFormat], goal: 
             margins.append(goal.max_drop - curve.drop(m.r2, float_top1))
         return min(margins) if margins else math.inf
 
-    fits = [f for f in candidates if predicted_margin(f) >= 0]
-    guess = fits[0] if fits else max(candidates, key=predicted_margin)
-    current = guess
-    met = goal.meets(run.measure([current])[0])
+    def next_step(current: NumberFormat, wider: bool, visited: set[NumberFormat]) -> NumberFormat | None:
+        near = [f for f in one_bit_neighbours(current, wider=wider) if f in run.rank and f not in visited]
+        return max(near, key=predicted_margin) if near else None
+
+    # The candidates come cheapest first, so the first predicted to meet is the cheapest that is:
+    # probing stops there (every candidate is probed only when none is predicted to meet).
+    guess = next((f for f in candidates if predicted_margin(f) >= 0), None)
+    if guess is None:
+        guess = max(candidates, key=predicted_margin)
+    visited = {guess}
+    # With workers to spare, the guess and the narrower step the refinement takes after a guess that
+    # meets are measured side by side: the same steps, one round fewer when the guess meets.
+    first = [guess]
+    if evaluator.workers > 1 and PREDICTOR_FULL_EVALUATIONS > 1 and (step := next_step(guess, False, visited)) is not None:
+        first.append(step)
+    met = goal.meets(run.measure(first)[0])
     # One bit at a time: narrower while it still meets (when the guess met), else wider until it meets.
-    narrower = met
-    while len(run.full) < PREDICTOR_FULL_EVALUATIONS:
-        near = [f for f in one_bit_neighbours(current, wider=not narrower) if f in run.rank and f not in run.full]
-        if not near:
-            break
-        current = max(near, key=predicted_margin)
-        met = goal.meets(run.measure([current])[0])
-        if met != narrower:
+    narrower, current = met, guess
+    while (step := next_step(current, not narrower, visited)) is not None:
+        if step not in run.full:
+            if len(run.full) >= PREDICTOR_FULL_EVALUATIONS:
+                break
+            run.measure([step])
+        visited.add(step)
+        current = step
+        if goal.meets(run.full[step]) != narrower:
             break  # narrower: this one misses, the one before is the answer; wider: this one meets
     return run.outcome(predicted=guess)
 

@@ -69,7 +69,34 @@ def test_every_strategy_finds_the_exhaustive_optimum_with_fewer_full_evaluations
         assert found.choice == reference.choice, name
         assert found.full_evaluations < reference.full_evaluations, name
     predicted = run_strategy("predictor", evaluator, candidates, goal, curve=AccuracyPredictor(0.5, -1.5))
-    assert predicted.full_evaluations <= PREDICTOR_FULL_EVALUATIONS and predicted.probes == len(candidates) and predicted.predicted is not None
+    assert predicted.full_evaluations <= PREDICTOR_FULL_EVALUATIONS and predicted.predicted is not None
+    # Probed cheapest first up to the guess (the first predicted to meet), then only the refinement's steps.
+    guess = candidates.index(predicted.predicted)
+    probed = [t["format"] for t in predicted.trail if not t["full"]]
+    assert probed[: guess + 1] == [f.name for f in candidates[: guess + 1]] and len(probed) < len(candidates)
+    # A curve that predicts every design misses: every design is probed, the least bad measured.
+    hopeless = run_strategy("predictor", evaluator, candidates, Goal(0.0, 1.0, evaluator.float_top1_on), curve=AccuracyPredictor(10.0, 0.0))
+    assert hopeless.probes == len(candidates) and hopeless.full_evaluations <= PREDICTOR_FULL_EVALUATIONS
+
+
+def test_with_two_workers_the_predictor_takes_the_same_steps_in_fewer_rounds(evaluator) -> None:
+    from dataclasses import replace
+
+    goal = Goal(18.0, -1.0, evaluator.float_top1_on)
+    candidates = _by_cost(evaluator)
+    alone = run_strategy("predictor", evaluator, candidates, goal, curve=AccuracyPredictor(0.5, -1.5))
+    assert goal.meets(alone.measured[alone.predicted]), "the setting this test needs: the guess meets, the refinement narrows"
+    pair = replace(evaluator, workers=2, _pool=None, _probe_session=None)
+    batches: list[int] = []
+    measure_many = pair.measure_many
+    pair.measure_many = lambda candidates, *a, **k: (batches.append(len(candidates)), measure_many(candidates, *a, **k))[1]
+    try:
+        side_by_side = run_strategy("predictor", pair, candidates, goal, curve=AccuracyPredictor(0.5, -1.5))
+    finally:
+        pair.close()
+    assert side_by_side.choice == alone.choice and set(side_by_side.measured) == set(alone.measured)
+    assert side_by_side.full_evaluations <= PREDICTOR_FULL_EVALUATIONS
+    assert batches[0] == 2 and len(batches) == len(alone.measured) - 1
 
 
 def test_a_goal_nothing_meets_returns_the_most_accurate_measured(evaluator) -> None:
