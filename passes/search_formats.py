@@ -24,6 +24,7 @@ of energy. Candidate lists take ranges: ``formats=int<2..8>|float<2..5,0..6>`` i
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -48,8 +49,8 @@ from qcompiler.precision_ilp import solve_ilp
 from qcompiler.quant.formats import parse_format, parse_format_list
 from qcompiler.registry import register_pass
 
-#: How many times the layer-wise answer is tightened when it misses the goal end to end.
-_TIGHTENINGS = 8
+#: Noise budgets the layer-wise search measures end to end (one full evaluation each, at most).
+_BUDGET_STEPS = 8
 
 
 def _usable_cpus() -> int:
@@ -166,28 +167,52 @@ class SearchFormats(Pass):
         measured = best_uniform[2] if best_uniform else None
         chosen_cost = best_uniform[1] if best_uniform else None
 
-        tightened = 0
+        budget_steps: list[dict] = []
         if o.granularity == "layer":
             # Each layer alone in each format, the formats' own numerics (see FormatEvaluator.measure).
             base = evaluator.measure({}, as_run=False)  # activations alone
             alone = evaluator.measure_many([{layer.weight: f} for layer in layers for f in formats], as_run=False)
             damage = np.maximum(np.array([m.noise for m in alone]).reshape(len(layers), len(formats)) - base.noise, 0.0)
-            allowed = evaluator.signal * 10 ** (-o.min_sqnr / 10) - base.noise if o.min_sqnr > 0 else evaluator.signal * 1e-2
-            while allowed > 0 and tightened <= _TIGHTENINGS:
+            # The integer program spends a budget of summed per-layer noise; whether a budget meets
+            # the goal end to end is measured (noises add only approximately, and a top-1 goal has
+            # no noise equivalent). Start where the goal says (an SQNR floor) or at the best uniform
+            # format's noise, then bracket the largest budget that meets: loosen while it meets,
+            # tighten while it misses, bisect (geometrically) once both are known.
+            if o.min_sqnr > 0:
+                allowed = evaluator.signal * 10 ** (-o.min_sqnr / 10) - base.noise
+            elif measured is not None:
+                allowed = measured.noise - base.noise
+            else:
+                allowed = evaluator.signal * 1e-2
+            allowed = max(allowed, float(damage[damage > 0].min()) if (damage > 0).any() else 1e-30)
+            met_at, missed_at, seen = None, None, {}
+            for _ in range(_BUDGET_STEPS):
                 try:
-                    pick = solve_ilp(cost, damage, allowed, "noise")
+                    pick = tuple(int(k) for k in solve_ilp(cost, damage, allowed, "noise"))
                 except QCError:
-                    break  # nothing fits this noise budget
-                candidate = {layer.weight: formats[k] for layer, k in zip(layers, pick)}
-                m = evaluator.measure(candidate)
-                e = float(cost[np.arange(len(layers)), pick].sum())
-                if meets(m):
-                    if chosen_cost is None or e < chosen_cost:
+                    pick = None  # nothing fits this noise budget: too tight
+                if pick is None:
+                    meets_here = False
+                else:
+                    candidate = {layer.weight: formats[k] for layer, k in zip(layers, pick)}
+                    if pick not in seen:
+                        seen[pick] = evaluator.measure(candidate)
+                    m = seen[pick]
+                    e = float(cost[np.arange(len(layers)), list(pick)].sum())
+                    meets_here = meets(m)
+                    budget_steps.append({"allowed_noise": allowed, "cost": round(e, 1), "sqnr_db": round(m.sqnr_db, 3), "top1": m.top1, "met": meets_here})
+                    if meets_here and (chosen_cost is None or e < chosen_cost):
                         choice, measured, chosen_cost = candidate, m, e
-                    break
-                # The noises did not add up as assumed: ask for less, in proportion to the miss.
-                allowed *= min(0.7, max(0.1, allowed / max(m.noise - base.noise, 1e-30)))
-                tightened += 1
+                if meets_here:
+                    met_at = allowed
+                else:
+                    missed_at = allowed
+                if met_at is not None and missed_at is not None:
+                    if missed_at / met_at < 1.25:
+                        break
+                    allowed = math.sqrt(met_at * missed_at)
+                else:
+                    allowed = allowed * 4 if meets_here else allowed / 4
 
         goal_met = choice is not None
         if not goal_met:
@@ -241,6 +266,6 @@ class SearchFormats(Pass):
             "energy_vs_best_uniform": round(float(energy[:, index[best_uniform[0]]].sum()) / chosen_energy, 3) if best_uniform and chosen_energy else None,
             "cost_vs_best_uniform": round(best_uniform[1] / chosen_cost, 3) if best_uniform and chosen_cost else None,
             "trail": outcome.trail,
-            "tightened": tightened,
+            "budget_steps": budget_steps,
         }
         return PassResult(written, True, stats)

@@ -13,8 +13,9 @@ Two strategies share it:
 - ``layer``: the damage of each layer alone in each format (one evaluation each), then the
   assignment with the least modelled energy whose summed output noise fits the goal, exactly
   (an integer program, `qcompiler.precision_ilp.solve_ilp` with the roles of cost and damage
-  swapped), checked end to end and tightened while it misses (the noises of layers add only
-  approximately).
+  swapped), checked end to end at a bracketed series of noise budgets (loosened while the answer
+  meets the goal, tightened while it misses: the noises of layers add only approximately, and a
+  top-1 goal has no noise equivalent).
 
 Candidates run as the written model will, all onnxruntime optimizations on: formats it has kernels
 for (int8 with uint8 activations) run in them, with pair-safe weights where this CPU's kernels add
@@ -277,6 +278,8 @@ class FormatEvaluator:
             for n in lowered.nodes:
                 graph.insert_before(first, n)
             node.replace_input_with(index, lowered.output)
+            if not w.uses() and w.name in graph.initializers and w not in graph.outputs:
+                del graph.initializers[w.name]  # the float weight, now read by no one
         if self.activation_format != FP32:
             values = {v.name: v for n in graph for v in n.inputs if v is not None} | {v.name: v for v in graph.inputs}
             for name in sorted({layer.input for layer in self._layers}):
