@@ -43,7 +43,7 @@ from low_bit import _logits, _session  # noqa: E402
 REPO = Path(__file__).resolve().parent.parent
 QC = str(Path(sys.executable).parent / "qc")
 PUBLISHED = "Hill et al. (ALGORITHMS.md section 2): 7.6x average speedup at 99 % normalized accuracy, one custom format per network, MAC model without memory (published, not measured here)"
-DEFAULT_FORMATS = "int8|int4|int2|e4m3fn|e5m2|mxfp8|mxfp6|mxfp4|nvfp4|fp16"
+DEFAULT_FORMATS = "int<2..8>|e4m3fn|e5m2|mxfp8|mxfp6|mxfp4|nvfp4|fp16"  # search-formats' default
 #: The network-wide design grid the strategies search (Hill et al. searched 340 designs).
 GRID = "int<2..8>|float<2..6,0..9>"
 TOLERANCES = (0.5, 1.0, 2.0, 5.0)

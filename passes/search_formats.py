@@ -72,7 +72,7 @@ class SearchFormats(Pass):
     class Options:
         #: Candidate weight formats, separated by '|' (any name `qcompiler.quant.formats` parses;
         #: numbers may be ranges, ``float<2..5,0..6>``).
-        formats: str = "int8|int4|int2|e4m3fn|e5m2|mxfp8|mxfp6|mxfp4|nvfp4|fp16"
+        formats: str = "int<2..8>|e4m3fn|e5m2|mxfp8|mxfp6|mxfp4|nvfp4|fp16"
         #: The format of every layer input: fp32, fp16, uint8, int8, e4m3fn or e5m2.
         activations: str = "uint8"
         #: ``layer``: a format per layer (exact integer program over measured damage);
@@ -92,6 +92,9 @@ class SearchFormats(Pass):
         max_drop: float = -1.0
         #: The last N calibration samples every candidate runs on.
         samples: int = 512
+        #: granularity=layer: each layer's damage in each format (layers x formats runs) is measured
+        #: on the first N of those samples (0: all); the answers are checked end to end on all.
+        layer_samples: int = 256
         #: Energy table (built-in name or .toml); empty: the target's.
         energy: str = ""
         #: Worker processes measuring candidates side by side, one onnxruntime thread each
@@ -118,6 +121,8 @@ class SearchFormats(Pass):
                 raise ValueError("give a goal: 'min-sqnr' > 0 (dB) or 'max-drop' >= 0 (points, with labels)")
             if self.samples < 1:
                 raise ValueError("option 'samples' must be >= 1")
+            if self.layer_samples < 0:
+                raise ValueError("option 'layer-samples' must be >= 0 (0: all the samples)")
             if self.workers < 0:
                 raise ValueError("option 'workers' must be >= 0 (0: one per CPU)")
 
@@ -170,8 +175,9 @@ class SearchFormats(Pass):
         budget_steps: list[dict] = []
         if o.granularity == "layer":
             # Each layer alone in each format, the formats' own numerics (see FormatEvaluator.measure).
-            base = evaluator.measure({}, as_run=False)  # activations alone
-            alone = evaluator.measure_many([{layer.weight: f} for layer in layers for f in formats], as_run=False)
+            few = o.layer_samples or None
+            base = evaluator.measure({}, as_run=False, samples=few)  # activations alone
+            alone = evaluator.measure_many([{layer.weight: f} for layer in layers for f in formats], as_run=False, samples=few)
             damage = np.maximum(np.array([m.noise for m in alone]).reshape(len(layers), len(formats)) - base.noise, 0.0)
             # The integer program spends a budget of summed per-layer noise; whether a budget meets
             # the goal end to end is measured (noises add only approximately, and a top-1 goal has

@@ -160,7 +160,7 @@ def search_cmd(
     model: Annotated[Path, typer.Argument(help="Float ONNX model.")],
     calib: Annotated[Path, typer.Option("--calib", help=".npz data the candidates run on (its last --samples samples; labels for --max-drop).")],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output folder for model.onnx (the chosen formats) and report.json.")] = Path("out"),
-    formats: Annotated[str, typer.Option("--formats", help="Candidate weight formats, '|'-separated: int8|int4|e4m3fn|mxfp4|float<3,4>|...")] = "int8|int4|int2|e4m3fn|e5m2|mxfp8|mxfp6|mxfp4|nvfp4|fp16",
+    formats: Annotated[Optional[str], typer.Option("--formats", help="Candidate weight formats, '|'-separated, ranges allowed: int<2..8>|e4m3fn|mxfp4|float<3,4>|... (default: int2 to int8, e4m3fn, e5m2, the MX formats, nvfp4 and fp16).")] = None,
     activations: Annotated[str, typer.Option("--activations", help="Format of every layer input: fp32, fp16, uint8, int8, e4m3fn, e5m2.")] = "uint8",
     granularity: Annotated[str, typer.Option("--granularity", help="layer (a format per layer) or network (one for all).")] = "layer",
     strategy: Annotated[str, typer.Option("--strategy", help="How the one format for the network is found: exhaustive, binary, halving or predictor (Hill et al.'s R^2 predictor).")] = "exhaustive",
@@ -170,6 +170,7 @@ def search_cmd(
     min_sqnr: Annotated[float, typer.Option("--min-sqnr", help="Goal: output SQNR against float, dB (0: none).")] = 25.0,
     max_drop: Annotated[Optional[float], typer.Option("--max-drop", help="Goal: top-1 drop in points (needs labels).")] = None,
     samples: Annotated[int, typer.Option("--samples", min=1, help="Calibration samples every candidate runs on (the last ones).")] = 512,
+    layer_samples: Annotated[int, typer.Option("--layer-samples", min=0, help="--granularity layer: each layer's damage in each format is measured on the first N of those samples (0: all); answers are checked on all.")] = 256,
     workers: Annotated[int, typer.Option("--workers", min=0, help="Worker processes (0: one per CPU).")] = 0,
     executor: Annotated[str, typer.Option("--executor", help="process (local worker processes) or ray (Ray actors: a local Ray, or --ray-address).")] = "process",
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="A running Ray cluster's address for --executor ray.")] = None,
@@ -180,8 +181,9 @@ def search_cmd(
     """Search number formats for MODEL's weights (search-formats): least modelled energy that meets the goal, each candidate run in onnxruntime. Exits 1, with the most accurate candidate written, when no candidate meets the goal."""
     from qcompiler.compiler import compile as run_compile
 
-    options = [f"formats={formats}", f"activations={activations}", f"granularity={granularity}", f"strategy={strategy}", f"objective={objective}",
-               f"min-sqnr={min_sqnr:g}", f"samples={samples}", f"workers={workers}", f"executor={executor}", f"probe-samples={probe_samples}"]
+    options = [f"formats={formats}"] if formats else []
+    options += [f"activations={activations}", f"granularity={granularity}", f"strategy={strategy}", f"objective={objective}",
+               f"min-sqnr={min_sqnr:g}", f"samples={samples}", f"layer-samples={layer_samples}", f"workers={workers}", f"executor={executor}", f"probe-samples={probe_samples}"]
     if predictor is not None:
         options.append(f"predictor={predictor}")
     if ray_address:
