@@ -16,6 +16,7 @@ from qcompiler.calibration import CALIBRATION_FACT
 from qcompiler.cost_model import predicted_speedup
 from qcompiler.data import DataSource, InputSpec
 from qcompiler.errors import QCError
+from qcompiler.input_checks import check_float_model
 from qcompiler.ir import SOURCE_KEY, annotate_types, atomic_output_dir, load_model, model_bytes_on_disk, save_model, to_proto
 from qcompiler.pass_manager import Instrument, Pass, PassContext, PassManager, ProgressFactory, null_progress
 from qcompiler.pipeline import format_pipeline, parse_pipeline
@@ -97,6 +98,7 @@ def compile(  # noqa: A001 - the verb users expect: qcompiler.compile(...)
         ir_model, float_name = load_model(model), str(model)
         # Keep the float original for verification before any pass touches the IR.
         float_proto = to_proto(ir_model)
+    check_float_model(ir_model, float_name)
     calib = _as_data(calibration, ir_model, calib_count)
     check = _as_data(verify_data, ir_model, None) if verify_data is not None else calib
     if verify and verify_data is None and calib is not None and calib.num_samples >= 2 * (calib.fixed_batch or 1):

@@ -151,7 +151,10 @@ def load_energy_table(name_or_path: str) -> EnergyTable:
         path = Path(name_or_path)
         if not path.is_file():
             raise QCError("energy table not found", file=str(path), option="energy")
-        text, where = path.read_text(encoding="utf-8"), str(path)
+        try:
+            text, where = path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError:
+            raise QCError("not valid TOML (not UTF-8 text)", file=str(path), option="energy") from None
     else:
         entry = resources.files("qcompiler.targets").joinpath("energy", f"{name_or_path}.toml")
         if not entry.is_file():

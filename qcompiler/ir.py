@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -49,14 +50,10 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     if len(model.graph) == 0 and not model.graph.outputs:
         raise QCError("not a readable ONNX model (empty graph: truncated or not ONNX?)", file=str(path))
     base = path.resolve().parent
-    for init in model.graph.initializers.values():
-        tensor = init.const_value
-        if isinstance(tensor, ir.ExternalTensor):
-            target = (Path(tensor.base_dir) / tensor.location).resolve()
-            if base not in target.parents and target != base:
-                raise QCError(f"external data '{tensor.location}' of '{init.name}' lies outside the model's folder", file=str(path))
-            if not target.exists():
-                raise QCError(f"external data file '{tensor.location}' of '{init.name}' is missing", file=str(path))
+    for graph in model.graphs():
+        for init in graph.initializers.values():
+            if isinstance(init.const_value, ir.ExternalTensor):
+                _check_external(init.name, init.const_value, base, path)
     if initializer_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
         # Read external weights into memory: onnxruntime sessions are built from serialized
         # bytes, which cannot point at files. Larger models keep their weights on disk.
@@ -69,6 +66,24 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         raise QCError(f"not a valid ONNX model ({_first_line(exc)})", file=str(path)) from None
     annotate_types(model)
     return model
+
+
+def _check_external(name: str, tensor: ir.ExternalTensor, base: Path, path: Path) -> None:
+    """Refuse external data outside the model's folder (symlinks resolved), missing, or whose
+    offset and length do not lie inside its file or do not match the tensor's size."""
+    target = (Path(tensor.base_dir) / tensor.location).resolve()
+    if base not in target.parents and target != base:
+        raise QCError(f"external data '{tensor.location}' of '{name}' lies outside the model's folder", file=str(path))
+    if not target.is_file():
+        raise QCError(f"external data file '{tensor.location}' of '{name}' is missing", file=str(path))
+    size = target.stat().st_size
+    offset = tensor.offset or 0
+    expected = math.ceil(math.prod(tensor.shape.numpy()) * tensor.dtype.itemsize)
+    length = tensor.length if tensor.length is not None else size - offset
+    if offset < 0 or length < 0 or offset + length > size:
+        raise QCError(f"external data of '{name}' (offset {offset}, length {length}) lies outside '{tensor.location}' ({size} bytes)", file=str(path))
+    if length != expected:
+        raise QCError(f"external data of '{name}' has length {length} in '{tensor.location}' but its {tensor.dtype.name} shape {list(tensor.shape.numpy())} needs {expected} bytes", file=str(path))
 
 
 def annotate_types(model: ir.Model) -> None:
@@ -93,7 +108,7 @@ def _check_structure(model: ir.Model) -> None:
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
-    return text[0][:200] if text else type(exc).__name__
+    return text[0][:500] if text else type(exc).__name__
 
 
 def opset_version(model: ir.Model) -> int:
@@ -114,6 +129,16 @@ def upgraded_to(model: ir.Model, opset: int, pass_name: str, why: str) -> tuple[
         upgraded = onnx.version_converter.convert_version(to_proto(model), opset)
     except Exception as exc:
         raise QCError(f"model opset {old} is below {opset} ({why}) and could not be converted: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", pass_name=pass_name) from None
+    # The converter keeps the IR version; a new opset may need a newer one (the checker refuses
+    # opset 13 in IR 3, where every initializer also had to be a graph input).
+    needed = onnx.helper.find_min_ir_version_for(list(upgraded.opset_import), ignore_unknown=True)
+    if upgraded.ir_version < needed:
+        if upgraded.ir_version < 4:
+            constants = {t.name for t in upgraded.graph.initializer}
+            kept = [v for v in upgraded.graph.input if v.name not in constants]
+            del upgraded.graph.input[:]
+            upgraded.graph.input.extend(kept)
+        upgraded.ir_version = needed
     return ir.serde.deserialize_model(upgraded), old
 
 
@@ -177,6 +202,7 @@ class atomic_output_dir:
         self.force = force
         self.keep = [Path(p) for p in keep]
         self.tmp: Path | None = None
+        self.created: Path | None = None
 
     def __enter__(self) -> Path:
         dest = self.dest.resolve()
@@ -190,7 +216,13 @@ class atomic_output_dir:
                 raise QCError("output path exists and is not a folder", file=str(self.dest))
             if any(self.dest.iterdir()) and not self.force:
                 raise QCError("output folder is not empty (pass --force to replace it)", file=str(self.dest))
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        # Folders created for the output are removed again if the compile fails.
+        missing = [p for p in (self.dest.parent, *self.dest.parent.parents) if not p.exists()]
+        self.created = missing[-1] if missing else None
+        try:
+            self.dest.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise QCError(f"cannot create the output folder ({exc.strerror}: '{exc.filename}')", file=str(self.dest)) from None
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.tmp-", dir=self.dest.parent))
         # mkdtemp makes the folder private (0700); the output is an ordinary folder: honour umask.
         umask = os.umask(0)
@@ -202,6 +234,8 @@ class atomic_output_dir:
         assert self.tmp is not None
         if exc_type is not None:
             shutil.rmtree(self.tmp, ignore_errors=True)
+            if self.created is not None:
+                shutil.rmtree(self.created, ignore_errors=True)
             return
         if self.dest.exists():
             old = self.dest.with_name(f".{self.dest.name}.old-{os.getpid()}")

@@ -35,8 +35,10 @@ def input_roles(node: ir.Node) -> InputRoles:
     if op == "Conv":
         return InputRoles(activations=(0,), weight=1, weight_axis=0, bias=2 if len(node.inputs) > 2 else None)
     if op == "ConvTranspose":
-        # Weight is [C_in, C_out/group, ...]: output channels on axis 1 (per-channel only when group == 1).
-        return InputRoles(activations=(0,), weight=1, weight_axis=1, bias=2 if len(node.inputs) > 2 else None)
+        # Weight is [C_in, C_out/group, ...]: output channels on axis 1 when group == 1; with groups
+        # they are split across axes 0 and 1, so no single axis holds them (per-tensor scales).
+        axis = 1 if _attr_int(node, "group", 1) == 1 else None
+        return InputRoles(activations=(0,), weight=1, weight_axis=axis, bias=2 if len(node.inputs) > 2 else None)
     if op == "Gemm":
         trans_b = _attr_int(node, "transB", 0)
         return InputRoles(activations=(0,), weight=1, weight_axis=0 if trans_b else 1, bias=2 if len(node.inputs) > 2 else None)

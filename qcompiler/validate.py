@@ -329,7 +329,8 @@ class _Checker:
         quantized_input = any(dq is not None for dq in act_dqs)
         if op in self.target.ops.quantized and quantized_input:
             for value, dq in zip(acts, act_dqs):
-                if dq is None and not self._is_constant(value):
+                # A constant operand stored quantized (Add's bias, BatchNorm's scale) is quantized data too.
+                if dq is None and not self._is_constant(value) and self._weight_dq(value) is None:
                     self.add("qdq-pair", node, f"input '{value.name}' is float while the other inputs are quantized: {op} cannot run quantized")
             if w_dq is None:
                 self._check_float_weight(node, weight, next(v for v, dq in zip(acts, act_dqs) if dq is not None))

@@ -287,6 +287,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise QCError(f"not valid TOML: {exc}", file=str(path)) from None
+    except UnicodeDecodeError:
+        raise QCError("not valid TOML (not UTF-8 text)", file=str(path)) from None
     except OSError as exc:
         raise QCError(f"cannot read target file: {exc.strerror}", file=str(path)) from None
 

@@ -93,6 +93,7 @@ class LayerInputMeans(Analysis[dict[str, InputMeans]]):
         session = make_session(with_extra_outputs(to_proto(model), [n for n in names if n not in graph_inputs]), optimize=False, what="model for bias correction")
         sums: dict[str, np.ndarray] = {}
         counts = np.zeros(GROUPS, dtype=np.int64)
+        skipped: set[str] = set()
         seen = 0
         for batch in ctx.data.batches(self.batch_size):
             fetched = [n for n in names if n not in graph_inputs]
@@ -102,13 +103,18 @@ class LayerInputMeans(Analysis[dict[str, InputMeans]]):
             group = (seen + np.arange(n)) % GROUPS
             for name, array in arrays.items():
                 array = np.asarray(array, dtype=np.float64)
+                if array.ndim == 0 or array.shape[0] != n:
+                    # The first axis is not the samples (a transposed input, a Gemm with transA):
+                    # no per-sample mean exists, and the layer goes uncorrected.
+                    skipped.add(name)
+                    continue
                 total = np.zeros((GROUPS, *array.shape[1:]))
                 np.add.at(total, group, array)
                 sums[name] = sums[name] + total if name in sums else total
             counts += np.bincount(group, minlength=GROUPS)
             seen += n
         used = counts > 0
-        return {name: InputMeans((s[used] / counts[used].reshape(-1, *([1] * (s.ndim - 1)))).astype(np.float32), counts[used]) for name, s in sums.items()}
+        return {name: InputMeans((s[used] / counts[used].reshape(-1, *([1] * (s.ndim - 1)))).astype(np.float32), counts[used]) for name, s in sums.items() if name not in skipped}
 
 
 def output_shift(node: ir.Node, x_mean: np.ndarray, weight_error: np.ndarray, opset: int) -> np.ndarray:
