@@ -96,11 +96,55 @@ def _clip_bounds(node: ir.Node) -> tuple[float, float] | None:
 def plan_quantization(model: ir.Model, target: TargetSpec, observers: dict[str, Observer], weight_bits: dict[str, int] | None = None) -> QuantPlan:
     """Decide which nodes run quantized and which tensors share scales (no rewriting).
 
-    A weight assign-precision gave 32 bits (``FLOAT_WIDTH``) keeps its layer float.
+    A weight assign-precision gave 32 bits (``FLOAT_WIDTH``) keeps its layer float. Where the
+    target has a float fallback, a weightless op (Add, Mul, pooling, data movement) is quantized
+    only inside a quantized region: it does not start one (no quantized input) and does not end
+    one (no quantized reader of its output), since there it would add roundings that no integer
+    kernel reads: an attention mask Add before a float Softmax, a positional Add after a float
+    embedding. Dropping one op can strand its neighbours, so the plan is redrawn until stable.
     """
     weight_bits = weight_bits or {}
     if not target.activations.quantize:
         return _plan_weight_only(model, target, weight_bits)
+    forced: dict[int, str] = {}
+    for _ in range(8):
+        plan = _plan(model, target, observers, weight_bits, forced)
+        stranded = _ends_nothing(model, plan, target.ops) if target.ops.float_fallback else {}
+        if not stranded:
+            break
+        forced.update(stranded)
+    return plan
+
+
+def _ends_nothing(model: ir.Model, plan: QuantPlan, ops) -> dict[int, str]:
+    """Weightless quantized nodes whose outputs only float ops read (walked from the outputs back,
+    so a chain of them goes at once), with the reason they stay float. A graph output is a
+    region's natural end, not a float reader."""
+    quantized = {id(n) for n in plan.quantized_nodes}
+    transparent = set(plan.fused) | set(plan.kept_activations)
+
+    def read_quantized(value: ir.Value, depth: int = 0) -> bool:
+        if value.is_graph_output():
+            return True  # the region ends at the model's output (one dequantization), as designed
+        for consumer in value.consumers():
+            if id(consumer) in quantized:
+                return True
+            # A fused activation's output is where the layer's quantizer sits: look past it.
+            if id(consumer) in transparent and depth < 4 and any(read_quantized(o, depth + 1) for o in consumer.outputs):
+                return True
+        return False
+
+    stranded = {}
+    for node in reversed(list(model.graph)):
+        if id(node) not in quantized or input_roles(node).weight is not None:
+            continue
+        if not any(read_quantized(out) for out in node.outputs):
+            quantized.discard(id(node))
+            stranded[id(node)] = "its output feeds only float ops (a weightless op does not end a quantized region: the roundings would reach no integer kernel)"
+    return stranded
+
+
+def _plan(model: ir.Model, target: TargetSpec, observers: dict[str, Observer], weight_bits: dict[str, int], forced: dict[int, str]) -> QuantPlan:
     plan = QuantPlan()
     ops = target.ops
     graph_outputs = {v.name for v in model.graph.outputs}
@@ -143,6 +187,9 @@ def plan_quantization(model: ir.Model, target: TargetSpec, observers: dict[str, 
         float_outputs = [v for v in node.outputs if is_float_tensor(v)]
         if id(node) in plan.fused or id(node) in plan.kept_activations:
             continue
+        if id(node) in forced:
+            plan.kept_float.append((node, forced[id(node)]))
+            continue
         if id(node) in decomposed and (act := decomposed[id(node)][0]) not in ops.quantized and (why := ops.float_reason(act)):
             plan.kept_float.append((node, f"{act} ({op} of its decomposed form) kept float by target '{target.name}': {why}"))
             continue
@@ -158,6 +205,12 @@ def plan_quantization(model: ir.Model, target: TargetSpec, observers: dict[str, 
         if op in ops.quantized:
             roles = input_roles(node)
             reason = None
+            if ops.float_fallback and roles.weight is None and not any(v.name in plan.values for v in float_inputs):
+                # A weightless op (Add, Mul, pooling) continues a quantized region; it does not start
+                # one: quantizing float inputs only to run, say, a mask Add in integers adds two
+                # roundings for no saving (the layer after quantizes its own input).
+                plan.kept_float.append((node, "none of its inputs is quantized (a weightless op does not start a quantized region)"))
+                continue
             if roles.weight is not None:
                 w = node.inputs[roles.weight] if len(node.inputs) > roles.weight else None
                 if w is None or constant_array(w) is None or not is_float_tensor(w):

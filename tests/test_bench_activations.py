@@ -52,7 +52,10 @@ def test_quick_mode_measures_every_alternative(quick_run) -> None:
     # What onnxruntime ran, read from its optimized graph: Q/DQ around the float HardSwish (which it
     # decomposes), an integer Sigmoid gate in the MobileNet block, the lookup's Gather.
     assert "com.microsoft.QLinearConv" in rows["chain-hardswish", "float-act"]["ran"]
-    assert "Gather" in rows["chain-hardswish", "lut"]["ran"] and "HardSigmoid" not in rows["chain-hardswish", "lut"]["ran"]
+    # Every HardSwish between two quantizers becomes a lookup; the last one, read only by the
+    # pooling before the model's output (a weightless tail, kept float), stays as it was.
+    lut, float_act = rows["chain-hardswish", "lut"]["ran"], rows["chain-hardswish", "float-act"]["ran"]
+    assert "Gather" in lut and lut.get("HardSigmoid", 0) < float_act["HardSigmoid"]
     assert "com.microsoft.QLinearSigmoid" in rows["mbv3-sigmoid", "ort-cpu"]["ran"]
     # ort-cpu keeps the decomposed Gelu float as a unit; "mul-quantized" quantizes its Mul/Add.
     assert "com.microsoft.QLinearMul" not in rows["chain-gelu-erf", "ort-cpu"]["ran"]

@@ -371,3 +371,49 @@ def test_a_bias_that_does_not_fit_int32_stays_float_and_is_reported(monkeypatch:
         node = next(n for n in model.graph if n.name == name)
         bias = node.inputs[2]
         assert bias.producer() is None or bias.producer().op_type != "DequantizeLinear"  # float, not clipped codes
+
+
+def _attention_mask_model() -> ir.Model:
+    """Embedding + position (Add), a projection, scores of two activations plus a -1e4 mask, Softmax."""
+    rng = np.random.default_rng(3)
+    d = 8
+    return make_model(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+            helper.make_node("Add", ["e", "pos"], ["h"], name="add_pos"),
+            helper.make_node("MatMul", ["h", "wq"], ["q"], name="q_proj"),
+            helper.make_node("Transpose", ["h"], ["ht"], name="h_t", perm=[0, 2, 1]),
+            helper.make_node("MatMul", ["q", "ht"], ["scores"], name="scores"),
+            helper.make_node("Add", ["scores", "mask"], ["masked"], name="add_mask"),
+            helper.make_node("Softmax", ["masked"], ["y"], name="softmax", axis=-1),
+        ],
+        [tensor_info("ids", [None, 4], onnx.TensorProto.INT64)],
+        [tensor_info("y", [None, 4, 4])],
+        {
+            "table": rng.normal(0, 1, (20, d)).astype(np.float32),
+            "pos": rng.normal(0, 0.3, (4, d)).astype(np.float32),
+            "wq": rng.normal(0, 0.3, (d, d)).astype(np.float32),
+            "mask": np.triu(np.full((4, 4), -1e4, np.float32), 1),
+        },
+    )
+
+
+def test_a_weightless_op_does_not_start_or_end_a_quantized_region() -> None:
+    # The position Add reads the float embedding: quantizing it (and its constant) would round
+    # twice before q_proj quantizes its own input. The masked scores feed a float Softmax: an
+    # integer Add there would spend its 256 levels on the -1e4 mask.
+    rng = np.random.default_rng(4)
+    data = DataSource({"ids": rng.integers(0, 20, (32, 4)).astype(np.int64)})
+    model, ctx = _compile(_attention_mask_model(), data)
+    kept = {d.node: d.message for d in ctx.diagnostics if d.level == "float"}
+    assert kept["add_pos"].startswith("none of its inputs is quantized")
+    # Walked back from the float Softmax: the mask Add, then the scores MatMul and the Transpose.
+    for name in ("add_mask", "scores", "h_t"):
+        assert kept[name].startswith("its output feeds only float ops"), name
+    assert not any(n.op_type == "QuantizeLinear" and n.inputs[0].name in ("masked", "scores", "ht") for n in model.graph)
+    q_proj = next(n for n in model.graph if n.name == "q_proj")
+    assert q_proj.inputs[0].producer().op_type == "DequantizeLinear"  # the layer quantizes its input
+    add_pos = next(n for n in model.graph if n.name == "add_pos")
+    assert all(v.producer() is None or v.producer().op_type != "DequantizeLinear" for v in add_pos.inputs)
+    feed = {"ids": rng.integers(0, 20, (8, 4)).astype(np.int64)}
+    assert sqnr_db(run(_attention_mask_model(), feed)[0], run(model, feed)[0]) > 30
