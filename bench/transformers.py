@@ -306,7 +306,9 @@ class Row:
 
 
 def _size_mb(path: Path) -> float:
-    return sum(p.stat().st_size for p in path.parent.iterdir() if p.suffix in (".onnx", ".data")) / 1e6
+    from qcompiler.ir import model_bytes_on_disk
+
+    return model_bytes_on_disk(path) / 1e6
 
 
 def measure(net: Net, tool: str, argv: list[str] | None, runs: int) -> Row:
