@@ -97,6 +97,22 @@ def test_with_two_workers_the_predictor_takes_the_same_steps_in_fewer_rounds(eva
     assert side_by_side.choice == alone.choice and set(side_by_side.measured) == set(alone.measured)
     assert side_by_side.full_evaluations <= PREDICTOR_FULL_EVALUATIONS
     assert batches[0] == 2 and len(batches) == len(alone.measured) - 1
+    # A batch no larger than the pool ran here: starting workers costs more than it saves.
+    assert pair._pool is None
+
+
+def test_a_batch_larger_than_the_pool_runs_on_the_workers(evaluator) -> None:
+    from dataclasses import replace
+
+    pair = replace(evaluator, workers=2, _pool=None, _probe_session=None)
+    formats = _by_cost(evaluator)[:3]
+    try:
+        many = pair.measure_many([{layer.weight: f for layer in pair.layers} for f in formats])
+        assert pair._pool is not None and len(many) == 3
+        alone = [evaluator.measure({layer.weight: f for layer in evaluator.layers}) for f in formats]
+        assert [round(m.sqnr_db, 6) for m in many] == [round(m.sqnr_db, 6) for m in alone]
+    finally:
+        pair.close()
 
 
 def test_a_goal_nothing_meets_returns_the_most_accurate_measured(evaluator) -> None:
