@@ -249,14 +249,20 @@ def _plan(model: ir.Model, target: TargetSpec, observers: dict[str, Observer], w
         elif float_inputs or (float_outputs and any(is_activation(v) for v in float_outputs)):
             # A target that measured an op and keeps it float on purpose says why ([ops.kept_float]).
             why = ops.float_reason(op)
-            inner = [n for attr in node.attributes.values() if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for g in (attr.as_graphs() if attr.type == ir.AttributeType.GRAPHS else [attr.as_graph()]) for n in ir.traversal.RecursiveGraphIterator(g) if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
-            if inner:
+            if inner := _inner_layers(node):
                 # Control flow: its subgraphs run as the float model wrote them.
                 why = f"its subgraphs stay float (insert-qdq does not quantize inside control flow; {len(inner)} layer(s) there, e.g. {inner[0].op_type} '{inner[0].name}')"
             plan.kept_float.append((node, f"{op} kept float by target '{target.name}': {why}" if why else f"op type {op} is not quantized by target '{target.name}'"))
     if ops.placement == "inputs":
         _keep_input_quantizers(plan, ops.quantized)
     return plan
+
+
+def _inner_layers(node: ir.Node) -> list[ir.Node]:
+    """The Conv/ConvTranspose/Gemm/MatMul nodes inside ``node``'s subgraphs (If, Loop, Scan)."""
+    graphs = [g for attr in node.attributes.values() if attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+              for g in (attr.as_graphs() if attr.type == ir.AttributeType.GRAPHS else [attr.as_graph()])]
+    return [n for g in graphs for n in ir.traversal.RecursiveGraphIterator(g) if n.op_type in ("Conv", "ConvTranspose", "Gemm", "MatMul")]
 
 
 def _plan_weight_only(model: ir.Model, target: TargetSpec, weight_bits: dict[str, int]) -> QuantPlan:

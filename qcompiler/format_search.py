@@ -157,13 +157,12 @@ class FormatEvaluator:
     def measure_many(self, candidates: list[dict[str, NumberFormat]], as_run: bool = True, samples: int | None = None) -> list[Measurement]:
         """`measure` for each candidate, spread over the worker processes. A candidate whose
         worker dies is tried once more in a fresh pool, then reported failed (SQNR -inf)."""
-        if (self.workers <= 1 and self.executor == "process") or len(candidates) <= 1:
-            return [self.measure(c, as_run, samples) for c in candidates]
-        if self.executor == "process" and self._pool is None and len(candidates) <= self.workers:
-            # A worker process costs about two seconds of imports before its first result, more
-            # than a full evaluation of a CIFAR network; a batch no larger than the pool (the
-            # predictor's guess and its neighbour, halving's finalists) runs here, one candidate
-            # after the other on all cores, unless the pool is already up.
+        # A worker process costs about two seconds of imports before its first result, more than a
+        # full evaluation of a CIFAR network: a batch no larger than the pool (the predictor's guess
+        # and its neighbour, halving's finalists) runs here, one candidate after the other on all
+        # cores, unless the pool is already up.
+        small_batch = self._pool is None and len(candidates) <= self.workers
+        if (self.executor == "process" and (self.workers <= 1 or small_batch)) or len(candidates) <= 1:
             return [self.measure(c, as_run, samples) for c in candidates]
         results: list[Measurement | None] = [None] * len(candidates)
         named = [{k: v.name for k, v in c.items()} for c in candidates]

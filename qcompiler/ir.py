@@ -78,12 +78,13 @@ def _check_external(name: str, tensor: ir.ExternalTensor, base: Path, path: Path
         raise QCError(f"external data file '{tensor.location}' of '{name}' is missing", file=str(path))
     size = target.stat().st_size
     offset = tensor.offset or 0
-    expected = math.ceil(math.prod(tensor.shape.numpy()) * tensor.dtype.itemsize)
+    shape = list(tensor.shape.numpy())
+    expected = math.ceil(math.prod(shape) * tensor.dtype.itemsize)
     length = tensor.length if tensor.length is not None else size - offset
     if offset < 0 or length < 0 or offset + length > size:
         raise QCError(f"external data of '{name}' (offset {offset}, length {length}) lies outside '{tensor.location}' ({size} bytes)", file=str(path))
     if length != expected:
-        raise QCError(f"external data of '{name}' has length {length} in '{tensor.location}' but its {tensor.dtype.name} shape {list(tensor.shape.numpy())} needs {expected} bytes", file=str(path))
+        raise QCError(f"external data of '{name}' has length {length} in '{tensor.location}' but its {tensor.dtype.name} shape {shape} needs {expected} bytes", file=str(path))
 
 
 def annotate_types(model: ir.Model) -> None:

@@ -328,12 +328,12 @@ class _Checker:
         op = node.op_type
         quantized_input = any(dq is not None for dq in act_dqs)
         if op in self.target.ops.quantized and quantized_input:
+            # Where the backend falls back to float, a weightless op reading one quantized and one
+            # float activation runs in float on purpose (insert-qdq keeps an attention product float
+            # when only a float Softmax reads it); a layer with a weight does not.
+            weightless_fallback = self.target.ops.float_fallback and w_dq is None and weight is None
             for value, dq in zip(acts, act_dqs):
-                # A constant operand stored quantized (Add's bias, BatchNorm's scale) is quantized data
-                # too. Where the backend falls back to float, a weightless op reading one quantized
-                # and one float activation runs in float on purpose (insert-qdq keeps an attention
-                # product float when only a float Softmax reads it); a layer with a weight does not.
-                weightless_fallback = self.target.ops.float_fallback and w_dq is None and weight is None
+                # A constant operand stored quantized (Add's bias, BatchNorm's scale) is quantized data too.
                 if dq is None and not self._is_constant(value) and self._weight_dq(value) is None and not weightless_fallback:
                     self.add("qdq-pair", node, f"input '{value.name}' is float while the other inputs are quantized: {op} cannot run quantized")
             if w_dq is None:

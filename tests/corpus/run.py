@@ -190,7 +190,9 @@ def run_case(root: Path, name: str, case: Case) -> Outcome:
     import time
 
     folder = root / name
-    before = tree_digest(folder)
+    # An ok or guard case writes its output folder; an error case may write nothing at all.
+    skip = None if case.expect == "error" else case.output
+    before = tree_digest(folder, skip=skip)
     start = time.perf_counter()
     code, stdout, stderr, escaped = _invoke(case.argv, folder)
     seconds = time.perf_counter() - start
@@ -203,10 +205,9 @@ def run_case(root: Path, name: str, case: Case) -> Outcome:
     if escaped or "Traceback (most recent call last)" in stderr + stdout:
         text = escaped or stderr
         return outcome("traceback", text.strip().splitlines()[-1] if text.strip() else "traceback")
-    after = tree_digest(folder, skip=case.output if case.expect != "error" else None)
-    kept_before = {k: v for k, v in before.items() if not (k == case.output or k.startswith(case.output + "/"))} if case.expect != "error" else before
-    if after != kept_before:
-        changed = sorted(set(after.items()) ^ set(kept_before.items()))
+    after = tree_digest(folder, skip=skip)
+    if after != before:
+        changed = sorted(set(after.items()) ^ set(before.items()))
         return outcome("wrong", f"files changed or written: {sorted({k for k, _ in changed})}")
     lines = [line for line in stderr.splitlines() if line.strip()]
     if case.expect == "error":
