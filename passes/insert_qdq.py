@@ -416,6 +416,39 @@ class InsertQDQ(Pass):
         return plan, {**summary, "left_float": len(slow), "layers": [d.to_dict() for d in decisions]}
 
 
+@dataclass
+class _StoredWeight:
+    """A weight as insert-qdq stored it. The float and dequantized arrays are made again when bias
+    correction asks, not kept: a model's weights would otherwise be held twice over (a model over
+    2 GB reads its float weights from their file)."""
+
+    dq_out: ir.Value
+    source: ir.TensorProtocol | np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray
+    rule: object
+    axis: int | None
+    block: int
+
+    @property
+    def channel_scale(self) -> np.ndarray | None:
+        """The per-channel (or tensor) scale; None for a per-block one, from which no int32 bias
+        can be derived."""
+        return None if self.block else self.scale
+
+    def float_weight(self) -> np.ndarray:
+        return np.asarray(self.source, np.float32)
+
+    def dequantized(self) -> np.ndarray:
+        stored = self.dq_out.producer().inputs[0].const_value
+        codes = stored.numpy()
+        if stored.dtype.is_integer():
+            codes = codes.astype(np.int32)  # int4/uint4 arrays (ml_dtypes) do arithmetic as int32
+        if self.block:
+            return dequantize_weight(codes, self.scale, self.zero_point, self.rule, self.axis)
+        return dequantize(codes, self.scale, self.zero_point, axis=self.axis)
+
+
 class _Rewriter:
     def __init__(self, model: ir.Model, target: TargetSpec, observers: dict[str, Observer], plan: QuantPlan, *, weight_range: str = "auto", weight_bits: dict[str, int] | None = None, input_means: dict[str, InputMeans] | None = None, activation_bits: int | None = None, rounded_weights: dict[str, RoundedWeight] | None = None) -> None:
         self.model = model
@@ -439,9 +472,9 @@ class _Rewriter:
         self.params: dict[str, _Params] = {}  # group root -> params
         self.dq_of: dict[str, ir.Value] = {}  # activation name -> its DequantizeLinear output
         # id(weight value) -> (DQ output, scale, float weight, dequantized weight)
-        self.weight_cache: dict[int, tuple[ir.Value, np.ndarray, np.ndarray, np.ndarray]] = {}
+        self.weight_cache: dict[int, _StoredWeight] = {}
         #: quantized node -> {input index: its float weight or bias before quantization}
-        self.float_inputs: dict[str, dict[int, np.ndarray]] = {}
+        self.float_inputs: dict[str, dict[int, ir.TensorProtocol | None]] = {}
 
     # -- planning the numbers -------------------------------------------------------------------
     def compute_group_params(self) -> list[ir.Node]:
@@ -500,7 +533,8 @@ class _Rewriter:
         for node in self.plan.quantized_nodes:
             if node.op_type in self.target.ops.quantized:
                 roles = input_roles(node)
-                kept = {i: constant_array(node.inputs[i]) for i in (roles.weight, roles.bias) if i is not None and i < len(node.inputs) and node.inputs[i] is not None}
+                # The tensors, not arrays: a weight kept in its file (a model over 2 GB) stays there.
+                kept = {i: node.inputs[i].const_value for i in (roles.weight, roles.bias) if i is not None and i < len(node.inputs) and node.inputs[i] is not None}
                 kept = {i: a for i, a in kept.items() if a is not None}
                 if roles.weight in kept and roles.bias is None and node.op_type in ("Conv", "ConvTranspose", "Gemm"):
                     kept[2] = None  # no bias: bias correction may add one (third input), the float layer has none
@@ -571,9 +605,10 @@ class _Rewriter:
         roles = input_roles(node)
         weight_scale = None
         if roles.weight is not None:
-            weight_scale, w, deq = self._quantize_weight(node, roles.weight, roles.weight_axis, self._bias_scale_floor(node, roles))
+            stored = self._quantize_weight(node, roles.weight, roles.weight_axis, self._bias_scale_floor(node, roles))
+            weight_scale = stored.channel_scale
             if node.name in self.input_means:
-                self._correct_bias(node, w, deq)
+                self._correct_bias(node, stored.float_weight(), stored.dequantized())
                 roles = input_roles(node)  # the node may have gained a bias input
         for i in roles.activations if self.target.activations.quantize else ():
             if i < len(node.inputs) and node.inputs[i] is not None and is_float_tensor(node.inputs[i]) and node.inputs[i].const_value is not None:
@@ -612,16 +647,17 @@ class _Rewriter:
             return None
         return int32_bias_scale_floor(bias.reshape(-1), float(np.asarray(x_scale).reshape(-1)[0]))
 
-    def _quantize_weight(self, node: ir.Node, index: int, axis: int | None, scale_floor: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Replace weight input ``index`` by int weights behind a DequantizeLinear; return its scale,
-        the float weight and the dequantized weight. ``scale_floor``: per-channel minimum scales
-        (so that the int32 bias derived from them holds the bias)."""
+    def _quantize_weight(self, node: ir.Node, index: int, axis: int | None, scale_floor: np.ndarray | None = None) -> _StoredWeight:
+        """Replace weight input ``index`` by int weights behind a DequantizeLinear; return what was
+        stored. ``scale_floor``: per-channel minimum scales (so that the int32 bias derived from
+        them holds the bias)."""
         w_value = node.inputs[index]
         cached = self.weight_cache.get(id(w_value))
         if cached is not None:  # a weight shared by several nodes is quantized once
-            node.replace_input_with(index, cached[0])
-            return cached[1:]
-        w = constant_array(w_value).astype(np.float32)
+            node.replace_input_with(index, cached.dq_out)
+            return cached
+        source = w_value.const_value
+        w = np.asarray(constant_array(w_value), np.float32)
         layout = weight_layout(node, w, self.target, axis)
         rule, ax, block = layout.rule, layout.axis, layout.block
         # A width chosen by assign-precision, stored in the weight dtype with its values limited
@@ -636,7 +672,7 @@ class _Rewriter:
         if rounded is not None and rounded.matches(w, ax, bits):
             # A training pass (adaround) chose each code on this very grid: store its codes.
             q, scale, zp = rounded.codes, rounded.grid.scale, rounded.grid.zero_point
-            w = rounded.float_weight  # the error bias correction measures is against the float weight
+            w = source = rounded.float_weight  # the error bias correction measures is against the float weight
         else:
             q, scale, zp = quantize_weight(w, rule, bits, ax, self.weight_range)
         if scale_floor is not None and not block and not rule.is_float8 and (np.ndim(scale) == 0 or np.size(scale) == scale_floor.size):
@@ -660,12 +696,12 @@ class _Rewriter:
         for use in list(w_value.uses()):
             if use.node in self.plan.quantized_nodes and input_roles(use.node).weight == use.idx:
                 use.node.replace_input_with(use.idx, dq_out)
-        # A per-block scale is not one per output channel: no int32 bias can be derived from it.
-        self.weight_cache[id(w_value)] = (dq_out, None if block else scale, w, dequantize_weight(q, scale, zp, rule, ax if block else None) if block else dequantize(q, scale, zp, axis=ax))
+        stored = _StoredWeight(dq_out, source, scale, zp, rule, ax, block)
+        self.weight_cache[id(w_value)] = stored
         # The other quantized readers of a shared weight now read dq_out: found by it as well.
-        self.weight_cache[id(dq_out)] = self.weight_cache[id(w_value)]
+        self.weight_cache[id(dq_out)] = stored
         self._drop_if_unused(w_value)
-        return self.weight_cache[id(w_value)][1:]
+        return stored
 
     @staticmethod
     def _saturates(rounded: RoundedWeight, rule) -> bool:

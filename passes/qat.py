@@ -29,7 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.errors import QCError
-from qcompiler.ir import SOURCE_KEY, constant_array
+from qcompiler.ir import SOURCE_KEY, constant_array, from_proto
 from qcompiler.op_roles import input_roles
 from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.precision import FLOAT_LAYER_INPUTS_FACT, FLOAT_MODEL_FACT, WEIGHT_BITS_FACT
@@ -127,7 +127,7 @@ class Qat(Pass):
         graph = TorchGraph(model, trainable=trainable)
         float_graph = None
         if FLOAT_MODEL_FACT in ctx.facts:
-            float_graph = TorchGraph(ir.serde.deserialize_model(ctx.facts[FLOAT_MODEL_FACT]))
+            float_graph = TorchGraph(from_proto(ctx.facts[FLOAT_MODEL_FACT]))
         for w in weights:
             # Start exactly at the compiled model (its codes, as adaround or rounding chose them),
             # not at the float weight: training can then only move away from it by improving.

@@ -20,7 +20,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from qcompiler.data import DataSource
-from qcompiler.ir import NameAuthority, add_initializer, to_proto
+from qcompiler.ir import NameAuthority, add_initializer, copy_model, to_proto
 from qcompiler.pass_manager import ProgressFactory, null_progress
 from qcompiler.runtime import make_session, run_checked
 
@@ -109,8 +109,9 @@ class _Judge:
         self.data = data
         self.optimize = optimize
         self.output_names = [o.name for o in float_proto.graph.output]
-        session = make_session(float_proto, optimize=optimize, what="float model")
+        session = make_session(float_proto, optimize=optimize, what="float model", prepack=False)
         self.reference = self._run(session)
+        del session  # closed before any candidate opens (a model over 2 GB: its weights mapped)
         self.labels = data.labels if data.labels is not None and self._classifier(self.reference[0]) else None
         self.float_correct = None if self.labels is None else float(np.mean(self.reference[0].argmax(-1) == self.labels[: len(self.reference[0])]))
 
@@ -142,7 +143,7 @@ def _sqnr(reference: np.ndarray, got: np.ndarray) -> float:
     return -math.inf if signal == 0.0 else 10.0 * math.log10(signal / noise)
 
 
-def layer_in_float(model: ir.Model, node_name: str, float_inputs: dict[int, np.ndarray | None]) -> bool:
+def layer_in_float(model: ir.Model, node_name: str, float_inputs: dict[int, ir.TensorProtocol | np.ndarray | None]) -> bool:
     """Put one quantized layer of ``model`` back in float, in place: its float weight and bias as
     initializers, and its activation inputs read unrounded where a QuantizeLinear ->
     DequantizeLinear pair stood (other readers keep the quantizer). Its output quantizer stays:
@@ -160,7 +161,7 @@ def layer_in_float(model: ir.Model, node_name: str, float_inputs: dict[int, np.n
             if index == len(node.inputs) - 1:
                 node.resize_inputs(index)
             continue
-        node.replace_input_with(index, add_initializer(graph, names, f"{node_name}_float_input{index}", np.asarray(array)))
+        node.replace_input_with(index, add_initializer(graph, names, f"{node_name}_float_input{index}", array if isinstance(array, ir.TensorProtocol) else np.asarray(array)))
     for index, value in enumerate(node.inputs):
         dq = value.producer() if value is not None else None
         q = dq.inputs[0].producer() if dq is not None and dq.op_type == "DequantizeLinear" else None
@@ -202,13 +203,13 @@ def _saturation_bounds(q: ir.Node) -> tuple[float, float] | None:
 
 
 def _copy(model: ir.Model) -> ir.Model:
-    return ir.serde.deserialize_model(to_proto(model))
+    return copy_model(model)
 
 
 def guard(
     float_proto: onnx.ModelProto,
     model: ir.Model,
-    float_layers: dict[str, dict[int, np.ndarray]],
+    float_layers: dict[str, dict[int, ir.TensorProtocol | np.ndarray | None]],
     data: DataSource,
     goal: Goal,
     *,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -16,8 +17,9 @@ from qcompiler.calibration import CALIBRATION_FACT
 from qcompiler.cost_model import predicted_speedup
 from qcompiler.data import DataSource, InputSpec
 from qcompiler.errors import QCError
+from qcompiler.external_weights import check_model, external_dir, folder_of, keep_in_files
 from qcompiler.input_checks import check_float_model
-from qcompiler.ir import SOURCE_KEY, annotate_types, atomic_output_dir, load_model, model_bytes_on_disk, save_model, to_proto
+from qcompiler.ir import SOURCE_KEY, annotate_types, atomic_output_dir, from_proto, load_model, load_saved, model_bytes_on_disk, save_model, to_proto
 from qcompiler.pass_manager import Instrument, Pass, PassContext, PassManager, ProgressFactory, null_progress
 from qcompiler.pipeline import format_pipeline, parse_pipeline
 from qcompiler.precision import FLOAT_LAYER_INPUTS_FACT, FLOAT_MODEL_FACT, WEIGHT_BITS_FACT
@@ -92,7 +94,7 @@ def compile(  # noqa: A001 - the verb users expect: qcompiler.compile(...)
     if isinstance(model, ir.Model):
         # Passes rewrite in place: work on a copy so the caller's model stays as it was.
         float_proto = to_proto(model)
-        ir_model, float_name = ir.serde.deserialize_model(float_proto), model.graph.name or "<in-memory model>"
+        ir_model, float_name = from_proto(float_proto), model.graph.name or "<in-memory model>"
         annotate_types(ir_model)
     else:
         ir_model, float_name = load_model(model), str(model)
@@ -111,18 +113,24 @@ def compile(  # noqa: A001 - the verb users expect: qcompiler.compile(...)
     ctx = PassContext(target=spec, data=calib, seed=seed, progress=progress, instruments=list(instruments or []))
     ctx.facts[FLOAT_MODEL_FACT] = float_proto
 
+    # The pipeline's model is handed to run() through this list so that no frame but run's holds
+    # it: a model over 2 GB is then dropped for the copy written to disk before verification.
+    pending = [ir_model]
+    del ir_model
+
     def run(folder: Path | None) -> CompileResult:
-        result = manager.run(ir_model, ctx)
-        compiled = result.model
+        compiled = manager.run(pending.pop(), ctx).model
         guard_report = None
         if goal is not None and verify and check is not None:
             fall_back = guard_fallback if guard_fallback is not None else WEIGHT_BITS_FACT not in ctx.facts
             compiled, guard_report = guard(float_proto, compiled, ctx.facts.get(FLOAT_LAYER_INPUTS_FACT, {}), check, goal, optimize=spec.verify_optimization == "all", progress=progress, fall_back=fall_back)
         quant_proto = to_proto(compiled)
         try:
-            onnx.checker.check_model(quant_proto, full_check=True)
+            check_model(quant_proto)
         except Exception as exc:
             raise QCError(f"compiled model fails the ONNX checker: {str(exc).splitlines()[0]}") from None
+        if folder is not None:
+            quant_proto = None  # verified from the file written below
         report = _report(float_name, manager, spec, ctx)
         report.guard = asdict(guard_report) if guard_report is not None else None
         if spec.machine is not None:
@@ -131,7 +139,17 @@ def compile(  # noqa: A001 - the verb users expect: qcompiler.compile(...)
         model_path = None
         if folder is not None:
             model_path = folder / "model.onnx"
-            save_model(compiled, model_path)
+            if folder_of(float_proto) is not None:
+                # A model whose weights stay in files (over 2 GB): written with external data, and
+                # from here on held as written (weights read from the output's file), not with
+                # its new integer weights in memory, so verification has the memory.
+                save_model(compiled, model_path, external=True)
+                compiled = load_saved(model_path)
+                # The IR's nodes and values refer to each other: the rewritten model goes only
+                # when the cycle collector runs, and verification needs that memory now.
+                gc.collect()
+            else:
+                save_model(compiled, model_path)
             report.quantized_model = str(Path(output_dir) / "model.onnx")
             written = emit_artifacts(compiled, spec, folder, ctx.facts.get(WEIGHT_BITS_FACT))
             report.artifacts = [str(Path(output_dir) / p.name) for p in written]
@@ -153,7 +171,10 @@ def compile(  # noqa: A001 - the verb users expect: qcompiler.compile(...)
         return run(None)
     inputs = tuple(str(p) for p in (model, calibration, verify_data, spec.path) if isinstance(p, (str, os.PathLike)) and p)
     with atomic_output_dir(output_dir, force=force, keep=inputs) as tmp:
-        return run(tmp)
+        result = run(tmp)
+    if external_dir(result.model) is not None:
+        keep_in_files(result.model, output_dir)  # the temporary folder is now output_dir
+    return result
 
 
 def _attach_layer_sqnr(report: Report, compiled: ir.Model) -> None:

@@ -36,7 +36,7 @@ from qcompiler.energy_model import EnergyTable
 from qcompiler.errors import QCError
 from qcompiler.format_lowering import FLOAT8_STORAGE, lower_constant
 from qcompiler.format_metadata import FORMAT_KEY
-from qcompiler.ir import to_proto
+from qcompiler.ir import copy_model, to_proto
 from qcompiler.op_roles import input_roles
 from qcompiler.quant.formats import IntFormat, NumberFormat, parse_format
 from qcompiler.quant.uniform import affine_params, sqnr_db
@@ -265,7 +265,7 @@ class FormatEvaluator:
     def build(self, formats: dict[str, NumberFormat]) -> ir.Model:
         """``model`` with each weight in ``formats`` (by weight name; absent: float) lowered, and
         every layer input fake-quantized in the activation format."""
-        model = ir.serde.deserialize_model(to_proto(self.model))
+        model = copy_model(self.model)
         graph = model.graph
         nodes = {n.name: n for n in graph}
         first = graph[0]

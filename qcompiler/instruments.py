@@ -7,11 +7,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 from rich.console import Console
 
 from qcompiler.errors import QCError
+from qcompiler.external_weights import check_model
 from qcompiler.ir import save_model, to_proto
 from qcompiler.pass_manager import Instrument, Pass, PassContext, PassResult
 from qcompiler.runtime import make_session
@@ -70,7 +70,7 @@ class VerifyEach(Instrument):
     def _run(self, model: ir.Model, ctx: PassContext, pass_name: str) -> list[np.ndarray] | None:
         proto = to_proto(model)
         try:
-            onnx.checker.check_model(proto, full_check=True)
+            check_model(proto)
         except Exception as exc:
             raise QCError(f"model fails the ONNX checker after this pass: {str(exc).splitlines()[0]}", pass_name=pass_name) from None
         if ctx.data is None:

@@ -14,6 +14,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.errors import QCError
+from qcompiler.external_weights import adopt, external_dir, keep_in_files, mark
 
 #: Metadata key on every node or value a pass created: the name of that pass.
 PROVENANCE_KEY = "qc.pass"
@@ -55,9 +56,12 @@ def load_model(path: str | os.PathLike) -> ir.Model:
             if isinstance(init.const_value, ir.ExternalTensor):
                 _check_external(init.name, init.const_value, base, path)
     if initializer_bytes(model) <= EXTERNAL_DATA_THRESHOLD:
-        # Read external weights into memory: onnxruntime sessions are built from serialized
-        # bytes, which cannot point at files. Larger models keep their weights on disk.
+        # Small enough to hold: read external weights into memory once.
         ir.external_data.load_to_model(model)
+    else:
+        # Larger models keep their weights in their files, read a tensor at a time
+        # (qcompiler.external_weights); onnxruntime maps them from there.
+        keep_in_files(model)
     try:
         _check_structure(model)
     except QCError:
@@ -140,7 +144,7 @@ def upgraded_to(model: ir.Model, opset: int, pass_name: str, why: str) -> tuple[
             del upgraded.graph.input[:]
             upgraded.graph.input.extend(kept)
         upgraded.ir_version = needed
-    return ir.serde.deserialize_model(upgraded), old
+    return from_proto(upgraded), old
 
 
 def initializer_bytes(model: ir.Model) -> int:
@@ -149,21 +153,45 @@ def initializer_bytes(model: ir.Model) -> int:
 
 
 def to_proto(model: ir.Model) -> onnx.ModelProto:
-    """Serialize the IR into a protobuf (in memory; for onnxruntime and the checker)."""
-    return ir.serde.serialize_model(model)
+    """Serialize the IR into a protobuf (in memory; for onnxruntime and the checker). Weights
+    kept in their files stay there: the protobuf records their folder (`make_session` and
+    `from_proto` find them through it)."""
+    return mark(ir.serde.serialize_model(model), external_dir(model))
 
 
-def save_model(model: ir.Model, path: str | os.PathLike) -> None:
-    """Save ``model`` to ``path``; large models get their weights in ``<name>.data`` beside it.
+def from_proto(proto: onnx.ModelProto) -> ir.Model:
+    """The IR of a protobuf `to_proto` made (weights kept in files are read from there again)."""
+    return adopt(ir.serde.deserialize_model(proto))
+
+
+def copy_model(model: ir.Model) -> ir.Model:
+    """A copy of ``model`` whose graph can be rewritten independently. Tensors are shared, not
+    copied (passes replace a weight by a new tensor, never write into one): a trial copy of a
+    large model costs its nodes, not its weights again."""
+    return model.clone()
+
+
+def save_model(model: ir.Model, path: str | os.PathLike, *, external: bool = False) -> None:
+    """Save ``model`` to ``path``; large models (or ``external``) get their weights in
+    ``<name>.data`` beside it.
 
     The caller is expected to write into a temporary folder and rename it (see `atomic_output_dir`),
     so a crash never leaves a half-written model where the user looks for it.
     """
     path = Path(path)
-    if initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD:
+    if external or initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD or external_dir(model) is not None:
+        # Weights still in the input's files are copied into the output's own data file
+        # (file to file), so the output never points back at the input's folder.
         ir.save(model, path, external_data=path.name + ".data")
     else:
         ir.save(model, path)
+
+
+def load_saved(path: str | os.PathLike) -> ir.Model:
+    """A model `save_model` just wrote, its weights read from its own files (no checks: ours)."""
+    model = ir.load(path)
+    keep_in_files(model, Path(path).parent)
+    return model
 
 
 def model_bytes_on_disk(path: str | os.PathLike) -> int:

@@ -28,6 +28,7 @@ version, thread count, op, shapes, attributes, dtypes, the method), under ``$XDG
 from __future__ import annotations
 
 import dataclasses
+import gc
 import hashlib
 import json
 import os
@@ -46,6 +47,7 @@ from onnx import helper, numpy_helper
 
 from qcompiler.cpu import CpuInfo, detect_cpu
 from qcompiler.latency_table import COPIES, Layer, _compiled_at, layer_of
+from qcompiler.op_roles import input_roles
 from qcompiler.pass_manager import ProgressFactory, null_progress
 from qcompiler.runtime import session_options
 from qcompiler.targets.spec import IR_TYPES, SpeedRules, TargetSpec
@@ -338,6 +340,18 @@ def skip_reason(target: TargetSpec, cpu: CpuInfo | None = None) -> str | None:
     return None
 
 
+#: Layers with a larger float weight are not timed (a model over 2 GB has weights of hundreds of
+#: MB; timing builds several models around the weight).
+MAX_TIMED_WEIGHT_BYTES = 64 * 2**20
+
+
+def weight_bytes(node: ir.Node) -> int:
+    """Bytes of ``node``'s constant weight as stored (0 without one); reads no data."""
+    index = input_roles(node).weight
+    value = node.inputs[index] if index is not None and index < len(node.inputs) else None
+    return value.const_value.nbytes if value is not None and value.const_value is not None else 0
+
+
 def check_layers(nodes: Iterable[tuple[ir.Node, int, str]], target: TargetSpec, *, measure: Measure | None = None, directory: Path | None = None, progress: ProgressFactory = null_progress) -> tuple[list[SpeedDecision], dict[str, Any]]:
     """Decide each (node, weight width, weight dtype): quantized or float. Also returns the
     summary for the report (CPU, onnxruntime, seconds spent measuring, cache hits)."""
@@ -348,11 +362,19 @@ def check_layers(nodes: Iterable[tuple[ir.Node, int, str]], target: TargetSpec, 
     with progress("timing layers", len(nodes)) as bar:
         for node, width, dtype in nodes:
             bar.advance()
+            weight = weight_bytes(node)
+            if weight > MAX_TIMED_WEIGHT_BYTES:
+                decisions.append(SpeedDecision(node.name, node.op_type, False, f"quantized: not timed (a {weight / 2**20:.0f} MiB weight: its timing models would hold it several times over; at this size the integer kernel moves a quarter of the float weight's bytes)"))
+                continue
             layer = layer_of(node)
             if layer is None:
                 decisions.append(SpeedDecision(node.name, node.op_type, False, "quantized: not timed (no constant weight, or shapes not static)"))
                 continue
             timing = timed_layer(layer, target, width, dtype, measure=measure, directory=directory)
+            if not timing.cached:
+                # The layer's timing models hold its weights inside IR reference cycles: free
+                # them before the next layer (a model over 2 GB has layers of hundreds of MB).
+                gc.collect()
             hits += timing.cached
             measured += not timing.cached
             keep, note = decide(timing, target.speed, label, dtype)

@@ -74,7 +74,7 @@ import onnx
 import onnx_ir as ir
 
 from qcompiler.errors import QCError
-from qcompiler.ir import SOURCE_KEY, NameAuthority, add_initializer, constant_array, to_proto, write_file_atomically
+from qcompiler.ir import SOURCE_KEY, NameAuthority, add_initializer, constant_array, copy_model, to_proto, write_file_atomically
 from qcompiler.op_roles import input_roles
 from qcompiler.quant.weights import BIPOLAR_BITS
 from qcompiler.targets.spec import INTEGER_BITS, TargetSpec
@@ -350,7 +350,7 @@ def qonnx_model(model: ir.Model, target: TargetSpec, weight_bits: Mapping[str, i
     """``model`` (a QDQ model compiled for ``target``) with every quantizer written as a QONNX Quant
     node (BipolarQuant for a 1-bit weight, FloatQuant for a float8 type); ``weight_bits`` are the
     widths assign-precision chose, by weight name. ``model`` is not changed."""
-    work = ir.serde.deserialize_model(to_proto(model))
+    work = copy_model(model)
     exporter = _Exporter(work, target, weight_bits or {})
     for node in list(work.graph):
         if _is_standard(node, "QuantizeLinear"):

@@ -10,6 +10,7 @@ import onnx
 import onnxruntime as ort
 
 from qcompiler.errors import QCError
+from qcompiler.external_weights import folder_of
 
 
 def session_options(*, optimize: bool = True, threads: int = 0, spinning: bool = False) -> ort.SessionOptions:
@@ -29,12 +30,22 @@ def session_options(*, optimize: bool = True, threads: int = 0, spinning: bool =
     return options
 
 
-def make_session(model: onnx.ModelProto | str, *, optimize: bool = True, what: str = "model", threads: int = 0) -> ort.InferenceSession:
+def make_session(model: onnx.ModelProto | str, *, optimize: bool = True, what: str = "model", threads: int = 0, prepack: bool = True) -> ort.InferenceSession:
     """An onnxruntime CPU session (``threads`` intra-op threads, 0: onnxruntime's default); a
-    model onnxruntime refuses becomes a one-line `QCError`."""
+    model onnxruntime refuses becomes a one-line `QCError`. ``prepack`` False: for a float model
+    whose weights stay in files, onnxruntime does not copy them into its kernels' layout."""
     source = model if isinstance(model, str) else model.SerializeToString()
+    options = session_options(optimize=optimize, threads=threads)
+    folder = None if isinstance(model, str) else folder_of(model)
+    if folder is not None:
+        # Weights kept in their files (a model over 2 GB): onnxruntime maps them from there.
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", folder)
+        if not prepack:
+            # Prepacking copies every float MatMul weight into the kernel's layout: the mapped
+            # file plus a second copy of the model. The float reference needs no kernel layout.
+            options.add_session_config_entry("session.disable_prepacking", "1")
     try:
-        return ort.InferenceSession(source, sess_options=session_options(optimize=optimize, threads=threads), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(source, sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise QCError(f"onnxruntime cannot load the {what}: {first[:300]}", file=model if isinstance(model, str) else None) from None

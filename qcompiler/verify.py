@@ -7,8 +7,10 @@ tools' models, by the name of the tensor a QuantizeLinear/DequantizeLinear pair 
 
 from __future__ import annotations
 
+import itertools
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ import onnxruntime as ort
 
 from qcompiler.data import DataSource, InputSpec
 from qcompiler.errors import QCError
+from qcompiler.external_weights import folder_of, mark
 from qcompiler.ir import SOURCE_KEY, model_bytes_on_disk
 from qcompiler.pass_manager import ProgressFactory, null_progress
 from qcompiler.quant.uniform import dequantize
@@ -67,9 +70,12 @@ def load_proto(model: str | os.PathLike | onnx.ModelProto, what: str) -> onnx.Mo
     if not path.is_file():
         raise QCError("no such file", file=str(path))
     try:
-        proto = onnx.load(str(path))
+        # External weights stay in their files: onnxruntime maps them from the model's folder.
+        proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
         raise QCError(f"not a readable ONNX model ({type(exc).__name__})", file=str(path)) from None
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer):
+        mark(proto, str(path.resolve().parent))
     if not proto.graph.output:
         raise QCError(f"not a readable ONNX model (the {what} has no outputs)", file=str(path))
     return proto
@@ -108,9 +114,11 @@ def match_intermediates(float_model: onnx.ModelProto, quant_model: onnx.ModelPro
     return matches
 
 
-BLOCK_WARMUP = 2
+BLOCK_WARMUP = 2  # untimed runs at the start of each block: the first run after a switch is cold
 # Per-layer comparison holds every intermediate tensor of both models for one batch: keep it small.
-LAYER_BATCH = 8  # untimed runs at the start of each block: the first run after a switch is cold
+LAYER_BATCH = 8
+#: Per-layer samples for a model run one session at a time (its float tensors are all kept).
+ONE_AT_A_TIME_LAYER_SAMPLES = 32
 
 
 def interleaved_latency(sessions: list[ort.InferenceSession], feed: dict[str, np.ndarray], *, cycles: int, block: int, feeds: list[dict[str, np.ndarray]] | None = None) -> tuple[list[float], list[float]]:
@@ -143,12 +151,18 @@ def interleaved_latency(sessions: list[ort.InferenceSession], feed: dict[str, np
     return ms, speedups
 
 
-def measure_latency(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto, feed: dict[str, np.ndarray], *, runs: int = 50, block: int = 10, optimize: bool = True) -> LatencyMetrics:
-    """Latency of both models with the same session options, timed by `interleaved_latency`."""
-    sessions = [make_session(p, optimize=optimize, what=w) for p, w in ((float_proto, "float model"), (quant_proto, "quantized model"))]
+def measure_latency(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto, feed: dict[str, np.ndarray], *, runs: int = 50, block: int = 10, optimize: bool = True, one_at_a_time: bool = False) -> LatencyMetrics:
+    """Latency of both models with the same session options, timed by `interleaved_latency`;
+    ``one_at_a_time``: each model timed alone with only its session open (a model whose weights
+    stay in files: two sessions would hold both models' weights at once)."""
     block = max(1, min(block, runs))
     cycles = max(1, runs // block)
-    (f_ms, q_ms), _ = interleaved_latency(sessions, feed, cycles=cycles, block=block)
+    if one_at_a_time:
+        f_ms, q_ms = (interleaved_latency([make_session(p, optimize=optimize, what=w)], feed, cycles=cycles, block=block)[0][0]
+                      for p, w in ((float_proto, "float model"), (quant_proto, "quantized model")))
+    else:
+        sessions = [make_session(p, optimize=optimize, what=w) for p, w in ((float_proto, "float model"), (quant_proto, "quantized model"))]
+        (f_ms, q_ms), _ = interleaved_latency(sessions, feed, cycles=cycles, block=block)
     batch = next(iter(feed.values())).shape[0]
     # The report shows both medians, so its speedup is their ratio (the bench, which compares
     # several tools, uses the drift-cancelling per-cycle ratios instead).
@@ -196,24 +210,28 @@ def verify(
 
     data = data.for_inputs(InputSpec.of_proto(float_proto))
     matches = match_intermediates(float_proto, quant_proto) if per_layer else {}
-    float_session = make_session(float_proto, optimize=optimize, what="float model")
-    quant_session = make_session(quant_proto, optimize=optimize, what="quantized model")
+    # A model whose weights stay in files (over 2 GB) runs one session at a time: the float
+    # outputs are kept and the float session closed before the quantized model opens.
+    one_at_a_time = folder_of(float_proto) is not None
+    float_out = _outputs(float_proto, output_names, data, batch_size, "float model", optimize)
+    quant_out = _outputs(quant_proto, output_names, data, batch_size, "quantized model", optimize)
     # As run (integer kernels) and as the graph says (Q/DQ in float): a gap between the two
     # means the kernels do not compute what was verified in simulation (saturation, fusion bugs).
-    simulated_session = make_session(quant_proto, optimize=False, what="quantized model") if optimize else None
+    simulated_out = _outputs(quant_proto, output_names, data, batch_size, "quantized model", False) if optimize else None
     accs = {n: _Accumulator() for n in output_names}
     simulated = {n: _Accumulator() for n in output_names}
     correct_f = correct_q = labelled = 0
     total_batches = len(range(0, data.usable_samples, data.fixed_batch or batch_size))
+    if one_at_a_time:
+        float_out = list(float_out)
     with progress("verifying", total_batches + (1 if matches else 0)) as bar:
         start = 0
-        for batch in data.batches(batch_size):
-            f_out = dict(zip(output_names, run_checked(float_session, output_names, batch, what="float model", data=data.origin)))
-            q_out = dict(zip(output_names, run_checked(quant_session, output_names, batch, what="quantized model", data=data.origin)))
+        for f_list, q_list, s_list in zip(float_out, quant_out, simulated_out if simulated_out is not None and not one_at_a_time else itertools.repeat(None)):
+            f_out, q_out = dict(zip(output_names, f_list)), dict(zip(output_names, q_list))
             for name in output_names:
                 accs[name].update(f_out[name], q_out[name], _is_classifier_output(f_out[name].shape))
-            if simulated_session is not None:
-                for name, got in zip(output_names, run_checked(simulated_session, output_names, batch, what="quantized model", data=data.origin)):
+            if s_list is not None:
+                for name, got in zip(output_names, s_list):
                     simulated[name].update(f_out[name], got, False)
             if data.labels is not None and _is_classifier_output(f_out[output_names[0]].shape):
                 labels = data.labels[start : start + len(f_out[output_names[0]])]
@@ -222,15 +240,22 @@ def verify(
                 labelled += len(labels)
             start += len(f_out[output_names[0]])
             bar.advance()
-        layers = _per_layer(float_proto, quant_proto, matches, data.head(layer_samples), LAYER_BATCH, as_run=optimize) if matches else []
+        _close(quant_out)  # zip stops at the shorter list: the session would stay open
+        if one_at_a_time and simulated_out is not None:
+            for f_list, s_list in zip(float_out, simulated_out):
+                for name, ref, got in zip(output_names, f_list, s_list):
+                    simulated[name].update(ref, got, False)
+        _close(simulated_out)
+        samples = min(layer_samples, ONE_AT_A_TIME_LAYER_SAMPLES) if one_at_a_time else layer_samples
+        layers = _per_layer(float_proto, quant_proto, matches, data.head(samples), LAYER_BATCH, as_run=optimize, one_at_a_time=one_at_a_time) if matches else []
         if matches:
             bar.advance()
     outputs = [
-        OutputMetrics(name=n, sqnr_db=a.sqnr_db, max_abs_error=a.max_abs, top1_agreement=(a.agree / a.count if a.count else None), nonfinite=a.nonfinite, sqnr_db_simulated=simulated[n].sqnr_db if simulated_session is not None else None)
+        OutputMetrics(name=n, sqnr_db=a.sqnr_db, max_abs_error=a.max_abs, top1_agreement=(a.agree / a.count if a.count else None), nonfinite=a.nonfinite, sqnr_db_simulated=simulated[n].sqnr_db if simulated_out is not None else None)
         for n, a in accs.items()
     ]
     feed = data.first_batch(1)
-    latency = measure_latency(float_proto, quant_proto, feed, runs=latency_runs, optimize=optimize) if latency_runs > 0 else None
+    latency = measure_latency(float_proto, quant_proto, feed, runs=latency_runs, optimize=optimize, one_at_a_time=one_at_a_time) if latency_runs > 0 else None
     size = SizeMetrics(
         float_bytes=float_proto.ByteSize() if isinstance(float_model, onnx.ModelProto) else model_bytes_on_disk(float_model),
         quantized_bytes=quant_proto.ByteSize() if isinstance(quant_model, onnx.ModelProto) else model_bytes_on_disk(quant_model),
@@ -270,10 +295,26 @@ def kernel_gap_warnings(verification: VerificationReport, threshold_db: float = 
     return warnings
 
 
+def _outputs(proto: onnx.ModelProto, names: list[str], data: DataSource, batch_size: int, what: str, optimize: bool) -> Iterator[list[np.ndarray]]:
+    """``names`` of ``proto`` on each batch of ``data``; its session opens at the first batch and
+    closes after the last."""
+    session = make_session(proto, optimize=optimize, what=what, prepack=what != "float model")
+    for batch in data.batches(batch_size):
+        yield run_checked(session, names, batch, what=what, data=data.origin)
+
+
+def _close(outputs: Iterator | list | None) -> None:
+    """Close an `_outputs` generator (and its session) that a zip left suspended."""
+    if outputs is not None and hasattr(outputs, "close"):
+        outputs.close()
+
+
 def _integer_sources(quant_proto: onnx.ModelProto, dq_outputs: list[str]) -> dict[str, tuple[str, np.ndarray, np.ndarray]]:
     """DequantizeLinear output -> (its QuantizeLinear's integer output, scale, zero point), for
     per-tensor activation quantizers: the integer tensor is what the fused kernels produce."""
-    consts = {t.name: onnx.numpy_helper.to_array(t) for t in quant_proto.graph.initializer}
+    folder = folder_of(quant_proto) or ""
+    wanted_consts = {name for node in quant_proto.graph.node if node.op_type == "DequantizeLinear" for name in node.input[1:3]}
+    consts = {t.name: onnx.numpy_helper.to_array(t, base_dir=folder) for t in quant_proto.graph.initializer if t.name in wanted_consts}
     q_outputs = {n.output[0] for n in quant_proto.graph.node if n.op_type == "QuantizeLinear"}
     wanted, found = set(dq_outputs), {}
     for node in quant_proto.graph.node:
@@ -285,33 +326,35 @@ def _integer_sources(quant_proto: onnx.ModelProto, dq_outputs: list[str]) -> dic
     return found
 
 
-def _per_layer(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto, matches: dict[str, tuple[str, str, str]], data: DataSource, batch_size: int, as_run: bool = False) -> list[LayerMetrics]:
+def _per_layer(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto, matches: dict[str, tuple[str, str, str]], data: DataSource, batch_size: int, as_run: bool = False, one_at_a_time: bool = False) -> list[LayerMetrics]:
     f_names = list(matches)
     q_names = [matches[n][0] for n in f_names]
     # Unoptimized sessions: exposing every intermediate defeats fusion anyway, and this keeps the
     # tensors exactly those the graphs name.
-    f_session = make_session(with_extra_outputs(float_proto, f_names), optimize=False, what="float model")
-    q_session = make_session(with_extra_outputs(quant_proto, q_names), optimize=False, what="quantized model")
+    float_out = _outputs(with_extra_outputs(float_proto, f_names), f_names, data, batch_size, "float model", False)
+    quant_out = _outputs(with_extra_outputs(quant_proto, q_names), q_names, data, batch_size, "quantized model", False)
     # As run: the integer outputs of the QuantizeLinear nodes, exposed from a fully optimized
     # session (exposing them keeps onnxruntime's QLinear fusion; exposing the float DQ outputs
     # would not), dequantized here.
     integer = _integer_sources(quant_proto, q_names) if as_run else {}
     run_names = [integer[q][0] for q in q_names if q in integer]
-    run_session = make_session(with_extra_outputs(quant_proto, run_names), optimize=True, what="quantized model") if run_names else None
+    run_out = _outputs(with_extra_outputs(quant_proto, run_names), run_names, data, batch_size, "quantized model", True) if run_names else itertools.repeat([])
+    if one_at_a_time:
+        # Each session alone: the float tensors first, then each quantized session in turn.
+        float_out = list(float_out)
+        quant_out = list(quant_out)
     accs = {n: _Accumulator() for n in f_names}
     run_accs = {n: _Accumulator() for n in f_names}
-    for batch in data.batches(batch_size):
-        f_out = run_checked(f_session, f_names, batch, what="float model", data=data.origin)
-        q_out = run_checked(q_session, q_names, batch, what="quantized model", data=data.origin)
-        run_out = dict(zip(run_names, run_checked(run_session, run_names, batch, what="quantized model", data=data.origin))) if run_session is not None else {}
+    for f_out, q_out, run_list in zip(float_out, quant_out, run_out):
+        run_out_batch = dict(zip(run_names, run_list))
         for name, q_name, ref, got in zip(f_names, q_names, f_out, q_out):
             # An integer tensor of the same name (data movement run on quantized values) is not
             # comparable with the float one; its DequantizeLinear output is matched instead.
             if ref.shape == got.shape and np.issubdtype(got.dtype, np.floating):
                 accs[name].update(ref, got, False)
-                if q_name in integer and integer[q_name][0] in run_out:
+                if q_name in integer and integer[q_name][0] in run_out_batch:
                     _, scale, zp = integer[q_name]
-                    codes = run_out[integer[q_name][0]]
+                    codes = run_out_batch[integer[q_name][0]]
                     if codes.shape == ref.shape:
                         run_accs[name].update(ref, dequantize(codes, scale, zp), False)
     return [
