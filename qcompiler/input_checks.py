@@ -59,7 +59,9 @@ def check_float_model(model: ir.Model, file: str) -> None:
             )
         if node.op_type not in WEIGHT_OPS or node.domain not in ("", "ai.onnx"):
             continue
-        indices = range(1, len(node.inputs)) if node.op_type not in ("Gemm", "MatMul", "Gather") else [input_roles(node).weight, 0]
+        roles = input_roles(node)
+        # Gemm's C, Conv's B: a NaN bias makes every output of its channel NaN as surely.
+        indices = range(1, len(node.inputs)) if node.op_type not in ("Gemm", "MatMul", "Gather") else [roles.weight, roles.bias, 0]
         for i in indices:
             value = node.inputs[i] if i is not None and i < len(node.inputs) else None
             array = _constant(value)

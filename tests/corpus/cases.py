@@ -521,6 +521,16 @@ def _(d: Path) -> Case:
     return Case("error", culprit="wf")
 
 
+@case("gemm_bias_nan")
+def _(d: Path) -> Case:
+    proto = cnn()
+    b = weight(5, scale=0.1)
+    b[3] = np.nan
+    proto.graph.initializer[5].CopyFrom(numpy_helper.from_array(b, "bf"))
+    plain(d, proto)
+    return Case("error", culprit="bf")
+
+
 @case("weights_all_zero")
 def _(d: Path) -> Case:
     proto = cnn()
