@@ -45,7 +45,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from compare_ort import RESULTS, machine, machine_lines, rel
+from compare_ort import RESULTS, machine, machine_lines, make_session, rel
 
 VOCAB, SEQ, HIDDEN, HEADS, FFN, LAYERS = 2000, 32, 256, 4, 1024, 4
 CALIB, TEST, BATCH = 256, 256, 8
@@ -262,12 +262,8 @@ def run_ort_tool(tool: str, model: Path, calib: Path, out_dir: Path) -> None:
 
 
 def _session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    # The other benches' options (all optimizations, intra-op spinning off), as the header says.
+    return make_session(path, spinning=False)
 
 
 def _outputs(session, test: Path) -> np.ndarray:
