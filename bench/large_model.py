@@ -25,13 +25,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 from compare_ort import machine, machine_lines  # noqa: E402
+
+from qcompiler.ir import model_bytes_on_disk  # noqa: E402
 
 #: Peak resident memory of a compile, at most this many times the model's bytes on disk.
 RSS_BAR = 1.5
@@ -75,12 +76,6 @@ def generate(folder: Path, width: int, layers: int, samples: int, seed: int = 0)
     return model_path, calib_path
 
 
-def bytes_on_disk(model: Path) -> int:
-    proto = onnx.load(str(model), load_external_data=False)
-    files = {e.value for t in proto.graph.initializer for e in t.external_data if e.key == "location"}
-    return model.stat().st_size + sum((model.parent / f).stat().st_size for f in files)
-
-
 def run_measured(command: list[str]) -> tuple[int, float, int, str]:
     """Run ``command``; return its exit code, wall seconds, peak RSS (bytes) and its output."""
     start = time.perf_counter()
@@ -113,7 +108,7 @@ def main() -> int:
         t = time.perf_counter()
         generate(args.folder, args.width, args.layers, args.samples)
         print(f"generated {model} in {time.perf_counter() - t:.0f} s")
-    size = bytes_on_disk(model)
+    size = model_bytes_on_disk(model)
     print(f"model: {model} ({size / 1e9:.2f} GB on disk, {args.layers} x MatMul {args.width}x{args.width} float32)")
     print(f"{'target':<14} {'exit':>4} {'wall s':>7} {'peak RSS GB':>11} {'RSS/size':>8} {'out GB':>7} {'SQNR dB':>8} {'float layers':>12}  bar <= {RSS_BAR}x  command")
     failed = 0
@@ -121,7 +116,7 @@ def main() -> int:
         out = args.folder / f"out-{target}"
         command = ["qc", "compile", os.path.relpath(model), "--target", target, "--calib", os.path.relpath(calib), "-o", os.path.relpath(out), "--force", "--latency-runs", "0"]
         code, wall, rss, text = run_measured(command)
-        out_size = bytes_on_disk(out / "model.onnx") if code == 0 else 0
+        out_size = model_bytes_on_disk(out / "model.onnx") if code == 0 else 0
         sqnr, fallbacks = float("nan"), 0
         if code == 0:
             report = json.loads((out / "report.json").read_text())

@@ -35,7 +35,7 @@ from qcompiler.quant.uniform import affine_params, dequantize, int32_bias_scale_
 from qcompiler.registry import register_pass
 from qcompiler.cost_model import storage_dtype, storage_width
 from qcompiler.quant.weights import FLOAT8_NUMPY, RoundedWeight, WeightRange, dequantize_weight, quantize_float8, quantize_weight, weight_layout, weight_qrange
-from qcompiler.targets.spec import FLOAT8_DTYPES, FLOAT_WIDTH, INTEGER_DTYPES, IR_TYPES, TargetSpec
+from qcompiler.targets.spec import FLOAT8_DTYPES, FLOAT_WIDTH, INTEGER_DTYPES, IR_TYPES, TargetSpec, TensorRule
 
 _NP_DTYPES = {"int4": np.int8, "uint4": np.uint8, "int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16, "int32": np.int32, **FLOAT8_NUMPY}
 
@@ -426,7 +426,7 @@ class _StoredWeight:
     source: ir.TensorProtocol | np.ndarray
     scale: np.ndarray
     zero_point: np.ndarray
-    rule: object
+    rule: TensorRule
     axis: int | None
     block: int
 
@@ -471,7 +471,7 @@ class _Rewriter:
         self.names = NameAuthority(model.graph)
         self.params: dict[str, _Params] = {}  # group root -> params
         self.dq_of: dict[str, ir.Value] = {}  # activation name -> its DequantizeLinear output
-        # id(weight value) -> (DQ output, scale, float weight, dequantized weight)
+        # id(weight value) and id(its DQ output) -> what was stored for it (shared weights: once)
         self.weight_cache: dict[int, _StoredWeight] = {}
         #: quantized node -> {input index: its float weight or bias before quantization}
         self.float_inputs: dict[str, dict[int, ir.TensorProtocol | None]] = {}

@@ -202,10 +202,6 @@ def _saturation_bounds(q: ir.Node) -> tuple[float, float] | None:
     return (info.min - z) * s, (info.max - z) * s
 
 
-def _copy(model: ir.Model) -> ir.Model:
-    return copy_model(model)
-
-
 def guard(
     float_proto: onnx.ModelProto,
     model: ir.Model,
@@ -243,7 +239,7 @@ def guard(
     contributions: dict[str, Quality] = {}
     with progress("accuracy guard", 2 * len(candidates)) as bar:
         for name in candidates:
-            trial = _copy(model)
+            trial = copy_model(model)
             layer_in_float(trial, name, float_layers[name])
             contributions[name] = judge.quality(trial)
             bar.advance()
@@ -253,7 +249,7 @@ def guard(
         report.contributions = [{"node": n, "op_type": ops[n], "sqnr_db_alone_float": contributions[n].sqnr_db, "drop_points_alone_float": contributions[n].drop_points} for n in order]
         best, current = model, initial
         for name in order:
-            trial = _copy(best)
+            trial = copy_model(best)
             layer_in_float(trial, name, float_layers[name])
             quality = judge.quality(trial)
             bar.advance()

@@ -76,11 +76,10 @@ def external_dir(model: ir.Model) -> str | None:
 def mark(proto: onnx.ModelProto, folder: str | None) -> onnx.ModelProto:
     """Record in ``proto`` where its external weights are (see `EXTERNAL_DIR_KEY`)."""
     entries = [p for p in proto.metadata_props if p.key != EXTERNAL_DIR_KEY]
-    if folder is not None or len(entries) != len(proto.metadata_props):
-        del proto.metadata_props[:]
-        proto.metadata_props.extend(entries)
-        if folder is not None:
-            proto.metadata_props.add(key=EXTERNAL_DIR_KEY, value=folder)
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(entries)
+    if folder is not None:
+        proto.metadata_props.add(key=EXTERNAL_DIR_KEY, value=folder)
     return proto
 
 

@@ -213,7 +213,7 @@ def verify(
     # A model whose weights stay in files (over 2 GB) runs one session at a time: the float
     # outputs are kept and the float session closed before the quantized model opens.
     one_at_a_time = folder_of(float_proto) is not None
-    float_out = _outputs(float_proto, output_names, data, batch_size, "float model", optimize)
+    float_out = _outputs(float_proto, output_names, data, batch_size, "float model", optimize, prepack=False)
     quant_out = _outputs(quant_proto, output_names, data, batch_size, "quantized model", optimize)
     # As run (integer kernels) and as the graph says (Q/DQ in float): a gap between the two
     # means the kernels do not compute what was verified in simulation (saturation, fusion bugs).
@@ -224,9 +224,11 @@ def verify(
     total_batches = len(range(0, data.usable_samples, data.fixed_batch or batch_size))
     if one_at_a_time:
         float_out = list(float_out)
+    # The simulated session runs beside the others, or after the as-run one has closed.
+    beside, after = (None, simulated_out) if one_at_a_time else (simulated_out, None)
     with progress("verifying", total_batches + (1 if matches else 0)) as bar:
         start = 0
-        for f_list, q_list, s_list in zip(float_out, quant_out, simulated_out if simulated_out is not None and not one_at_a_time else itertools.repeat(None)):
+        for f_list, q_list, s_list in zip(float_out, quant_out, beside if beside is not None else itertools.repeat(None)):
             f_out, q_out = dict(zip(output_names, f_list)), dict(zip(output_names, q_list))
             for name in output_names:
                 accs[name].update(f_out[name], q_out[name], _is_classifier_output(f_out[name].shape))
@@ -241,8 +243,8 @@ def verify(
             start += len(f_out[output_names[0]])
             bar.advance()
         _close(quant_out)  # zip stops at the shorter list: the session would stay open
-        if one_at_a_time and simulated_out is not None:
-            for f_list, s_list in zip(float_out, simulated_out):
+        if after is not None:
+            for f_list, s_list in zip(float_out, after):
                 for name, ref, got in zip(output_names, f_list, s_list):
                     simulated[name].update(ref, got, False)
         _close(simulated_out)
@@ -295,10 +297,10 @@ def kernel_gap_warnings(verification: VerificationReport, threshold_db: float = 
     return warnings
 
 
-def _outputs(proto: onnx.ModelProto, names: list[str], data: DataSource, batch_size: int, what: str, optimize: bool) -> Iterator[list[np.ndarray]]:
+def _outputs(proto: onnx.ModelProto, names: list[str], data: DataSource, batch_size: int, what: str, optimize: bool, *, prepack: bool = True) -> Iterator[list[np.ndarray]]:
     """``names`` of ``proto`` on each batch of ``data``; its session opens at the first batch and
-    closes after the last."""
-    session = make_session(proto, optimize=optimize, what=what, prepack=what != "float model")
+    closes after the last (``prepack``: see `make_session`)."""
+    session = make_session(proto, optimize=optimize, what=what, prepack=prepack)
     for batch in data.batches(batch_size):
         yield run_checked(session, names, batch, what=what, data=data.origin)
 
@@ -331,7 +333,7 @@ def _per_layer(float_proto: onnx.ModelProto, quant_proto: onnx.ModelProto, match
     q_names = [matches[n][0] for n in f_names]
     # Unoptimized sessions: exposing every intermediate defeats fusion anyway, and this keeps the
     # tensors exactly those the graphs name.
-    float_out = _outputs(with_extra_outputs(float_proto, f_names), f_names, data, batch_size, "float model", False)
+    float_out = _outputs(with_extra_outputs(float_proto, f_names), f_names, data, batch_size, "float model", False, prepack=False)
     quant_out = _outputs(with_extra_outputs(quant_proto, q_names), q_names, data, batch_size, "quantized model", False)
     # As run: the integer outputs of the QuantizeLinear nodes, exposed from a fully optimized
     # session (exposing them keeps onnxruntime's QLinear fusion; exposing the float DQ outputs
