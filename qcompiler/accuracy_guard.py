@@ -212,10 +212,11 @@ def guard(
     optimize: bool = True,
     progress: ProgressFactory = null_progress,
     fall_back: bool = True,
+    measured_only_because: str = "the weight widths are your choice (assign-precision under a budget, or a pass's bits= option)",
 ) -> tuple[ir.Model, GuardReport]:
     """Measure ``model`` against ``goal`` on ``data`` (held out from calibration) and, where it
     misses, fall back layer by layer; return the best model found and what was done. Without
-    ``fall_back`` it only measures and says so (the widths were the user's explicit choice)."""
+    ``fall_back`` it only measures and says so, ``measured_only_because`` (the user chose the loss)."""
     data = data.head(GUARD_SAMPLES)
     judge = _Judge(float_proto, data, optimize)
     if goal.max_drop_points is not None and judge.labels is None:
@@ -229,7 +230,7 @@ def guard(
         return model, report
     if not fall_back:
         report.fell_back = False
-        report.note = "measured only: the weight widths are your choice (assign-precision under a budget, or a pass's bits= option); pass --min-sqnr or --max-drop to let the guard put layers back in float"
+        report.note = f"measured only: {measured_only_because}; pass --min-sqnr or --max-drop to let the guard put layers back in float"
         return model, report
     ops = {n.name: n.op_type for n in model.graph}
     candidates = [name for name in float_layers if name in ops]

@@ -120,6 +120,11 @@ def compile_cmd(
     if verify_each:
         instruments.append(VerifyEach())
     if dump_dir is not None:
+        here, out_folder = dump_dir.resolve(), output.resolve()
+        if here == out_folder or out_folder in here.parents:
+            # The output folder is written under a temporary name and moved in place at the end,
+            # which would delete every dump saved inside it.
+            raise QCError("is inside the output folder, which is replaced when the compile finishes: choose a folder beside it", file=str(dump_dir), option="--dump-dir")
         instruments.append(DumpDir(dump_dir, inputs=(model, calib, data, target if target.endswith(".toml") else None)))
     result = run_compile(
         model,

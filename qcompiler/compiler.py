@@ -14,6 +14,7 @@ import onnx_ir as ir
 from qcompiler.accuracy_guard import Goal, guard
 from qcompiler.artifacts import emit_artifacts
 from qcompiler.calibration import CALIBRATION_FACT
+from qcompiler.codebook import FLOAT_WEIGHTS_FACT
 from qcompiler.cost_model import predicted_speedup
 from qcompiler.data import DataSource, InputSpec
 from qcompiler.errors import QCError
@@ -122,8 +123,17 @@ def compile(  # noqa: A001 - the verb users expect: qcompiler.compile(...)
         compiled = manager.run(pending.pop(), ctx).model
         guard_report = None
         if goal is not None and verify and check is not None:
-            fall_back = guard_fallback if guard_fallback is not None else WEIGHT_BITS_FACT not in ctx.facts
-            compiled, guard_report = guard(float_proto, compiled, ctx.facts.get(FLOAT_LAYER_INPUTS_FACT, {}), check, goal, optimize=spec.verify_optimization == "all", progress=progress, fall_back=fall_back)
+            fall_back, because = True, ""
+            if guard_fallback is not None:
+                fall_back = guard_fallback
+            elif WEIGHT_BITS_FACT in ctx.facts:
+                fall_back, because = False, "the weight widths are your choice (assign-precision under a budget, or a pass's bits= option)"
+            elif FLOAT_WEIGHTS_FACT in ctx.facts:
+                # Pruning, clustering and retraining change weights by design and leave no float
+                # layer to fall back on: their loss is what the user asked for, measured and reported.
+                fall_back, because = False, "pruning, clustering or retraining set the weights as the pipeline asked"
+            compiled, guard_report = guard(float_proto, compiled, ctx.facts.get(FLOAT_LAYER_INPUTS_FACT, {}), check, goal, optimize=spec.verify_optimization == "all", progress=progress,
+                                           fall_back=fall_back, **({"measured_only_because": because} if because else {}))
         quant_proto = to_proto(compiled)
         try:
             check_model(quant_proto)

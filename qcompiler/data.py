@@ -2,11 +2,16 @@
 
 The file holds one array per model input, named after the input (a single array of any name is
 accepted for a single-input model), first axis = samples, plus optional ``labels``. Arrays stored
-uncompressed are memory-mapped, so a large calibration file is not read into memory at once.
+uncompressed (``np.savez``) are memory-mapped, so a large calibration file is not read into memory
+at once: retraining reads each batch from the file. A large compressed array
+(``np.savez_compressed``) is inflated once into a temporary file and memory-mapped from there.
 """
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +24,9 @@ import onnx_ir as ir
 from qcompiler.errors import QCError
 
 LABELS_KEY = "labels"
+#: A compressed array larger than this is inflated into a temporary file and memory-mapped,
+#: never held in memory whole (smaller ones are read into memory).
+INFLATE_TO_FILE_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -104,11 +112,29 @@ def _member(path: Path, archive: zipfile.ZipFile, key: str) -> _Member:
 
 
 def _read_member(path: Path, archive: zipfile.ZipFile, member: _Member) -> np.ndarray:
-    """Memory-map an uncompressed member; read a compressed one into memory."""
+    """Memory-map an uncompressed member; read a small compressed one into memory and inflate a
+    large one into a temporary file, memory-mapped (the file is unlinked at once: the mapping
+    keeps its pages, and nothing is left behind when the process ends)."""
+    order = "F" if member.fortran else "C"
     if member.stored:
-        return np.memmap(path, dtype=member.dtype, mode="r", offset=member.offset, shape=member.shape, order="F" if member.fortran else "C")
+        return np.memmap(path, dtype=member.dtype, mode="r", offset=member.offset, shape=member.shape, order=order)
+    nbytes = int(np.prod(member.shape, dtype=object)) * member.dtype.itemsize
     with archive.open(member.key + ".npy") as fh:
-        return np.lib.format.read_array(fh, allow_pickle=False)
+        if nbytes <= INFLATE_TO_FILE_BYTES or nbytes == 0:
+            return np.lib.format.read_array(fh, allow_pickle=False)
+        _read_npy_header(fh)
+        temporary = None
+        try:
+            descriptor, temporary = tempfile.mkstemp(prefix="qc-calib-", suffix=".bin")
+            with os.fdopen(descriptor, "wb") as out:
+                shutil.copyfileobj(fh, out, length=16 << 20)
+            return np.memmap(temporary, dtype=member.dtype, mode="r", shape=member.shape, order=order)
+        except OSError as exc:
+            raise QCError(f"array '{member.key}' ({nbytes:,} bytes, compressed in the file) could not be inflated into {tempfile.gettempdir()}: {exc.strerror or exc}; "
+                          "save it with numpy.savez (uncompressed) to have it memory-mapped in place", file=str(path)) from None
+        finally:
+            if temporary is not None:
+                os.unlink(temporary)
 
 
 def _check_finite(array: np.ndarray, name: str, path: Path, chunk: int = 1024) -> None:

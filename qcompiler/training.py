@@ -208,7 +208,8 @@ def task_loss(loss_name: str, out, labels: np.ndarray | None, reference):
     import torch
 
     if loss_name == "cross-entropy":
-        return torch.nn.functional.cross_entropy(out, torch.from_numpy(np.asarray(labels, dtype=np.int64)))
+        # A copy: labels sliced from a memory-mapped .npz are read-only, which torch warns about.
+        return torch.nn.functional.cross_entropy(out, torch.tensor(np.asarray(labels), dtype=torch.int64))
     if loss_name == "kl":
         return torch.nn.functional.kl_div(torch.log_softmax(out, -1), torch.log_softmax(reference, -1), log_target=True, reduction="batchmean")
     if loss_name == "cross-entropy+kl":

@@ -127,3 +127,17 @@ def test_min_sqnr_zero_turns_the_guard_off(tmp_path, bundled_model, bundled_cali
     result = qc("compile", bundled_model, "--calib", bundled_calib, "-o", out, "--latency-runs", "0", "--min-sqnr", "0")
     assert result.returncode == 0, result.stderr
     assert json.loads((out / "report.json").read_text())["guard"] is None
+
+
+def test_pruning_below_the_default_goal_is_reported_not_failed(tmp_path, bundled_model, bundled_calib):
+    # Pruning leaves no float layer to fall back on, and its loss is what the pipeline asked for:
+    # the default goal is measured and said, an explicit one still decides the exit status.
+    pipeline = "infer-shapes,fold-constants,prune-magnitude{ratio=0.95,scope=network}"
+    out = tmp_path / "out"
+    result = qc("compile", bundled_model, "--calib", bundled_calib, "-o", out, "--latency-runs", "0", "--pipeline", pipeline)
+    assert result.returncode == 0, result.stderr
+    guard = json.loads((out / "report.json").read_text())["guard"]
+    assert not guard["met"] and not guard["fell_back"] and "pruning" in guard["note"]
+    assert "accuracy guard" in result.stdout and "measured only" in " ".join(result.stdout.split())
+    strict = qc("compile", bundled_model, "--calib", bundled_calib, "-o", tmp_path / "strict", "--latency-runs", "0", "--pipeline", pipeline, "--min-sqnr", "20")
+    assert strict.returncode == 1 and "accuracy guard" in strict.stderr and "Traceback" not in strict.stderr

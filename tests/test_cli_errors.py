@@ -556,6 +556,13 @@ def test_dump_dir_is_a_file(tmp_path: Path, model: Path) -> None:
     assert dump.read_text() == "a file"
 
 
+def test_dump_dir_inside_the_output_folder_is_refused(tmp_path: Path, model: Path) -> None:
+    # The output folder is moved in place when the compile ends, which would delete the dumps.
+    dump = tmp_path / "out" / "passes"
+    line = compile_error(tmp_path, model, "--dump-dir", dump, *FAST, culprits=(str(dump),))
+    assert "--dump-dir" in line and "output folder" in line
+
+
 def test_dump_dir_not_created_when_input_is_bad(tmp_path: Path) -> None:
     bad = tmp_path / "notes.onnx"
     bad.write_text("not a model")

@@ -161,6 +161,34 @@ def test_compressed_is_read_into_memory(tmp_path: Path) -> None:
     np.testing.assert_array_equal(source.arrays["input"], x)
 
 
+def test_large_compressed_array_is_inflated_to_a_memory_mapped_temporary_file(tmp_path: Path, monkeypatch) -> None:
+    # savez_compressed of a big calibration set: inflated once to disk, never held whole in memory,
+    # and the temporary file is gone at once (unlinked while mapped).
+    import qcompiler.data as data_module
+
+    x, labels = images(40), np.arange(40) % 3
+    np.savez_compressed(tmp_path / "d.npz", input=x, labels=labels)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(data_module, "INFLATE_TO_FILE_BYTES", x.nbytes - 1)
+    monkeypatch.setattr(data_module.tempfile, "tempdir", str(scratch))
+    source = DataSource.from_npz(tmp_path / "d.npz", [IMAGE])
+    assert isinstance(source.arrays["input"], np.memmap) and not isinstance(source.labels, np.memmap)
+    np.testing.assert_array_equal(source.arrays["input"], x)
+    np.testing.assert_array_equal(source.labels, labels)
+    assert list(scratch.iterdir()) == []
+
+
+def test_inflating_without_space_is_a_one_line_error(tmp_path: Path, monkeypatch) -> None:
+    import qcompiler.data as data_module
+
+    np.savez_compressed(tmp_path / "d.npz", input=images(40))
+    monkeypatch.setattr(data_module, "INFLATE_TO_FILE_BYTES", 16)
+    monkeypatch.setattr(data_module.tempfile, "tempdir", str(tmp_path / "no such folder"))
+    exc = data_error(tmp_path / "d.npz", [IMAGE])
+    assert "could not be inflated" in str(exc) and "numpy.savez" in str(exc)
+
+
 def test_dynamic_dimensions_accept_any_size(tmp_path: Path) -> None:
     spec = InputSpec("input", np.dtype(np.float32), (None, 3, None, None))
     np.savez_compressed(tmp_path / "d.npz", input=np.zeros((2, 3, 7, 9), np.float32))
