@@ -14,7 +14,12 @@ Methods (see `qcompiler.codebook.clustering`):
 - ``uniform``: equally spaced bins, each centre moved to the Hessian-weighted mean of its bin
   (``centres=weighted``), or left on the grid (``centres=grid``): then the weight is stored as
   ``DequantizeLinear(uint8 indices, step, zero point)``, the standard ONNX form every QDQ tool reads;
-- ``ecsq``: iterative entropy-constrained scalar quantization, Hessian-weighted.
+- ``ecsq``: iterative entropy-constrained scalar quantization: Hessian-weighted centres, and an
+  assignment that weighs each weight's error by its layer's scale (``assignment-weight=layer-scale``:
+  1 / the layer's mean squared weight, so every layer's relative error counts alike) and moves it
+  only to one of the two centres around it. Weighing the assignment by the per-weight Hessian
+  (``assignment-weight=hessian``, Choi et al.'s formulation) sends every weight whose estimate is tiny
+  to the most probable centre, and on ResNet-32 that costs 20-60 points against uniform.
 
 ``scope=network`` clusters all weights together with one codebook, as the paper does; ``layer``
 gives each weight its own. ``target-bits`` (uniform, ecsq) searches the step or lambda that makes
@@ -51,6 +56,7 @@ class _Group:
     values: np.ndarray  # concatenated unpruned values
     importance: np.ndarray
     masks: list[np.ndarray]  # per weight: True where pruned
+    layer_scale: np.ndarray  # per value: 1 / mean square of its layer's unpruned values
 
 
 @register_pass
@@ -72,6 +78,10 @@ class ClusterWeights(Pass):
         lambda_: float = 0.0
         #: Average coded bits per (unpruned) weight to hit, for uniform and ecsq (0: off).
         target_bits: float = 0.0
+        #: ecsq only: what weighs each weight's error when it is assigned a centre. layer-scale:
+        #: 1 / its layer's mean squared weight (relative error per layer); hessian: its own Hessian
+        #: diagonal, as in Choi et al.; unit: plain squared error. Centres are Hessian-weighted in all.
+        assignment_weight: Literal["layer-scale", "hessian", "unit"] = "layer-scale"
         iterations: int = 100
         #: uniform only. weighted: each bin's centre at the Hessian-weighted mean of its members
         #: (Choi et al.); grid: centres stay at step x integer, lowered to DequantizeLinear.
@@ -89,6 +99,8 @@ class ClusterWeights(Pass):
                 raise ValueError("option 'target-bits' applies to method=uniform or ecsq (k-means sets its rate by 'clusters')")
             if self.centres == "grid" and self.method != "uniform":
                 raise ValueError("option 'centres=grid' applies to method=uniform only")
+            if self.assignment_weight != "layer-scale" and self.method != "ecsq":
+                raise ValueError("option 'assignment-weight' applies to method=ecsq only")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:
         o = self.options
@@ -144,12 +156,16 @@ class ClusterWeights(Pass):
             if self.options.keep_zeros:
                 mask = mask | (w == 0.0)
             h = importance[name] if importance is not None else np.ones(w.shape)
-            per_weight.append(_Group([name], w[~mask], np.asarray(h)[~mask], [mask]))
+            kept = w[~mask]
+            mean_square = float(np.mean(kept**2)) if kept.size else 0.0
+            scale = np.full(kept.shape, 1.0 / mean_square if mean_square > 0 else 1.0)
+            per_weight.append(_Group([name], kept, np.asarray(h)[~mask], [mask], scale))
         if self.options.scope == "layer":
             groups = per_weight
         else:
             groups = [_Group([n for g in per_weight for n in g.names], np.concatenate([g.values for g in per_weight]),
-                             np.concatenate([g.importance for g in per_weight]), [m for g in per_weight for m in g.masks])]
+                             np.concatenate([g.importance for g in per_weight]), [m for g in per_weight for m in g.masks],
+                             np.concatenate([g.layer_scale for g in per_weight]))]
         for g in groups:
             if self.options.clusters > len(g.values):
                 where = f"weight '{g.names[0]}'" if len(g.names) == 1 else "the network"
@@ -169,12 +185,17 @@ class ClusterWeights(Pass):
                 step = span / max(o.clusters - 1, 1) if span > 0 else 1.0
                 return (*uniform(w, h, step, grid=grid), step)
             return _search(lambda step: uniform(w, h, step, grid=grid), o.target_bits, lo=1e-6 * float(np.ptp(w) or 1.0), hi=float(np.ptp(w) or 1.0) * 2, pass_name=self.name)
+        assign = {"layer-scale": group.layer_scale, "hessian": h, "unit": np.ones_like(w)}[o.assignment_weight]
+
+        def quantize(lam: float) -> tuple[np.ndarray, np.ndarray]:
+            return ecsq(w, h, o.clusters, lam, assign_importance=assign, iterations=o.iterations)
+
         if not o.target_bits:
-            return (*ecsq(w, h, o.clusters, o.lambda_, iterations=o.iterations), 0.0)
-        top = ecsq(w, h, o.clusters, 0.0, iterations=o.iterations)
+            return (*quantize(o.lambda_), 0.0)
+        top = quantize(0.0)
         if entropy_bits(top[1], len(top[0])) < o.target_bits - 0.01:
             raise QCError(f"target-bits={o.target_bits} is out of reach: {o.clusters} clusters give at most {entropy_bits(top[1], len(top[0])):.3f} bits per weight (raise 'clusters')", pass_name=self.name, option="target-bits")
-        centres, assignment, _ = _search(lambda lam: ecsq(w, h, o.clusters, lam, iterations=o.iterations), o.target_bits, lo=0.0, hi=10.0, pass_name=self.name)
+        centres, assignment, _ = _search(quantize, o.target_bits, lo=0.0, hi=10.0, pass_name=self.name)
         return centres, assignment, 0.0
 
     def _rewrite(self, model: ir.Model, names: NameAuthority, group: _Group, centres: np.ndarray, assignment: np.ndarray) -> None:

@@ -92,29 +92,39 @@ def entropy_bits(assignment: np.ndarray, clusters: int) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-def ecsq(w: np.ndarray, h: np.ndarray, clusters: int, lam: float, *, iterations: int = 50, fixed_zero: bool = False, chunk: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
-    """Iterative ECSQ: minimise sum_i h_i (w_i - c_j)^2 + lam * (-log2 p_j) over assignments,
+def ecsq(w: np.ndarray, h: np.ndarray, clusters: int, lam: float, *, assign_importance: np.ndarray | None = None, iterations: int = 50,
+         fixed_zero: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Iterative ECSQ: minimise sum_i a_i (w_i - c_j)^2 + lam * (-log2 p_j) over assignments,
     centres and probabilities (Chou, Lookabaugh & Gray 1989), starting from ``clusters`` evenly
     spaced centres; clusters the rate term empties are dropped.
 
-    The cost is not a nearest-centre rule (h_i and p_j both matter), so assignment evaluates every
-    centre, ``chunk`` values at a time (memory ``chunk x clusters``).
+    ``h`` weighs the centres (each the h-weighted mean of its members); ``assign_importance`` (a_i,
+    default ``h``) weighs each value's distortion in the assignment, which may only pick one of the
+    two centres around the value. Both guard against what sinks ECSQ on deep networks: with a
+    per-weight Hessian estimate as a_i, a weight whose estimate is tiny goes wherever the code is
+    cheapest, and those moves all point the same way (towards the most probable centre), so their
+    errors add up instead of cancelling. The pass passes a per-layer a_i (each layer's relative
+    error counts alike) and keeps the Hessian for the centres.
+
+    Each iteration is O(n): the two candidate centres come from a binary search, their costs are
+    compared elementwise.
     """
     w = np.asarray(w, dtype=np.float64)
     h = np.asarray(h, dtype=np.float64)
+    a = h if assign_importance is None else np.asarray(assign_importance, dtype=np.float64)
     centres, assignment = kmeans(w, h, clusters, iterations=5, fixed_zero=fixed_zero)
     # Costs are compared per value: scale lambda by the mean importance so its meaning does not
-    # depend on the Hessian's units.
-    lam_scaled = lam * float(np.mean(h)) * float(np.var(w) or 1.0)
+    # depend on the importance's units.
+    lam_scaled = lam * float(np.mean(a)) * float(np.var(w) or 1.0)
     for _ in range(iterations):
         k = len(centres)
         p = np.bincount(assignment, minlength=k) / len(w)
         rate = -np.log2(np.maximum(p, 1e-300))
-        new = np.empty_like(assignment)
-        for start in range(0, len(w), chunk):  # chunks of values, each fully vectorised
-            ws, hs = w[start : start + chunk, None], h[start : start + chunk, None]
-            cost = hs * (ws - centres[None, :]) ** 2 + lam_scaled * rate[None, :]
-            new[start : start + chunk] = np.argmin(cost, axis=1)
+        above = np.clip(np.searchsorted(centres, w), 0, k - 1)
+        below = np.clip(above - 1, 0, k - 1)
+        cost_below = a * (w - centres[below]) ** 2 + lam_scaled * rate[below]
+        cost_above = a * (w - centres[above]) ** 2 + lam_scaled * rate[above]
+        new = np.where(cost_below <= cost_above, below, above)
         used = np.unique(new)
         remap = np.full(k, -1)
         remap[used] = np.arange(len(used))
@@ -122,11 +132,13 @@ def ecsq(w: np.ndarray, h: np.ndarray, clusters: int, lam: float, *, iterations:
         updated = _weighted_means(w, h, new, centres[used])
         if fixed_zero and np.any(centres[used] == 0.0):
             updated[centres[used] == 0.0] = 0.0
+        # Weighted means can swap neighbouring centres; the binary search needs them sorted.
+        order = np.argsort(updated, kind="stable")
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(len(order))
+        updated, new = updated[order], inverse[new]
         done = len(used) == k and np.array_equal(new, assignment) and np.allclose(updated, centres)
         centres, assignment = updated, new
         if done:
             break
-    order = np.argsort(centres, kind="stable")
-    inverse = np.empty_like(order)
-    inverse[order] = np.arange(len(order))
-    return centres[order], inverse[assignment]
+    return centres, assignment

@@ -64,3 +64,34 @@ def test_ecsq_trades_distortion_for_rate() -> None:
     rates, errors = zip(*results)
     assert rates[0] > rates[1] > rates[2]
     assert errors[0] < errors[1] < errors[2]
+
+
+@pytest.mark.parametrize("importance", ["hessian", "unit"])
+def test_ecsq_assigns_each_value_one_of_the_two_centres_around_it(importance: str) -> None:
+    w, h = _data(20_000)
+    assign = h if importance == "hessian" else np.ones_like(h)
+    centres, a = ecsq(w, h, 32, 0.3, assign_importance=assign)
+    assert np.all(np.diff(centres) > 0)
+    above = np.clip(np.searchsorted(centres, w), 0, len(centres) - 1)
+    assert np.all((a == above) | (a == np.maximum(above - 1, 0)))
+
+
+def test_ecsq_centres_follow_h_and_assignment_follows_its_own_importance() -> None:
+    # The values with a tiny Hessian estimate are what a per-weight assignment weight lets the rate
+    # term push off their nearest centre, all towards the probable ones (their errors then add up,
+    # shrinking the weights); with unit assignment weights they are treated like the rest.
+    w, h = _data(20_000)
+    h = h.copy()
+    tiny = np.arange(len(w)) % 2 == 0
+    h[tiny] = 1e-6
+    moved, shrink = {}, {}
+    for name, assign in (("hessian", h), ("unit", np.ones_like(h))):
+        centres, a = ecsq(w, h, 32, 0.3, assign_importance=assign)
+        nearest = np.searchsorted((centres[1:] + centres[:-1]) / 2, w)
+        moved[name] = float(np.mean(a[tiny] != nearest[tiny]))
+        shrink[name] = float(np.sum((centres[a] - w)[tiny] * w[tiny]) / np.sum(w[tiny] ** 2))
+        # Centres are the h-weighted means of their members, whatever weighs the assignment.
+        mass = np.bincount(a, weights=h, minlength=len(centres))
+        np.testing.assert_allclose(centres, np.bincount(a, weights=h * w, minlength=len(centres)) / mass, rtol=1e-9, atol=1e-12)
+    assert moved["hessian"] > 2 * moved["unit"]
+    assert shrink["hessian"] < shrink["unit"] < 0

@@ -240,3 +240,24 @@ def test_exact_zeros_of_an_already_pruned_model_are_kept_as_pruned() -> None:
     again, _ = _run(_net(np.random.default_rng(14)), "prune-magnitude{ratio=0.7}")
     kept, _ = _run(again, "cluster-weights{method=kmeans,clusters=4,keep-zeros=false}")
     assert next(n for n in kept.graph if n.op_type == "Gather").metadata_props["qc.codebook.zero_index"] == ""
+
+
+def test_ecsq_assignment_weight_layer_scale_evens_out_relative_error_across_layers() -> None:
+    # One network codebook for weights of very different scales: weighing the assignment by each
+    # layer's scale keeps the small layer's relative error near the large one's.
+    def relative_errors(pipeline: str) -> dict[str, float]:
+        original = _net(np.random.default_rng(21))
+        original.graph.initializers["w4"].const_value = ir.tensor(original.graph.initializers["w4"].const_value.numpy() * 20, name="w4")
+        floats = {n: original.graph.initializers[n].const_value.numpy().copy() for n in ("w1", "w2", "w3", "w4")}
+        model, _ = _run(original, pipeline)
+        effective = _effective_weights(model)
+        return {n: float(np.sum((effective[n] - w) ** 2) / np.sum(w**2)) for n, w in floats.items()}
+
+    scaled = relative_errors("cluster-weights{method=ecsq,clusters=32,target-bits=2}")
+    unit = relative_errors("cluster-weights{method=ecsq,clusters=32,target-bits=2,assignment-weight=unit}")
+    assert max(scaled.values()) / min(scaled.values()) < max(unit.values()) / min(unit.values())
+
+
+def test_assignment_weight_needs_the_ecsq_method() -> None:
+    with pytest.raises(QCError, match="assignment-weight"):
+        parse_pipeline("cluster-weights{method=uniform,assignment-weight=hessian}")
