@@ -118,8 +118,8 @@ def prepare(names: list[str], quick: bool) -> list[Setup]:
 #: Iterative magnitude pruning, network scope (Han et al.): each stage prunes to a higher ratio the
 #: network the previous stage retrained, for that many epochs of finetune-weights.
 PRUNE_SCHEDULE = {"lenet5": ((0.6, 1), (0.8, 1), (0.9, 2), (0.92, 5)), "resnet32": ((0.5, 1), (0.7, 2), (0.8, 5))}
-#: finetune-weights options per model. ResNet-32 (bench/notes/resnet32_retraining.md has the
-#: variants): SGD with momentum, a cosine rate from 0.01 per stage, crop-flip augmentation, and
+#: finetune-weights options per model. ResNet-32 (bench/notes/resnet32_full_training_set.md has
+#: the runs, resnet32_retraining.md the variants on 10,000 images): SGD with momentum, a cosine rate from 0.01 per stage, crop-flip augmentation, and
 #: cross-entropy plus KL to the unpruned network (distillation); LeNet-5: Adam, distillation, no
 #: augmentation.
 RETRAIN = {"lenet5": "lr=0.001,loss=cross-entropy+kl",

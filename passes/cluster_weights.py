@@ -185,7 +185,7 @@ class ClusterWeights(Pass):
                 step = span / max(o.clusters - 1, 1) if span > 0 else 1.0
                 return (*uniform(w, h, step, grid=grid), step)
             return _search(lambda step: uniform(w, h, step, grid=grid), o.target_bits, lo=1e-6 * float(np.ptp(w) or 1.0), hi=float(np.ptp(w) or 1.0) * 2, pass_name=self.name)
-        assign = {"layer-scale": group.layer_scale, "hessian": h, "unit": np.ones_like(w)}[o.assignment_weight]
+        assign = group.layer_scale if o.assignment_weight == "layer-scale" else h if o.assignment_weight == "hessian" else np.ones_like(w)
 
         def quantize(lam: float) -> tuple[np.ndarray, np.ndarray]:
             return ecsq(w, h, o.clusters, lam, assign_importance=assign, iterations=o.iterations)

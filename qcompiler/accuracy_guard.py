@@ -29,6 +29,9 @@ from qcompiler.runtime import make_session, run_checked
 MIN_GAIN_DB = 0.1
 #: Samples the guard measures each candidate on (the final verification uses all of them).
 GUARD_SAMPLES = 256
+#: Why the guard only measured, when the user chose the loss (see `guard`'s ``measured_only_because``).
+WIDTHS_CHOSEN = "the weight widths are your choice (assign-precision under a budget, or a pass's bits= option)"
+WEIGHTS_SET_BY_PIPELINE = "pruning, clustering or retraining set the weights as the pipeline asked"
 
 
 @dataclass
@@ -212,7 +215,7 @@ def guard(
     optimize: bool = True,
     progress: ProgressFactory = null_progress,
     fall_back: bool = True,
-    measured_only_because: str = "the weight widths are your choice (assign-precision under a budget, or a pass's bits= option)",
+    measured_only_because: str = WIDTHS_CHOSEN,
 ) -> tuple[ir.Model, GuardReport]:
     """Measure ``model`` against ``goal`` on ``data`` (held out from calibration) and, where it
     misses, fall back layer by layer; return the best model found and what was done. Without

@@ -33,7 +33,7 @@ def cache_key(model: ir.Model, data: DataSource | None, parameters: Mapping[str,
         for name in sorted(data.arrays):
             array = data.arrays[name]
             # In slices: a memory-mapped calibration file is hashed without reading it whole.
-            for start in range(0, max(len(array), 1), _HASH_SAMPLES):
+            for start in range(0, len(array), _HASH_SAMPLES):
                 digest.update(np.ascontiguousarray(array[start : start + _HASH_SAMPLES]).tobytes())
         if data.labels is not None:
             digest.update(np.ascontiguousarray(data.labels).tobytes())

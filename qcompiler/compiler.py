@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from qcompiler.accuracy_guard import Goal, guard
+from qcompiler.accuracy_guard import WEIGHTS_SET_BY_PIPELINE, WIDTHS_CHOSEN, Goal, guard
 from qcompiler.artifacts import emit_artifacts
 from qcompiler.calibration import CALIBRATION_FACT
 from qcompiler.codebook import FLOAT_WEIGHTS_FACT
@@ -123,17 +123,14 @@ def compile(  # noqa: A001 - the verb users expect: qcompiler.compile(...)
         compiled = manager.run(pending.pop(), ctx).model
         guard_report = None
         if goal is not None and verify and check is not None:
-            fall_back, because = True, ""
-            if guard_fallback is not None:
-                fall_back = guard_fallback
-            elif WEIGHT_BITS_FACT in ctx.facts:
-                fall_back, because = False, "the weight widths are your choice (assign-precision under a budget, or a pass's bits= option)"
-            elif FLOAT_WEIGHTS_FACT in ctx.facts:
-                # Pruning, clustering and retraining change weights by design and leave no float
-                # layer to fall back on: their loss is what the user asked for, measured and reported.
-                fall_back, because = False, "pruning, clustering or retraining set the weights as the pipeline asked"
+            # Widths under a budget, pruning, clustering and retraining are losses the user asked
+            # for (the latter leave no float layer to fall back on): measured and reported.
+            because = None
+            if guard_fallback is None:
+                because = WIDTHS_CHOSEN if WEIGHT_BITS_FACT in ctx.facts else WEIGHTS_SET_BY_PIPELINE if FLOAT_WEIGHTS_FACT in ctx.facts else None
+            fall_back = guard_fallback if guard_fallback is not None else because is None
             compiled, guard_report = guard(float_proto, compiled, ctx.facts.get(FLOAT_LAYER_INPUTS_FACT, {}), check, goal, optimize=spec.verify_optimization == "all", progress=progress,
-                                           fall_back=fall_back, **({"measured_only_because": because} if because else {}))
+                                           fall_back=fall_back, measured_only_because=because or WIDTHS_CHOSEN)
         quant_proto = to_proto(compiled)
         try:
             check_model(quant_proto)

@@ -76,6 +76,11 @@ class _Member:
     stored: bool  # uncompressed: memory-mapped when read
     offset: int  # of the array data in the file, when stored
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of array data the header declares."""
+        return int(np.prod(self.shape, dtype=object)) * self.dtype.itemsize
+
 
 def _read_npy_header(fh) -> tuple[tuple[int, ...], bool, np.dtype]:
     major, _ = np.lib.format.read_magic(fh)
@@ -105,10 +110,10 @@ def _member(path: Path, archive: zipfile.ZipFile, key: str) -> _Member:
         offset, data_bytes = 0, info.file_size - header_bytes
     if dtype.hasobject:
         raise QCError(f"array '{key}' holds Python objects; only numeric arrays are accepted", file=str(path))
-    declared = int(np.prod(shape, dtype=object)) * dtype.itemsize
-    if declared > data_bytes:
-        raise QCError(f"array '{key}' declares shape {tuple(shape)} ({declared:,} bytes) but holds {data_bytes:,}: a truncated or altered file", file=str(path))
-    return _Member(key, tuple(shape), fortran, dtype, info.compress_type == zipfile.ZIP_STORED, offset)
+    member = _Member(key, tuple(shape), fortran, dtype, info.compress_type == zipfile.ZIP_STORED, offset)
+    if member.nbytes > data_bytes:
+        raise QCError(f"array '{key}' declares shape {tuple(shape)} ({member.nbytes:,} bytes) but holds {data_bytes:,}: a truncated or altered file", file=str(path))
+    return member
 
 
 def _read_member(path: Path, archive: zipfile.ZipFile, member: _Member) -> np.ndarray:
@@ -118,9 +123,8 @@ def _read_member(path: Path, archive: zipfile.ZipFile, member: _Member) -> np.nd
     order = "F" if member.fortran else "C"
     if member.stored:
         return np.memmap(path, dtype=member.dtype, mode="r", offset=member.offset, shape=member.shape, order=order)
-    nbytes = int(np.prod(member.shape, dtype=object)) * member.dtype.itemsize
     with archive.open(member.key + ".npy") as fh:
-        if nbytes <= INFLATE_TO_FILE_BYTES or nbytes == 0:
+        if member.nbytes <= INFLATE_TO_FILE_BYTES:
             return np.lib.format.read_array(fh, allow_pickle=False)
         _read_npy_header(fh)
         temporary = None
@@ -130,7 +134,7 @@ def _read_member(path: Path, archive: zipfile.ZipFile, member: _Member) -> np.nd
                 shutil.copyfileobj(fh, out, length=16 << 20)
             return np.memmap(temporary, dtype=member.dtype, mode="r", shape=member.shape, order=order)
         except OSError as exc:
-            raise QCError(f"array '{member.key}' ({nbytes:,} bytes, compressed in the file) could not be inflated into {tempfile.gettempdir()}: {exc.strerror or exc}; "
+            raise QCError(f"array '{member.key}' ({member.nbytes:,} bytes, compressed in the file) could not be inflated into {tempfile.gettempdir()}: {exc.strerror or exc}; "
                           "save it with numpy.savez (uncompressed) to have it memory-mapped in place", file=str(path)) from None
         finally:
             if temporary is not None:
