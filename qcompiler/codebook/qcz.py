@@ -8,16 +8,19 @@ sparsely instead: the indices of its non-zeros, plus the gaps (zero runs) betwee
 its own Huffman code; a gap longer than `MAX_GAP` is split by an explicit zero entry, as in Deep
 Compression.
 
-`.qcz` layout: ``b"QCZ1"``, the SHA-256 of the rest, then the rest: an 8-byte header length, a
-JSON header, the zlib-compressed ONNX model without its index tensors (codebooks, biases and
-everything else stay in it), and the coded streams the header points at. Unpacking checks the
-digest first, so a truncated or altered file is refused before anything is decoded.
+`.qcz` layout: ``b"QCZ2"``, the SHA-256 of the rest, then the rest: an 8-byte header length, the
+LZMA-compressed JSON header, the LZMA-compressed ONNX model without its index tensors (codebooks,
+biases and everything else stay in it), and the coded streams the header points at. Unpacking
+checks the digest first, so a truncated or altered file is refused before anything is decoded.
+``b"QCZ1"`` files (JSON header as is, zlib-compressed model) still unpack: on ResNet-32 the header
+and model took 31.5 kB of a 105.7 kB file in that layout, and LZMA makes them about 10 kB less.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import lzma
 import os
 import struct
 import zlib
@@ -33,7 +36,9 @@ from qcompiler.codebook.huffman import MAX_LENGTH, HuffmanCode
 from qcompiler.errors import QCError
 from qcompiler.ir import write_file_atomically
 
-MAGIC = b"QCZ1"
+MAGIC = b"QCZ2"
+#: The first layout, still read: a plain JSON header and a zlib-compressed model.
+MAGIC_V1 = b"QCZ1"
 #: Longest zero run coded as one gap symbol; longer runs get an explicit zero entry.
 MAX_GAP = 255
 #: Bits per codebook entry (float32).
@@ -197,7 +202,7 @@ def pack(model_path: str | os.PathLike, out_path: str | os.PathLike) -> CodedSiz
         offset += len(data)
         return [offset - len(data), len(data)]
 
-    header: dict = {"version": 1, "codebooks": []}
+    header: dict = {"version": 2, "codebooks": []}
     coded = set()
     groups_coded = _coded_groups(arrays, groups)
     for codebook, tensors, index_code, gap_code, streams in groups_coded:
@@ -206,7 +211,7 @@ def pack(model_path: str | os.PathLike, out_path: str | os.PathLike) -> CodedSiz
             gaps, entries = streams[t.indices]
             data, bits = index_code.encode(entries)
             record = {"name": t.indices, "dtype": str(arrays[t.indices].dtype), "shape": list(arrays[t.indices].shape), "zero_index": t.zero_index,
-                      "entries": int(len(entries)), "index_bits": bits, "index_blob": add(data)}
+                      "entries": len(entries), "index_bits": bits, "index_blob": add(data)}
             if gaps is not None:
                 gdata, gbits = gap_code.encode(gaps)
                 record.update(gap_bits=gbits, gap_blob=add(gdata))
@@ -219,9 +224,10 @@ def pack(model_path: str | os.PathLike, out_path: str | os.PathLike) -> CodedSiz
     del skeleton.graph.initializer[:]
     skeleton.graph.initializer.extend(kept)
     serialized = skeleton.SerializeToString()
-    header["skeleton_blob"] = add(zlib.compress(serialized, 9))
+    header["skeleton_blob"] = add(_compress(serialized))
     header["skeleton_bytes"] = len(serialized)
-    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    text = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes = struct.pack("<Q", len(text)) + _compress(text)
     payload = struct.pack("<Q", len(header_bytes)) + header_bytes + b"".join(blobs)
     write_file_atomically(out_path, MAGIC + hashlib.sha256(payload).digest() + payload)
     return _size_of(arrays, groups_coded)
@@ -234,8 +240,9 @@ def unpack(qcz_path: str | os.PathLike) -> onnx.ModelProto:
         raw = Path(path).read_bytes()
     except OSError as exc:
         raise QCError(f"cannot read: {exc.strerror or exc}", file=path) from None
-    if raw[:4] != MAGIC:
+    if raw[:4] not in (MAGIC, MAGIC_V1):
         raise QCError("not a .qcz file (bad magic bytes)", file=path)
+    version = 2 if raw[:4] == MAGIC else 1
     digest, payload = raw[4:36], raw[36:]
     if len(digest) < 32 or hashlib.sha256(payload).digest() != digest:
         raise QCError("checksum mismatch: the file is truncated or altered", file=path)
@@ -247,12 +254,14 @@ def unpack(qcz_path: str | os.PathLike) -> onnx.ModelProto:
     if length > len(payload) - 8:
         raise QCError(f"corrupt header: its declared length {length} exceeds the file", file=path)
     try:
-        header = json.loads(payload[8 : 8 + length])
-    except ValueError:
+        header = json.loads(_header_text(payload[8 : 8 + length], version))
+    except _Hostile as exc:
+        raise QCError(f"corrupt header: {exc}", file=path) from None
+    except (ValueError, lzma.LZMAError, struct.error):
         raise QCError("corrupt header", file=path) from None
     blobs = payload[8 + length :]
     try:
-        _check_header(header, len(blobs))
+        _check_header(header, len(blobs), version)
     except _Hostile as exc:
         raise QCError(f"corrupt header: {exc}", file=path) from None
 
@@ -260,8 +269,8 @@ def unpack(qcz_path: str | os.PathLike) -> onnx.ModelProto:
         return blobs[where[0] : where[0] + where[1]]
 
     try:
-        model = _decode(header, blob)
-    except (ValueError, KeyError, TypeError, zlib.error, _Hostile) as exc:
+        model = _decode(header, blob, version)
+    except (ValueError, KeyError, TypeError, zlib.error, lzma.LZMAError, _Hostile) as exc:
         raise QCError(f"cannot decode: {exc}", file=path) from None
     except Exception as exc:  # protobuf's DecodeError and kin: the skeleton is no ONNX model
         raise QCError(f"cannot decode the model: {type(exc).__name__}", file=path) from None
@@ -274,6 +283,7 @@ def unpack(qcz_path: str | os.PathLike) -> onnx.ModelProto:
 #: exhaust memory).
 MAX_ELEMENTS = 1 << 31  # per index tensor
 MAX_SKELETON_BYTES = (1 << 31) - 1  # protobuf's own limit
+MAX_HEADER_BYTES = 256 << 20  # the JSON header, inflated
 #: Files packed before the header recorded the model's size: inflate at most this much.
 LEGACY_SKELETON_BYTES = 256 << 20
 _INDEX_DTYPES = ("int8", "uint8", "int16", "uint16", "int32", "int64")
@@ -295,10 +305,10 @@ def _lengths(values: object, what: str) -> None:
         raise _Hostile(f"{what} must be a list of code lengths 0..{MAX_LENGTH}")
 
 
-def _check_header(header: object, size: int) -> None:
+def _check_header(header: object, size: int, version: int) -> None:
     """Every count, length, shape, dtype and span of a .qcz header within limits and the file."""
-    if not isinstance(header, dict) or header.get("version") != 1 or not isinstance(header.get("codebooks"), list):
-        raise _Hostile("not a version 1 header")
+    if not isinstance(header, dict) or header.get("version") != version or not isinstance(header.get("codebooks"), list):
+        raise _Hostile(f"not a version {version} header")
     _span(header.get("skeleton_blob"), size, "the model's span")
     skeleton_bytes = header.get("skeleton_bytes", LEGACY_SKELETON_BYTES)
     if not isinstance(skeleton_bytes, int) or not 0 < skeleton_bytes <= MAX_SKELETON_BYTES:
@@ -339,18 +349,45 @@ def _check_header(header: object, size: int) -> None:
                 raise _Hostile(f"tensor '{name}': {entries} entries for {elements} elements")
 
 
-def _inflate(data: bytes, limit: int) -> bytes:
-    """zlib-inflate at most ``limit`` bytes: a deflate bomb stops there instead of filling memory."""
-    inflater = zlib.decompressobj()
-    out = inflater.decompress(data, limit)
-    if inflater.unconsumed_tail:
-        raise _Hostile(f"the model inflates past its declared {limit} bytes")
+def _compress(data: bytes) -> bytes:
+    """LZMA at its strongest, without the xz container's own checksum (the file's digest covers it)."""
+    return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE, preset=9 | lzma.PRESET_EXTREME)
+
+
+def _inflate(data: bytes, limit: int, version: int, what: str = "the model") -> bytes:
+    """Decompress at most ``limit`` bytes (zlib for version 1, LZMA after): a compression bomb
+    stops there instead of filling memory."""
+    if version == 1:
+        inflater = zlib.decompressobj()
+        out = inflater.decompress(data, limit)
+        if inflater.unconsumed_tail:
+            raise _Hostile(f"{what} inflates past its declared {limit} bytes")
+        if not inflater.eof:
+            raise _Hostile(f"{what} is cut short")
+        return out
+    decompressor = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+    out = decompressor.decompress(data, max_length=limit)
+    # Output of exactly ``limit`` bytes may stop short of the end marker: one more byte decides.
+    if not decompressor.eof and len(out) == limit and decompressor.decompress(b"", max_length=1):
+        raise _Hostile(f"{what} inflates past its declared {limit} bytes")
+    if not decompressor.eof:
+        raise _Hostile(f"{what} is cut short")
     return out
 
 
-def _decode(header: dict, blob) -> onnx.ModelProto:
+def _header_text(data: bytes, version: int) -> bytes:
+    """The JSON text of a header: as stored (version 1), or its inflated size then LZMA."""
+    if version == 1:
+        return data
+    (size,) = struct.unpack("<Q", data[:8])
+    if size > MAX_HEADER_BYTES:
+        raise _Hostile(f"its declared size {size} is over the limit of {MAX_HEADER_BYTES} bytes")
+    return _inflate(data[8:], size, version, "the header")
+
+
+def _decode(header: dict, blob, version: int) -> onnx.ModelProto:
     model = onnx.ModelProto()
-    model.ParseFromString(_inflate(blob(header["skeleton_blob"]), header.get("skeleton_bytes", LEGACY_SKELETON_BYTES)))
+    model.ParseFromString(_inflate(blob(header["skeleton_blob"]), header.get("skeleton_bytes", LEGACY_SKELETON_BYTES), version))
     for entry in header["codebooks"]:
         index_code = HuffmanCode(np.asarray(entry["index_lengths"], dtype=np.int64))
         gap_code = HuffmanCode(np.asarray(entry["gap_lengths"], dtype=np.int64)) if entry["gap_lengths"] is not None else None

@@ -4,7 +4,9 @@ size written; truncated or altered files are refused with one line."""
 from __future__ import annotations
 
 import json
+import lzma
 import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -64,13 +66,37 @@ def test_coded_size_is_what_the_file_holds(tmp_path: Path) -> None:
     size = pack(source, qcz)
     raw = qcz.read_bytes()[36:]
     (length,) = struct.unpack("<Q", raw[:8])
-    header = json.loads(raw[8 : 8 + length])
+    (text_size,) = struct.unpack("<Q", raw[8:16])
+    header = json.loads(lzma.decompress(raw[16 : 8 + length]))
+    assert len(json.dumps(header, separators=(",", ":"))) == text_size
     records = [r for entry in header["codebooks"] for r in entry["tensors"]]
     assert size.index_bits == sum(r["index_bits"] for r in records)
     assert size.gap_bits == sum(r.get("gap_bits", 0) for r in records) > 0
     stream_bytes = sum(r["index_blob"][1] + r.get("gap_blob", [0, 0])[1] for r in records)
     assert stream_bytes == sum((r["index_bits"] + 7) // 8 + (r.get("gap_bits", 0) + 7) // 8 for r in records)
     assert size == coded_size(onnx.load(source)) and size.ratio > 4
+
+
+def test_a_version_1_file_still_unpacks(tmp_path: Path) -> None:
+    """Files written before the LZMA layout (plain JSON header, zlib model) restore the same model."""
+    import hashlib
+
+    from qcompiler.codebook.qcz import MAGIC_V1
+
+    source = _clustered(tmp_path, PIPELINES["pruned-grid"])
+    pack(source, tmp_path / "v2.qcz")
+    raw = (tmp_path / "v2.qcz").read_bytes()[36:]
+    (length,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(lzma.decompress(raw[16 : 8 + length]))
+    blobs = bytearray(raw[8 + length :])
+    start, size = header["skeleton_blob"]
+    skeleton = zlib.compress(lzma.decompress(bytes(blobs[start : start + size])), 9)
+    header.update(version=1, skeleton_blob=[len(blobs), len(skeleton)])
+    text = json.dumps(header).encode()
+    payload = struct.pack("<Q", len(text)) + text + bytes(blobs) + skeleton
+    (tmp_path / "v1.qcz").write_bytes(MAGIC_V1 + hashlib.sha256(payload).digest() + payload)
+    assert unpack(tmp_path / "v1.qcz") == unpack(tmp_path / "v2.qcz")
+    assert (tmp_path / "v2.qcz").stat().st_size < (tmp_path / "v1.qcz").stat().st_size
 
 
 def test_altered_and_truncated_files_are_refused(tmp_path: Path) -> None:
@@ -112,33 +138,34 @@ def test_pack_of_a_model_without_clustered_weights(tmp_path: Path) -> None:
 
 # --- hostile files: a valid digest (anyone can compute one) over crafted contents ---------------
 
-def _craft(tmp_path, payload: bytes):
+def _craft(tmp_path, payload: bytes, version: int = 2):
     import hashlib
 
-    from qcompiler.codebook.qcz import MAGIC
+    from qcompiler.codebook.qcz import MAGIC, MAGIC_V1
 
     path = tmp_path / "crafted.qcz"
-    path.write_bytes(MAGIC + hashlib.sha256(payload).digest() + payload)
+    path.write_bytes((MAGIC if version == 2 else MAGIC_V1) + hashlib.sha256(payload).digest() + payload)
     return path
 
 
-def _with_header(header: dict, blobs: bytes = b"") -> bytes:
-    import json
-    import struct
+def _compress(data: bytes, version: int) -> bytes:
+    return lzma.compress(data, format=lzma.FORMAT_XZ, check=lzma.CHECK_NONE) if version == 2 else zlib.compress(data, 9)
 
-    text = json.dumps(header).encode()
+
+def _with_header(header: dict, blobs: bytes = b"", version: int = 2, declared: int | None = None) -> bytes:
+    text = json.dumps({**header, "version": version}).encode()
+    if version == 2:
+        text = struct.pack("<Q", len(text) if declared is None else declared) + _compress(text, 2)
     return struct.pack("<Q", len(text)) + text + blobs
 
 
-def _skeleton(graph_nodes: int = 1) -> bytes:
-    import zlib
-
+def _skeleton(graph_nodes: int = 1, version: int = 2) -> tuple[bytes, int]:
     from onnx import TensorProto, helper
 
     nodes = [helper.make_node("Identity", ["x"], ["y"])][:graph_nodes]
     model = helper.make_model(helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]))
     raw = model.SerializeToString()
-    return zlib.compress(raw), len(raw)
+    return _compress(raw, version), len(raw)
 
 
 def _record(**changes) -> dict:
@@ -157,43 +184,63 @@ def _record(**changes) -> dict:
     ("past-end", "lies past the end of the file's data"),
     ("bomb", "inflates past its declared 1000 bytes"),
     ("empty-graph", "holds an empty graph"),
+    ("cut-model", "cut short|cannot decode"),
+    ("header-bomb", "header: the header inflates past its declared 10 bytes"),
+    ("huge-header", "header: its declared size .* is over the limit"),
+    ("junk-header", "corrupt header"),
+    ("wrong-version", "not a version"),
 ])
-def test_a_crafted_file_is_one_clear_error_never_a_crash_or_a_bomb(tmp_path, case: str, message: str) -> None:
-    import zlib
-
-    from qcompiler.codebook.qcz import unpack
-
-    skeleton, size = _skeleton()
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_crafted_file_is_one_clear_error_never_a_crash_or_a_bomb(tmp_path, case: str, message: str, version: int) -> None:
+    if version == 1 and case in ("header-bomb", "huge-header"):
+        pytest.skip("a version 1 header is stored as is")
+    skeleton, size = _skeleton(version=version)
     blobs = b"\x00" + skeleton
-    header = {"version": 1, "codebooks": [{"codebook": "c", "index_lengths": [1, 1], "gap_lengths": None, "tensors": [_record()]}],
+    header = {"codebooks": [{"codebook": "c", "index_lengths": [1, 1], "gap_lengths": None, "tensors": [_record()]}],
               "skeleton_blob": [1, len(skeleton)], "skeleton_bytes": size}
+
     if case == "short":
         payload = b"\x01\x02"
     elif case == "long-header":
         payload = (10**9).to_bytes(8, "little") + b"{}"
     elif case == "not-onnx":
-        junk = zlib.compress(b"\xff" * 64)
+        junk = _compress(b"\xff" * 64, version)
         header.update(skeleton_blob=[1, len(junk)], skeleton_bytes=64)
-        payload = _with_header(header, b"\x00" + junk)
+        payload = _with_header(header, b"\x00" + junk, version)
     elif case == "object-dtype":
         header["codebooks"][0]["tensors"] = [_record(dtype="O")]
-        payload = _with_header(header, blobs)
+        payload = _with_header(header, blobs, version)
     elif case == "huge-shape":
         header["codebooks"][0]["tensors"] = [_record(shape=[1 << 20, 1 << 20], entries=4)]
-        payload = _with_header(header, blobs)
+        payload = _with_header(header, blobs, version)
     elif case == "long-codes":
         header["codebooks"][0]["index_lengths"] = [40, 40]
-        payload = _with_header(header, blobs)
+        payload = _with_header(header, blobs, version)
     elif case == "past-end":
         header["codebooks"][0]["tensors"] = [_record(index_blob=[0, 10**6])]
-        payload = _with_header(header, blobs)
+        payload = _with_header(header, blobs, version)
     elif case == "bomb":
-        bomb = zlib.compress(b"\x00" * (10 << 20), 9)
+        bomb = _compress(b"\x00" * (10 << 20), version)
         header.update(skeleton_blob=[1, len(bomb)], skeleton_bytes=1000)
-        payload = _with_header(header, b"\x00" + bomb)
+        payload = _with_header(header, b"\x00" + bomb, version)
+    elif case == "cut-model":
+        header.update(skeleton_blob=[1, len(skeleton) - 4])
+        payload = _with_header(header, blobs, version)
+    elif case == "header-bomb":
+        payload = _with_header(header, blobs, version, declared=10)
+    elif case == "huge-header":
+        payload = _with_header(header, blobs, version, declared=1 << 40)
+    elif case == "junk-header":
+        junk = (struct.pack("<Q", 100) + b"\xfd7zXZ junk") if version == 2 else b"{not json"
+        payload = struct.pack("<Q", len(junk)) + junk + blobs
+    elif case == "wrong-version":
+        text = json.dumps({**header, "version": 3 - version}).encode()
+        if version == 2:
+            text = struct.pack("<Q", len(text)) + _compress(text, 2)
+        payload = struct.pack("<Q", len(text)) + text + blobs
     else:  # empty-graph
-        empty, empty_size = _skeleton(graph_nodes=0)
+        empty, empty_size = _skeleton(graph_nodes=0, version=version)
         header.update(codebooks=[], skeleton_blob=[0, len(empty)], skeleton_bytes=empty_size)
-        payload = _with_header(header, empty)
+        payload = _with_header(header, empty, version)
     with pytest.raises(QCError, match=message):
-        unpack(_craft(tmp_path, payload))
+        unpack(_craft(tmp_path, payload, version))
