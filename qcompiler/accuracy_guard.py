@@ -146,16 +146,49 @@ def _sqnr(reference: np.ndarray, got: np.ndarray) -> float:
     return -math.inf if signal == 0.0 else 10.0 * math.log10(signal / noise)
 
 
-def layer_in_float(model: ir.Model, node_name: str, float_inputs: dict[int, ir.TensorProtocol | np.ndarray | None]) -> bool:
+@dataclass(frozen=True)
+class FloatLookup:
+    """A quantized embedding lookup (quantize-embeddings) as the guard puts it back in float: the
+    float ``table`` gathered again by the index tensor named ``ids``, in place of the output of the
+    node that dequantized the integer rows."""
+
+    table: np.ndarray
+    ids: str
+
+    def restore(self, model: ir.Model, node: ir.Node) -> bool:
+        graph = model.graph
+        ids = next((v for n in graph for v in n.inputs if v is not None and v.name == self.ids), None)
+        if ids is None:
+            return False
+        names = NameAuthority(graph)
+        table = add_initializer(graph, names, f"{node.name}_float_table", self.table)
+        gather = ir.Node("", "Gather", [table, ids], attributes=[ir.AttrInt64("axis", 0)], name=names.fresh(f"{node.name}_float"))
+        out = node.outputs[0]
+        gather.outputs[0].dtype, gather.outputs[0].shape = out.dtype, out.shape
+        graph.insert_before(node, gather)
+        name = out.name
+        out.replace_all_uses_with(gather.outputs[0], replace_graph_outputs=True)
+        out.name, gather.outputs[0].name = names.fresh(f"{name}_quantized_lookup"), name
+        RemoveUnusedNodesPass()(model)
+        return True
+
+
+#: What the guard needs to put one layer back in float: its float inputs by index, or a lookup.
+FloatLayer = dict[int, ir.TensorProtocol | np.ndarray | None] | FloatLookup
+
+
+def layer_in_float(model: ir.Model, node_name: str, float_inputs: FloatLayer) -> bool:
     """Put one quantized layer of ``model`` back in float, in place: its float weight and bias as
     initializers, and its activation inputs read unrounded where a QuantizeLinear ->
     DequantizeLinear pair stood (other readers keep the quantizer). Its output quantizer stays:
     the next quantized ops read integers from it, and it does the work of any activation it
-    absorbed. False if the node is not there."""
+    absorbed. A `FloatLookup` gathers its float table again instead. False if the node is not there."""
     graph = model.graph
     node = next((n for n in graph if n.name == node_name), None)
     if node is None:
         return False
+    if isinstance(float_inputs, FloatLookup):
+        return float_inputs.restore(model, node)
     names = NameAuthority(graph)
     for index, array in sorted(float_inputs.items(), reverse=True):
         if index >= len(node.inputs):
@@ -208,7 +241,7 @@ def _saturation_bounds(q: ir.Node) -> tuple[float, float] | None:
 def guard(
     float_proto: onnx.ModelProto,
     model: ir.Model,
-    float_layers: dict[str, dict[int, ir.TensorProtocol | np.ndarray | None]],
+    float_layers: dict[str, FloatLayer],
     data: DataSource,
     goal: Goal,
     *,

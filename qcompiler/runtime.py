@@ -58,7 +58,7 @@ def with_extra_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.Mod
     existing = {o.name for o in copy.graph.output}
     types = {vi.name: vi.type for vi in [*copy.graph.value_info, *copy.graph.input, *copy.graph.output]}
     for name in names:
-        if name in existing:
+        if name in existing or not name:  # "": an optional output left out, nothing to return
             continue
         vi = onnx.ValueInfoProto(name=name)
         if name in types:

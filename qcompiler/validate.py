@@ -37,6 +37,7 @@ RULES: dict[str, str] = {
     "fusion": "no Q/DQ pair between a quantized op and the activation the target fuses into it",
     "saturation": "where the CPU compiled for adds pairs of uint8 x int8 products in int16 ([cpu] accumulation), no two weights of one sign in an output channel sum to more than the int16 limit allows (128)",
     "format": "a DequantizeLinear's qc.format metadata names a number format its storage type holds, and the stored values (or the Clip before it) lie in that format",
+    "embedding": "an embedding table stored as integers (Gather of an integer constant, then Cast; or GatherBlockQuantized) has the type, block size and lowering of the target's [embeddings]",
 }
 
 _FIXES: dict[str, str] = {
@@ -53,6 +54,7 @@ _FIXES: dict[str, str] = {
     "fusion": "remove the Q/DQ pair between the op and its activation; quantize after the activation",
     "saturation": "re-compile for this CPU (qc compile --target ort-cpu, or --cpu ISA), which narrows each channel just enough; or quantize with 7-bit weights (onnxruntime: reduce_range=True)",
     "format": "re-quantize the tensor into the format its qc.format names, or correct the metadata (qc compile writes it)",
+    "embedding": "re-compile for this target (quantize-embeddings stores tables as its [embeddings] says), or keep the table float",
 }
 
 
@@ -244,6 +246,8 @@ class _Checker:
             if node.op_type != "DequantizeLinear" and FORMAT_KEY in node.metadata_props:
                 for problem in format_violations(node):
                     self.add("format", node, problem)
+            if node.op_type in ("Gather", "GatherBlockQuantized"):
+                self._check_embedding(node)
             if node.op_type == "QuantizeLinear":
                 self._check_quantizer(node)
             elif node.op_type == "DequantizeLinear":
@@ -254,6 +258,30 @@ class _Checker:
                 else:
                     self._check_activation_dq(node)
         return self.violations
+
+    def _check_embedding(self, node: ir.Node) -> None:
+        """A table stored as integers and gathered as such, against the target's [embeddings]."""
+        table = node.inputs[0] if node.inputs else None
+        if table is None or not self._is_constant(table) or not _is_integer(table):
+            return
+        if node.op_type == "GatherBlockQuantized":
+            if node.domain != "com.microsoft":
+                return
+            lowering = "gather-block-quantized"
+        elif node.domain in ("", "ai.onnx") and any(c.op_type == "Cast" for c in node.outputs[0].consumers()):
+            lowering = "gather-cast-mul"
+        else:
+            return  # integer data gathered for its own sake (shapes, ids), not a dequantized table
+        how = self.target.embeddings
+        dtype = _dtype_name(_value_dtype(table))
+        if how is None:
+            self.add("embedding", node, f"table '{table.name}' is stored as {dtype}; target '{self.target.name}' keeps embedding tables float (no [embeddings])")
+        elif how.lowering != lowering:
+            self.add("embedding", node, f"table '{table.name}' is read by {lowering}; target '{self.target.name}' reads tables by {how.lowering}")
+        elif dtype != how.rule.dtype:
+            self.add("embedding", node, f"table '{table.name}' is stored as {dtype}; target '{self.target.name}' stores tables as {how.rule.dtype}")
+        elif lowering == "gather-block-quantized" and (block := node.attributes["block_size"].as_int() if "block_size" in node.attributes else 128) != how.rule.block_size:
+            self.add("embedding", node, f"table '{table.name}' has blocks of {block}; target '{self.target.name}' uses {how.rule.block_size}")
 
     def _check_quantizer(self, node: ir.Node) -> None:
         p = _qparams(node)

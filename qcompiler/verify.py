@@ -91,7 +91,8 @@ def match_intermediates(float_model: onnx.ModelProto, quant_model: onnx.ModelPro
     producers = {}
     for node in float_model.graph.node:
         for out in node.output:
-            producers[out] = node
+            if out:  # "" is an optional output left out (a GRU's Y when only Y_h is used)
+                producers[out] = node
     quant_values: dict[str, str] = {}
     q_inputs = {node.output[0]: node.input[0] for node in quant_model.graph.node if node.op_type == "QuantizeLinear"}
     quant_names = {out for node in quant_model.graph.node for out in node.output} | {i.name for i in quant_model.graph.input}

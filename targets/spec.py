@@ -101,6 +101,31 @@ class TensorRule:
         return self.dtype in FLOAT8_DTYPES
 
 
+#: Ops whose weights ``[ops] weight_only`` may store quantized in front of a float kernel.
+WEIGHT_ONLY_OPS = ("LSTM", "GRU", "RNN")
+
+#: How a quantized embedding table is read (``[embeddings] lowering``).
+EMBEDDING_LOWERINGS = ("gather-cast-mul", "gather-block-quantized")
+
+
+@dataclass(frozen=True)
+class EmbeddingRule:
+    """``[embeddings]``: constant Gather tables (token embeddings) stored as integers, weight-only.
+
+    An embedding is read a few rows at a time, so it is gathered *as integers* and only those rows
+    are dequantized: ``gather-cast-mul`` (standard ops, any opset: Gather on the integer table,
+    Cast, Mul by each row's scale gathered beside it; per-row or per-tensor scales, 8-bit types,
+    since ONNX's Gather takes no 4-bit ones) or ``gather-block-quantized`` (onnxruntime's
+    com.microsoft GatherBlockQuantized kernel: 4-bit blocks along the row).
+    """
+
+    rule: TensorRule
+    lowering: str
+    #: Smaller tables stay float (position tables, small lookups): their bytes do not matter and
+    #: every row of them is read at every run.
+    min_elements: int = 4096
+
+
 @dataclass(frozen=True)
 class BiasRule:
     """Bias of Conv/Gemm: quantized to ``dtype`` with scale = input scale x weight scale."""
@@ -135,6 +160,10 @@ class OpRules:
     #: also in ``quantized`` is quantized: TOML cannot delete an inherited key, so a file extending
     #: this one quantizes such an op by listing it there.
     kept_float: tuple[tuple[str, str], ...] = ()
+    #: Ops that run in float but whose weights are stored quantized (the ``[weights]`` rule at the
+    #: default width) and dequantized in front of them: recurrent layers, which no integer kernel
+    #: here runs (quantize-recurrent-weights; LSTM, GRU and RNN).
+    weight_only: tuple[str, ...] = ()
 
     def float_reason(self, op_type: str) -> str | None:
         """Why the target keeps ``op_type`` float, when its file says so."""
@@ -239,6 +268,8 @@ class TargetSpec:
     #: ``[energy] table``: the energy-per-operation table `qc cost` uses, a built-in name
     #: (``targets/energy/NAME.toml``) or a .toml path relative to the target file.
     energy_table: str = "horowitz-45nm"
+    #: ``[embeddings]``: how constant Gather tables are stored (None: they stay float).
+    embeddings: EmbeddingRule | None = None
 
     def quantizes(self, op_type: str) -> bool:
         return op_type in self.ops.quantized
@@ -250,6 +281,8 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "activations": {"quantize": (bool, False), "dtype": (str, True), "symmetric": (bool, True), "granularity": (str, True), "narrow_range": (bool, False), "also_accepted": (list, False)},
     "weights": {"dtype": (str, True), "symmetric": (bool, True), "granularity": (str, True), "narrow_range": (bool, False), "also_accepted": (list, False), "block_size": (int, False)},
     "bias": {"quantize": (bool, False), "dtype": (str, False)},
+    "embeddings": {"dtype": (str, True), "symmetric": (bool, True), "granularity": (str, True), "narrow_range": (bool, False), "block_size": (int, False),
+                   "lowering": (str, True), "min_elements": (int, False)},
     "ops": {
         "quantized": (list, True),
         "passthrough": (list, False),
@@ -261,6 +294,7 @@ _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
         "activation_fusion": (str, False),
         "float_fallback": (bool, False),
         "kept_float": (dict, False),
+        "weight_only": (list, False),
     },
     "cost": {"source": (str, True), "mac": (dict, False), "op": (dict, False)},
     "bits": {"allowed": (list, False), "native": (list, False), "activations": (list, False), "default": (int, False)},
@@ -368,9 +402,10 @@ def _tensor_rule(data: dict[str, Any], section: str, path: Path) -> TensorRule:
     if stray := [d for d in also if d not in names]:
         raise QCError(f"'{stray[0]}' is not a supported dtype (accepted: {', '.join(names)})", file=f"{path}:{section}.also_accepted")
     block = data[section].get("block_size", 0)
-    if granularity == "per-block" and (section != "weights" or block < 2):
-        where = "granularity" if section != "weights" else "block_size"
-        raise QCError("per-block quantization needs weights with block_size >= 2" if section == "weights" else "only weights can be quantized per-block", file=f"{path}:{section}.{where}")
+    blockable = section in ("weights", "embeddings")
+    if granularity == "per-block" and (not blockable or block < 2):
+        where = "block_size" if blockable else "granularity"
+        raise QCError(f"per-block quantization needs {section} with block_size >= 2" if blockable else "only weights and embeddings can be quantized per-block", file=f"{path}:{section}.{where}")
     if block and granularity != "per-block":
         raise QCError(f"block_size applies to granularity = \"per-block\" (this section is {granularity})", file=f"{path}:{section}.block_size")
     return TensorRule(
@@ -419,7 +454,7 @@ def load_target(name_or_path: str, cpu: str | None = None) -> TargetSpec:
     data = _raw(path)
     weight_only = data.get("activations", {}).get("quantize", True) is False
     for section, keys in _SCHEMA.items():
-        if section == "cpu" and section not in data:
+        if section in ("cpu", "embeddings") and section not in data:
             continue  # an optional section; its keys are required once it is there
         for key, (_, required) in keys.items():
             if required and key != "extends" and not (section == "activations" and weight_only):
@@ -446,7 +481,10 @@ def load_target(name_or_path: str, cpu: str | None = None) -> TargetSpec:
         activation_fusion=_choice(data["ops"], "activation_fusion", ("remove", "keep"), f"{path}:ops.activation_fusion"),
         float_fallback=data["ops"].get("float_fallback", True),
         kept_float=_kept_float(data, path),
+        weight_only=_str_list(data, "weight_only", path),
     )
+    if stray := [op for op in ops.weight_only if op not in WEIGHT_ONLY_OPS]:
+        raise QCError(f"'{stray[0]}' cannot be weight-only here (supported: {', '.join(WEIGHT_ONLY_OPS)})", file=f"{path}:ops.weight_only")
     if stray := [op for op in ops.integer_passthrough if op not in ops.passthrough]:
         raise QCError(f"'{stray[0]}' is not in ops.passthrough", file=f"{path}:ops.integer_passthrough")
     mac = data.get("cost", {}).get("mac", {})
@@ -533,6 +571,7 @@ def load_target(name_or_path: str, cpu: str | None = None) -> TargetSpec:
             else:
                 weights = dataclasses.replace(weights, pair_sum_limit=pair_sum_limit())
     speed = _speed_rules(data.get("speed", {}), path)
+    embeddings = _embedding_rule(data, min_opset, path) if "embeddings" in data else None
     return TargetSpec(
         name=data["name"],
         description=data.get("description", ""),
@@ -551,7 +590,35 @@ def load_target(name_or_path: str, cpu: str | None = None) -> TargetSpec:
         machine=machine,
         speed=speed,
         energy_table=_energy_table(data.get("energy", {}), path),
+        embeddings=embeddings,
     )
+
+
+def _embedding_rule(data: dict[str, Any], min_opset: int, path: Path) -> EmbeddingRule:
+    rule = _tensor_rule(data, "embeddings", path)
+    table = data["embeddings"]
+    lowering = _choice(table, "lowering", EMBEDDING_LOWERINGS, f"{path}:embeddings.lowering")
+    where = f"{path}:embeddings"
+    if rule.is_float8:
+        raise QCError(f"embeddings are stored as integers; {rule.dtype} is not one", file=f"{where}.dtype")
+    if lowering == "gather-cast-mul":
+        if rule.dtype not in ("int8", "uint8"):
+            raise QCError(f"gather-cast-mul gathers the integer table with ONNX Gather, which takes 8-bit types, not {rule.dtype}: use int8, or lowering = \"gather-block-quantized\"", file=f"{where}.dtype")
+        if rule.granularity == "per-block":
+            raise QCError("gather-cast-mul scales whole rows: granularity \"per-channel\" (a scale per row) or \"per-tensor\"", file=f"{where}.granularity")
+    else:
+        if rule.dtype not in ("int4", "uint4") or rule.granularity != "per-block":
+            raise QCError("gather-block-quantized (onnxruntime's GatherBlockQuantized) reads int4 or uint4 blocks: dtype int4/uint4, granularity \"per-block\"", file=f"{where}.granularity")
+        if rule.dtype == "int4" and not rule.symmetric:
+            raise QCError("GatherBlockQuantized reads int4 blocks with zero point 0: symmetric = true (or dtype uint4 for zero points)", file=f"{where}.symmetric")
+        if rule.block_size < 16 or rule.block_size & (rule.block_size - 1):
+            raise QCError(f"GatherBlockQuantized needs a power-of-two block_size >= 16, got {rule.block_size}", file=f"{where}.block_size")
+        if min_opset < 21:
+            raise QCError("4-bit tables need opset 21 (int4/uint4 tensors): set min_opset = 21", file=f"{path}:min_opset")
+    min_elements = table.get("min_elements", 4096)
+    if min_elements < 0:
+        raise QCError(f"expected a count >= 0, got {min_elements}", file=f"{where}.min_elements")
+    return EmbeddingRule(rule=rule, lowering=lowering, min_elements=min_elements)
 
 
 def _energy_table(table: dict[str, Any], path: Path) -> str:
@@ -650,7 +717,12 @@ def target_to_toml(spec: TargetSpec) -> str:
         lines += [f"block_size = {rule.block_size}"] if rule.block_size else []
         lines += [""]
     lines += ["[bias]", f"quantize = {fmt(spec.bias.quantize)}", f"dtype = {fmt(spec.bias.dtype)}", ""]
-    lines += ["[ops]"] + [f"{k} = {fmt(getattr(spec.ops, k))}" for k in ("quantized", "passthrough", "fused_activations", "shared_scale", "quantize_graph_outputs", "integer_passthrough", "placement", "activation_fusion", "float_fallback")] + [""]
+    if spec.embeddings is not None:
+        e = spec.embeddings
+        lines += ["[embeddings]", f"dtype = {fmt(e.rule.dtype)}", f"symmetric = {fmt(e.rule.symmetric)}", f"granularity = {fmt(e.rule.granularity)}", f"narrow_range = {fmt(e.rule.narrow_range)}"]
+        lines += [f"block_size = {e.rule.block_size}"] if e.rule.block_size else []
+        lines += [f"lowering = {fmt(e.lowering)}", f"min_elements = {e.min_elements}", ""]
+    lines += ["[ops]"] + [f"{k} = {fmt(getattr(spec.ops, k))}" for k in ("quantized", "passthrough", "fused_activations", "shared_scale", "quantize_graph_outputs", "integer_passthrough", "placement", "activation_fusion", "float_fallback", "weight_only")] + [""]
     if spec.ops.kept_float:
         lines += ["[ops.kept_float]"] + [f"{key(op)} = {fmt(reason)}" for op, reason in spec.ops.kept_float] + [""]
     lines += ["[bits]", f"allowed = {fmt(list(spec.bits.allowed))}", f"native = {fmt(list(spec.bits.native))}", f"activations = {fmt(list(spec.bits.activations))}"]

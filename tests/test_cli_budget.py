@@ -60,7 +60,7 @@ def test_budget_compiles_mixed_widths_within_the_size_budget(tmp_path: Path) -> 
 
 def test_budget_fills_in_the_target_mixed_pipeline() -> None:
     text = budget_pipeline(load_target("ort-cpu"), "bits=4.5")
-    assert text == "infer-shapes,fold-constants,fold-batchnorm,hessian-trace,assign-precision{budget=bits=4.5},calibrate{method=mse},insert-qdq"
+    assert text == "infer-shapes,fold-constants,fold-batchnorm,hessian-trace,assign-precision{budget=bits=4.5},calibrate{method=mse},insert-qdq,quantize-embeddings,quantize-recurrent-weights"
 
 
 def test_budget_with_pipeline_is_refused(tmp_path: Path) -> None:

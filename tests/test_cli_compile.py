@@ -48,7 +48,7 @@ def test_readme_command_writes_a_verified_int8_model(compiled, cifar_test_npz: P
     assert v["outputs"][0]["sqnr_db"] > 20
     assert v["size"]["quantized_weight_bytes"] < v["size"]["float_weight_bytes"] / 3.5
     assert report["target"] == "ort-cpu" and report["schema_version"] == 4 and report["schema"] == "qcompiler/report"
-    assert [p["name"] for p in report["passes"]] == ["infer-shapes", "fold-constants", "fold-batchnorm", "calibrate", "insert-qdq"]
+    assert [p["name"] for p in report["passes"]] == ["infer-shapes", "fold-constants", "fold-batchnorm", "calibrate", "insert-qdq", "quantize-embeddings", "quantize-recurrent-weights"]
     assert len(v["layers"]) > 19
     # Every matched intermediate is a like-for-like comparison (no integer tensor read as float).
     assert min(layer["sqnr_db"] for layer in v["layers"]) > 15

@@ -384,3 +384,22 @@ def test_rule_saturation_weights_compiled_for_vnni_checked_for_avx2(calib: Path)
     assert flagged == {"saturation"}
     assert validate(for_avx2, spec("avx2")) == []
     assert validate(for_vnni, spec("avx512-vnni")) == []
+
+
+def test_rule_embedding_tables_checked_against_the_target() -> None:
+    """A table stored as integers must have the type and lowering of the target's [embeddings]."""
+    import dataclasses
+
+    from qcompiler.pass_manager import PassManager
+    from qcompiler.passes.quantize_embeddings import QuantizeEmbeddings
+    from tests.passes.test_quantize_embeddings import RULES, _ctx, _lookup_model
+
+    model, _ = _lookup_model()
+    blocks = PassManager.run_one(QuantizeEmbeddings(), model, _ctx(RULES["int4 blocks"])).model
+    assert [v.rule for v in validate(blocks, dataclasses.replace(load_target("ort-cpu-int4"), embeddings=RULES["int4 blocks"]))] == []
+    found = validate(blocks, load_target("ort-cpu-int4"))  # the built-in target reads int8 rows
+    assert [v.rule for v in found] == ["embedding"] and "gather-cast-mul" in found[0].message
+    rows = PassManager.run_one(QuantizeEmbeddings(), _lookup_model()[0], _ctx(RULES["int8 rows"])).model
+    assert validate(rows, load_target("ort-cpu-int4")) == []
+    found = validate(rows, load_target("tensorrt"))
+    assert [v.rule for v in found] == ["embedding"] and "keeps embedding tables float" in found[0].message
