@@ -381,8 +381,17 @@ def main() -> None:
     print()
     for bar in bars:
         print(bar)
-    args.json.write_text(json.dumps({"machine": mach, "rows": [asdict(r) for r in rows]}, indent=1))
-    print(f"wrote {rel(args.json)}")
+    # A run of some networks or tools replaces their rows only: the file keeps the others' last run.
+    fresh = [asdict(r) for r in rows]
+    done = {(r["net"], r["tool"]) for r in fresh}
+    kept = []
+    if args.json.exists():
+        try:
+            kept = [r for r in json.loads(args.json.read_text()).get("rows", []) if (r.get("net"), r.get("tool")) not in done]
+        except (ValueError, AttributeError):
+            kept = []
+    args.json.write_text(json.dumps({"machine": mach, "rows": kept + fresh}, indent=1))
+    print(f"wrote {rel(args.json)} ({len(fresh)} rows from this run, {len(kept)} kept from earlier runs)")
     raise SystemExit(1 if any(b.startswith("FAIL") for b in bars) else 0)
 
 
