@@ -34,10 +34,9 @@ from qcompiler.quant.observers import Observer
 from qcompiler.quant.uniform import affine_params, dequantize, int32_bias_scale_floor, quantize, raise_scales
 from qcompiler.registry import register_pass
 from qcompiler.cost_model import storage_dtype, storage_width
-from qcompiler.quant.weights import FLOAT8_NUMPY, RoundedWeight, WeightRange, dequantize_weight, quantize_float8, quantize_weight, weight_layout, weight_qrange
+from qcompiler.quant.weights import RoundedWeight, WeightRange, dequantize_weight, quantize_float8, quantize_weight, stored_tensor, weight_layout, weight_qrange
 from qcompiler.targets.spec import FLOAT8_DTYPES, FLOAT_WIDTH, INTEGER_DTYPES, IR_TYPES, TargetSpec, TensorRule
 
-_NP_DTYPES = {"int4": np.int8, "uint4": np.uint8, "int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16, "int32": np.int32, **FLOAT8_NUMPY}
 
 
 class _UnionFind:
@@ -819,7 +818,7 @@ class _Rewriter:
         return IR_TYPES[dtype]
 
     def _as_qtype(self, array: np.ndarray, dtype: str) -> ir.TensorProtocol:
-        return ir.tensor(np.asarray(array).astype(_NP_DTYPES[dtype]), dtype=IR_TYPES[dtype])
+        return stored_tensor(array, dtype)
 
     def _drop_if_unused(self, value: ir.Value) -> None:
         if not value.uses() and value.name in self.graph.initializers and not value.is_graph_input() and not value.is_graph_output():

@@ -26,8 +26,6 @@ input of whatever quantizer insert-qdq put after the lookup.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import onnx_ir as ir
 
@@ -36,12 +34,9 @@ from qcompiler.ir import NameAuthority, add_initializer, opset_version
 from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.precision import FLOAT_LAYER_INPUTS_FACT
 from qcompiler.quant.uniform import sqnr_db
-from qcompiler.quant.weights import dequantize_weight, quantize_weight
+from qcompiler.quant.weights import dequantize_weight, quantize_weight, stored_bytes, stored_tensor
 from qcompiler.registry import register_pass
-from qcompiler.targets.spec import IR_TYPES, EmbeddingRule
-
-#: numpy storage of each table type before ``ir.tensor`` packs it (4-bit values travel as int8/uint8).
-_NP_STORAGE = {"int4": np.int8, "uint4": np.uint8, "int8": np.int8, "uint8": np.uint8}
+from qcompiler.targets.spec import EmbeddingRule
 
 
 @register_pass
@@ -71,8 +66,7 @@ class QuantizeEmbeddings(Pass):
             axis = 1 if how.rule.granularity == "per-block" else (0 if how.rule.granularity == "per-channel" else None)
             codes, scale, zero_point = quantize_weight(table, how.rule, how.rule.bits, axis)
             restored = dequantize_weight(codes, scale, zero_point, how.rule, axis)
-            stored = ir.tensor(codes.astype(_NP_STORAGE[how.rule.dtype]), dtype=IR_TYPES[how.rule.dtype], name=f"{value.name}_quantized")
-            table_q = add_initializer(graph, names, f"{value.name}_quantized", stored)
+            table_q = add_initializer(graph, names, f"{value.name}_quantized", stored_tensor(codes, how.rule.dtype))
             for gather in lookups:
                 ids = gather.inputs[1].name
                 if how.lowering == "gather-cast-mul":
@@ -84,7 +78,7 @@ class QuantizeEmbeddings(Pass):
             if not value.uses() and not value.is_graph_output():
                 graph.initializers.pop(value.name)
             tables.append({"table": value.name, "shape": list(table.shape), "lookups": len(lookups), "float_bytes": table.nbytes,
-                           "stored_bytes": _stored_bytes(codes.size, how.rule.bits) + scale.size * 4 + (_stored_bytes(zero_point.size, how.rule.bits) if np.any(zero_point) else 0),
+                           "stored_bytes": stored_bytes(codes, scale, zero_point, how.rule.dtype),
                            "weight_sqnr_db": round(sqnr_db(table, restored), 2)})
         for t in tables:
             ctx.note(self.name, f"table '{t['table']}' {t['shape']}: {how.rule.dtype} {how.rule.granularity} ({how.lowering}), "
@@ -178,8 +172,7 @@ def _lower_gather_block_quantized(model: ir.Model, names: NameAuthority, gather:
     inputs = [table_q, gather.inputs[1], add_initializer(graph, names, f"{table_q.name}_scales", np.asarray(scale, np.float32))]
     default_zero = 8 if how.rule.dtype == "uint4" else 0
     if np.any(zero_point != default_zero):
-        stored = ir.tensor(np.asarray(zero_point).astype(_NP_STORAGE[how.rule.dtype]), dtype=IR_TYPES[how.rule.dtype])
-        inputs.append(add_initializer(graph, names, f"{table_q.name}_zero_points", stored))
+        inputs.append(add_initializer(graph, names, f"{table_q.name}_zero_points", stored_tensor(zero_point, how.rule.dtype)))
     node = ir.Node("com.microsoft", "GatherBlockQuantized", inputs, attributes=[ir.AttrInt64("gather_axis", 0), ir.AttrInt64("quantize_axis", 1),
                                                                                  ir.AttrInt64("block_size", how.rule.block_size)], name=names.fresh(f"{base}_blocks"))
     node.outputs[0].dtype, node.outputs[0].shape = ir.DataType.FLOAT, out.shape
@@ -197,8 +190,4 @@ def _take_over(graph: ir.Graph, gather: ir.Node, result: ir.Value) -> None:
     out.replace_all_uses_with(result, replace_graph_outputs=True)
     graph.remove(gather, safe=True)
     result.name = name
-
-
-def _stored_bytes(count: int, bits: int) -> int:
-    return math.ceil(count * bits / 8)
 

@@ -18,7 +18,6 @@ Runs after insert-qdq, which leaves recurrent ops float.
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import numpy as np
 import onnx_ir as ir
@@ -28,16 +27,15 @@ from qcompiler.ir import NameAuthority, add_initializer, opset_version
 from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.precision import FLOAT_LAYER_INPUTS_FACT
 from qcompiler.quant.uniform import sqnr_db
-from qcompiler.quant.weights import dequantize_weight, quantize_weight
+from qcompiler.quant.weights import dequantize_weight, quantize_weight, stored_bytes, stored_tensor
 from qcompiler.registry import register_pass
-from qcompiler.targets.spec import IR_TYPES
+from qcompiler.targets.spec import INTEGER_DTYPES
 
 #: Inputs of LSTM/GRU/RNN that are weights: W (input weights) and R (recurrence weights), each
 #: [directions, gates x hidden, input or hidden].
 _WEIGHT_INPUTS = (1, 2)
 #: Gate rows are the output channels (axis 1); blocks run along the input axis (2).
 _CHANNEL_AXIS, _BLOCK_AXIS = 1, 2
-_NP_STORAGE = {"int4": np.int8, "uint4": np.uint8, "int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16}
 
 
 @register_pass
@@ -56,8 +54,8 @@ class QuantizeRecurrentWeights(Pass):
         bits = target.bits.default or rule.bits
         dtype = storage_dtype(target, bits)
         needed = 21 if rule.granularity == "per-block" or dtype in ("int4", "uint4") else 13
-        if dtype not in _NP_STORAGE or opset_version(model) < needed:
-            why = f"{dtype} weights are not stored this way" if dtype not in _NP_STORAGE else f"per-channel or 4-bit DequantizeLinear needs opset {needed} (the model has {opset_version(model)})"
+        if dtype not in INTEGER_DTYPES or opset_version(model) < needed:
+            why = f"{dtype} weights are not stored this way" if dtype not in INTEGER_DTYPES else f"per-channel or 4-bit DequantizeLinear needs opset {needed} (the model has {opset_version(model)})"
             for node in layers:
                 ctx.note(self.name, f"weights stay float: {why}", node=node.name, level="float", op_type=node.op_type)
             return PassResult(model, False, {"layers": 0})
@@ -83,7 +81,7 @@ class QuantizeRecurrentWeights(Pass):
                 originals[index] = w
                 restored = dequantize_weight(codes, scale, zero_point, rule, axis)
                 records.append({"layer": node.name, "weight": value.name, "float_bytes": w.nbytes,
-                                "stored_bytes": math.ceil(codes.size * _bits(dtype) / 8) + np.size(scale) * 4 + (math.ceil(np.size(zero_point) * _bits(dtype) / 8) if np.any(zero_point) else 0),
+                                "stored_bytes": stored_bytes(codes, scale, zero_point, dtype),
                                 "weight_sqnr_db": round(sqnr_db(w, restored), 2)})
             if originals:
                 ctx.facts.setdefault(FLOAT_LAYER_INPUTS_FACT, {})[node.name] = originals
@@ -107,9 +105,9 @@ def _why_float(graph: ir.Graph, value: ir.Value | None) -> str | None:
 
 def _dequantize_node(graph: ir.Graph, names: NameAuthority, base: str, codes: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, dtype: str,
                      axis: int | None, block: int) -> ir.Node:
-    stored = add_initializer(graph, names, f"{base}_quantized", ir.tensor(codes.astype(_NP_STORAGE[dtype]), dtype=IR_TYPES[dtype]))
+    stored = add_initializer(graph, names, f"{base}_quantized", stored_tensor(codes, dtype))
     scale_value = add_initializer(graph, names, f"{base}_scale", np.asarray(scale, np.float32))
-    zp_value = add_initializer(graph, names, f"{base}_zero_point", ir.tensor(np.asarray(zero_point).astype(_NP_STORAGE[dtype]), dtype=IR_TYPES[dtype]))
+    zp_value = add_initializer(graph, names, f"{base}_zero_point", stored_tensor(zero_point, dtype))
     attributes = [] if axis is None else [ir.AttrInt64("axis", axis)]
     if block:
         attributes.append(ir.AttrInt64("block_size", block))
@@ -117,8 +115,4 @@ def _dequantize_node(graph: ir.Graph, names: NameAuthority, base: str, codes: np
     dq.outputs[0].name = names.fresh(f"{base}_dequantized")
     dq.outputs[0].dtype, dq.outputs[0].shape = ir.DataType.FLOAT, ir.Shape(list(codes.shape))
     return dq
-
-
-def _bits(dtype: str) -> int:
-    return int("".join(c for c in dtype if c.isdigit()))
 

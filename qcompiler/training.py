@@ -438,7 +438,7 @@ def fit(graph, ctx: PassContext, params: Mapping[str, object], held_zero: Mappin
     to all alike); the progress bar and ``step_lrs`` show the base rate.
 
     ``channels_last`` stores the 4-D parameters and image batches in NHWC memory order (see
-    `_to_channels_last`); for passes whose parameters are the graph's own weights (finetune-weights),
+    `_channels_last`); for passes whose parameters are the graph's own weights (finetune-weights),
     not the quantizer state the other training passes wrap around them.
     """
     import torch
@@ -450,9 +450,11 @@ def fit(graph, ctx: PassContext, params: Mapping[str, object], held_zero: Mappin
                       f"inputs here: {', '.join(f'{k} {a.shape}' for k, a in data.arrays.items())}", pass_name=pass_name, option="augment")
     images_in = image_inputs(data.arrays) if channels_last else []
     if images_in:
-        _to_channels_last(params, replace=False)
-        reference_overrides = dict(reference_overrides)
-        _to_channels_last(reference_overrides, replace=True)
+        # The parameters in place (the graph and the optimizer hold these objects), the reference
+        # values in a dict of our own.
+        for p in params.values():
+            p.data = _channels_last(p.data)
+        reference_overrides = {name: _channels_last(t) for name, t in reference_overrides.items()}
     keep = {name: torch.from_numpy(~mask).to(params[name].dtype) for name, mask in held_zero.items() if mask.any()}
     optimizer = _make_optimizer(settings, params, lr_multipliers)
     per_epoch = steps_per_epoch(data, settings.batch_size)
@@ -591,10 +593,8 @@ def fit(graph, ctx: PassContext, params: Mapping[str, object], held_zero: Mappin
         restored_epoch=restored, resumed_from_epoch=first_epoch, checkpoint=str(save_to) if save_to is not None and losses[first_epoch:] else "")
 
 
-def _to_channels_last(tensors: dict, *, replace: bool) -> None:
-    """Store the 4-D tensors of ``tensors`` in NHWC memory order: a `torch.nn.Parameter` in place
-    (its ``.data``; the graph and the optimizer keep the same object), any other tensor by
-    replacing its entry where ``replace`` (a dict of our own; never the caller's parameters).
+def _channels_last(t):
+    """A 4-D tensor in NHWC memory order (anything else as it is).
 
     oneDNN's CPU convolutions run about 1.5x faster on channels-last tensors than on NCHW ones
     (ResNet-32's 3x3 convolutions, forward and backward: a training step 15-20 % faster in all).
@@ -602,17 +602,13 @@ def _to_channels_last(tensors: dict, *, replace: bool) -> None:
     """
     import torch
 
-    for name, t in tensors.items():
-        if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            continue
-        if isinstance(t, torch.nn.Parameter):
-            t.data = t.data.contiguous(memory_format=torch.channels_last)
-        elif replace:
-            tensors[name] = t.detach().contiguous(memory_format=torch.channels_last)
+    if isinstance(t, torch.Tensor) and t.dim() == 4:
+        return t.detach().contiguous(memory_format=torch.channels_last)
+    return t
 
 
 def _channels_last_batch(images: np.ndarray):
-    """An image batch as a channels-last float torch tensor (see `_to_channels_last`)."""
+    """An image batch as a channels-last float torch tensor (see `_channels_last`)."""
     import torch
 
     return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 2, 3, 1))).permute(0, 3, 1, 2)

@@ -8,6 +8,7 @@ sensitivity estimates round onto the same `WeightGrid`, so what they measure is 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -19,7 +20,7 @@ from qcompiler.op_roles import input_roles
 from qcompiler.quant.formats import parse_format
 from qcompiler.quant.pair_limit import pair_safe_scale
 from qcompiler.quant.uniform import _MIN_SCALE, affine_params, channel_ranges, dequantize, mse_channel_ranges, per_channel, quantize
-from qcompiler.targets.spec import FLOAT8_DTYPES, TensorRule
+from qcompiler.targets.spec import FLOAT8_DTYPES, INTEGER_DTYPES, IR_TYPES, TensorRule
 
 
 #: The weight width that is bipolar: values -scale and +scale (integers -1 and +1, zero point 0),
@@ -241,6 +242,22 @@ def quantize_float8(x: np.ndarray, dtype: str, ranges: tuple[np.ndarray, np.ndar
 FLOAT8_FORMATS = {"float8e4m3fn": parse_format("e4m3fn"), "float8e5m2": parse_format("e5m2")}
 #: The numpy (ml_dtypes) type each float8 dtype is stored in.
 FLOAT8_NUMPY = {"float8e4m3fn": ml_dtypes.float8_e4m3fn, "float8e5m2": ml_dtypes.float8_e5m2}
+#: The numpy type each stored dtype name travels in before ``ir.tensor`` packs it (4-bit values as
+#: int8/uint8).
+STORAGE_NUMPY = {"int4": np.int8, "uint4": np.uint8, "int8": np.int8, "uint8": np.uint8, "int16": np.int16, "uint16": np.uint16, "int32": np.int32, **FLOAT8_NUMPY}
+
+
+def stored_tensor(values: np.ndarray, dtype: str) -> ir.TensorProtocol:
+    """``values`` (codes, zero points) as an ONNX tensor of the dtype named ``dtype`` (``int4``...)."""
+    return ir.tensor(np.asarray(values).astype(STORAGE_NUMPY[dtype]), dtype=IR_TYPES[dtype])
+
+
+def stored_bytes(codes: np.ndarray, scale: np.ndarray, zero_point: np.ndarray, dtype: str) -> int:
+    """Bytes an integer weight takes as stored: its codes and zero points at the dtype's width
+    (zero points only where not all 0), float32 scales."""
+    bits = INTEGER_DTYPES[dtype][2]
+    zero_points = math.ceil(np.size(zero_point) * bits / 8) if np.any(zero_point) else 0
+    return math.ceil(np.size(codes) * bits / 8) + np.size(scale) * 4 + zero_points
 
 
 def _blocks(w: np.ndarray, axis: int, block: int):
