@@ -104,9 +104,17 @@ def stored_weight_bytes(path: Path) -> tuple[int, float]:
         total += sum(a.nbytes for a in arrays)
         codes = arrays[0].astype(np.int64)
         top = int(np.max(np.abs(codes)))
-        # Bipolar codes (only -1 and +1, no zero) are one bit each.
+        # Bipolar codes (only -1 and +1, no zero) are one bit each; otherwise the narrowest
+        # two's-complement width holding each output channel's codes ([-1, 1] and [-2, 1] are both
+        # 2 bits), a channel fold-batchnorm negated ([-1, 2]) read as its mirror.
         bipolar = top == 1 and not np.any(codes == 0)
-        bits += codes.size * (1 if bipolar or not top else int(np.ceil(np.log2(top + 1))) + 1)
+        per_channel = codes.ndim > 1 and dq.input[1] in inits and len(inits[dq.input[1]].dims) == 1 and inits[dq.input[1]].dims[0] > 1
+        axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) % codes.ndim
+        rows = np.moveaxis(codes, axis, 0).reshape(codes.shape[axis], -1) if per_channel else codes.reshape(1, -1)
+        lo, hi = rows.min(axis=1), rows.max(axis=1)
+        lo, hi = np.where(hi > -lo, -hi, lo), np.where(hi > -lo, -lo, hi)
+        span = max(-int(lo.min()), int(hi.max()) + 1)
+        bits += codes.size * (1 if bipolar or not top else int(np.ceil(np.log2(span))) + 1)
         count += codes.size
     return total, bits / max(count, 1)
 

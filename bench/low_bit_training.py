@@ -8,8 +8,10 @@
     python bench/low_bit_training.py --rows resnet20-w1       # W1A8 (bipolar) slb 2 epochs + qat (~25 min)
     python bench/low_bit_training.py --rows resnet20-cost     # slb vs qat at 4 bits: peak memory and time per epoch, 5,000 images (~5 min)
     python bench/low_bit_training.py --rows lenet --quick     # a smoke check of every LeNet row (~3 min)
+    python bench/low_bit_training.py --rows resnet20-bits-slb --target bench/targets/ort-cpu-full-low-bit.toml
+                                                              # the same rows with all 2^b codes of a width (2 bits: -2..1)
 
-Each row is one `qc compile` subprocess on the ort-cpu target (the command is printed beside it),
+Each row is one `qc compile` subprocess on the ort-cpu target or --target's (the command is printed beside it),
 so its peak memory is its own. Accuracy is measured in onnxruntime (ORT_ENABLE_ALL) on the model
 written: all 10,000 test images (CIFAR-10: the JPEG-decoded copy, for the drop against float)
 and, for CIFAR-10, the 1,000 lossless ones (absolute, beside the published figures). Training
@@ -175,9 +177,9 @@ def float_row(group: str, model: Path, test: Path, lossless: Path | None) -> Row
     return row
 
 
-def compile_row(spec: Spec) -> Row:
-    out = RESULTS / f"lbt_{spec.name}"
-    argv = [QC, "compile", rel(spec.model), "--target", "ort-cpu", "--calib", rel(spec.train), "--data", rel(spec.test),
+def compile_row(spec: Spec, target: str = "ort-cpu") -> Row:
+    out = RESULTS / f"lbt_{spec.name}" if target == "ort-cpu" else RESULTS / f"lbt_{spec.name}_{Path(target).stem}"
+    argv = [QC, "compile", rel(spec.model), "--target", target, "--calib", rel(spec.train), "--data", rel(spec.test),
             "-o", rel(out), "--force", "--latency-runs", "0", "--pipeline", spec.pipeline, *spec.extra]
     row = Row(spec.name, spec.group, spec.what, shell_line(["qc"] + argv[1:]))
     print(f"[{spec.name}] {row.command}", flush=True)
@@ -206,6 +208,7 @@ def main() -> None:
     parser.add_argument("--rows", default="lenet", help="groups to run: lenet, resnet20-w2, resnet20-w1, resnet20-bits, resnet20-bits-slb, resnet20-uniform, resnet20-cost (comma-separated)")
     parser.add_argument("--quick", action="store_true", help="1 epoch, 2 minutes per training pass: a smoke check")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--target", default="ort-cpu", help="the target every row compiles for: a built-in name or a .toml file")
     args = parser.parse_args()
     started = time.perf_counter()
     mach = machine()
@@ -223,7 +226,7 @@ def main() -> None:
         if family not in floats:
             floats[family] = float_row(family, spec.model, spec.test, spec.lossless)
             rows.append(floats[family])
-        rows.append(compile_row(spec))
+        rows.append(compile_row(spec, args.target))
     report(rows, floats, args.quick)
     print(f"\ntotal run time {time.perf_counter() - started:.0f} s")
     path = args.json or RESULTS / f"low_bit_training_{'_'.join(groups)}{'_quick' if args.quick else ''}.json"

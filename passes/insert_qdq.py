@@ -671,6 +671,12 @@ class _Rewriter:
         if rounded is not None and rounded.matches(w, ax, bits):
             # A training pass (adaround) chose each code on this very grid: store its codes.
             q, scale, zp = rounded.codes, rounded.grid.scale, rounded.grid.zero_point
+            lo, hi = INTEGER_DTYPES.get(self._weight_dtype(bits), (-(2**62), 2**62))[:2]
+            if q.size and (q.min() < lo or q.max() > hi):
+                # fold-batchnorm negated a channel holding the type's lowest code (-128 in int8
+                # became 128): one step less, the rest of the trained codes kept.
+                self.notes.add(f"{node.name}: {int(np.sum((q < lo) | (q > hi)))} code(s) of '{w_value.name}' in a channel a BatchNormalization fold negated lie outside {self._weight_dtype(bits)}: moved one step to its range")
+                q = np.clip(q, lo, hi)
             w = source = rounded.float_weight  # the error bias correction measures is against the float weight
         else:
             q, scale, zp = quantize_weight(w, rule, bits, ax, self.weight_range)

@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import onnx_ir as ir
 
 from qcompiler.budget import Budget
@@ -56,7 +57,7 @@ from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.precision import ACTIVATION_BITS_FACT, WEIGHT_BITS_FACT, checked_activation_bits
 from qcompiler.quant.learned_bits import BitNetQuantizer, UhlichQuantizer, allowed_ceil, initial_range
 from qcompiler.registry import register_pass
-from qcompiler.quant.weights import RoundedWeight, weight_grid
+from qcompiler.quant.weights import RoundedWeight, weight_grid, weight_qrange
 from qcompiler.targets.spec import FLOAT_WIDTH
 from qcompiler.training import TrainSettings, fit, output_value, steps_per_epoch, training_loss
 
@@ -147,7 +148,9 @@ class LearnBits(Pass):
             else:
                 # Started at the plain quantizer's (MSE-clipped below 4 bits) range for that width.
                 grid = weight_grid(layer.w, layer.layout.rule, initial, layer.layout.axis, "auto")
-                quantizers[layer.weight] = UhlichQuantizer(layer.w, layer.layout.axis, initial, allowed, initial_range(layer.w, layer.layout.axis, grid.scale, initial))
+                # The target's narrow widths include the code -2^(b-1) (low_bit_range = "full").
+                full = weight_qrange(layer.layout.rule, allowed[0])[0] == -(2 ** (allowed[0] - 1))
+                quantizers[layer.weight] = UhlichQuantizer(layer.w, layer.layout.axis, initial, allowed, initial_range(layer.w, layer.layout.axis, grid.scale, initial), full_range=full)
         cost_of, limit, unit = self._cost(model, ctx, layers, budget, activation_bits)
         smallest = cost_of({l.weight: (self.options.first_last_bits if i in ends else allowed[0]) for i, l in enumerate(layers)})
         if smallest > limit:
@@ -238,16 +241,17 @@ class LearnBits(Pass):
         for layer in layers:
             q = quantizers[layer.weight]
             codes, scale, bits = q.codes_and_scale(shadows[layer.weight].detach(), widths[layer.weight])
-            top = 2 ** (bits - 1) - 1
+            lo, top = weight_qrange(layer.layout.rule, bits)
+            codes = np.clip(codes, lo, top)  # a full-range quantizer's -2^(b-1) where the target is narrow at this width
             limit_pairs = layer.layout.rule.pair_sum_limit
             layer.bits = bits
-            if limit_pairs is not None and 2 * top > limit_pairs:
+            if limit_pairs is not None and 2 * max(-lo, top) > limit_pairs:
                 # Wide enough for this CPU's int16 pair sums to overflow: insert-qdq rounds it
                 # with its pair-safe scales instead (the trained float weight is written back).
                 model.graph.initializers[layer.weight].const_value = ir.tensor(shadows[layer.weight].detach().numpy(), name=layer.weight)
                 pair_limited[layer.weight] = bits
                 continue
-            rounded[layer.weight] = RoundedWeight(codes, grid_of(scale, -top, top, layer.layout.axis), bits, layer.w)
+            rounded[layer.weight] = RoundedWeight(codes, grid_of(scale, lo, top, layer.layout.axis), bits, layer.w)
         done = finish(model, ctx, training, layers, rounded, train_data=train_ctx.data, bn_samples=self.options.bn_samples,
                       widths_for_insert_qdq=pair_limited, activation_bits=activation_bits if self.options.activation_bits else None)
         for row in done["layers"]:

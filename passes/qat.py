@@ -190,6 +190,12 @@ class Qat(Pass):
                     layout = weight_layout(layer, codes, ctx.target, roles.weight_axis)
                     qmin, qmax = weight_qrange(layout.rule, bits)
                     lo, hi = np.full(scale.shape, qmin, np.int64), np.full(scale.shape, qmax, np.int64)
+                    if qmin != -qmax and axis is not None and scale.ndim == 1:
+                        # A full low-bit range ([-2^(b-1), 2^(b-1) - 1]) is not its own mirror: a channel
+                        # fold-batchnorm negated (a negative BatchNormalization scale) holds [-qmax, -qmin].
+                        offsets = np.asarray(zp, np.int64).reshape(-1) if np.size(zp) > 1 else np.asarray(zp, np.int64)
+                        top = np.moveaxis(codes.astype(np.int64), axis, 0).reshape(codes.shape[axis], -1).max(axis=1) - offsets
+                        lo, hi = np.where(top > qmax, -qmax, lo), np.where(top > qmax, -qmin, hi)
                     limit = layout.rule.pair_sum_limit if layout.rule.symmetric and qmax - qmin > (layout.rule.pair_sum_limit or 1 << 30) else None
                     if limit is not None:
                         # The pair-safe top of each channel, as insert-qdq proved it: kept while training.

@@ -135,11 +135,31 @@ def format_violations(node: ir.Node) -> list[str]:
     if storage is not None and (fmt.min_value < storage.min_value or fmt.max_value > storage.max_value):
         problems.append(f"{FORMAT_KEY} '{name}' holds values its storage type {storage.name} cannot")
     values = constant_array(codes) if codes is not None else None
+    if values is not None and isinstance(fmt, IntFormat) and fmt.signed:
+        values = _unmirrored(node, np.asarray(values), fmt)
     if values is not None:
         problems += _outside(np.asarray(values).astype(np.float32) if isinstance(fmt, FloatFormat) else np.asarray(values), fmt, name)
     elif codes is not None and (bounds := _clip_bounds(codes)) is not None and (bounds[0] < fmt.min_value or bounds[1] > fmt.max_value):
         problems.append(f"the Clip feeding it allows [{bounds[0]:g}, {bounds[1]:g}], wider than {FORMAT_KEY} '{name}'")
     return problems
+
+
+def _unmirrored(dq: ir.Node, values: np.ndarray, fmt: IntFormat) -> np.ndarray:
+    """``values`` with each output channel that only its negation fits in ``fmt`` negated back.
+    A full low-bit range is not its own mirror (int2: -2 to 1), and fold-batchnorm folds a
+    negative BatchNormalization scale into a channel's codes, not its (positive) scale: that
+    channel holds -1 to 2, the same int2 quantizer times -1. Per channel, zero point 0 only."""
+    scale = constant_array(dq.inputs[1]) if len(dq.inputs) > 1 and dq.inputs[1] is not None else None
+    zero = constant_array(dq.inputs[2]) if len(dq.inputs) > 2 and dq.inputs[2] is not None else None
+    if scale is None or np.size(scale) < 2 or values.ndim == 0 or (zero is not None and np.any(np.asarray(zero) != 0)):
+        return values
+    axis = (dq.attributes["axis"].as_int() if "axis" in dq.attributes else 1) % values.ndim
+    if values.shape[axis] != np.size(scale):
+        return values
+    flat = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
+    top, bottom = flat.max(axis=1), flat.min(axis=1)
+    flip = (top > fmt.max_value) & (top <= -fmt.min_value) & (bottom >= -fmt.max_value)
+    return values * per_channel(np.where(flip, -1, 1).astype(values.dtype), values.ndim, axis) if flip.any() else values
 
 
 def _outside(values: np.ndarray, fmt: NumberFormat, name: str) -> list[str]:

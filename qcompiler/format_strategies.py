@@ -20,7 +20,9 @@ the shared probe session, `FormatEvaluator.probe`) it spent:
   each one's top-1 predicted from the R^2 of its outputs (`AccuracyPredictor`; for an SQNR goal the
   probe's SQNR) until one is predicted to meet; that one is measured in full, then refined one bit
   at a time (`one_bit_neighbours`: narrower while it meets, wider while it misses), at most 3 full
-  evaluations (with two or more workers the guess and its narrower neighbour side by side).
+  evaluations (with two or more workers the guess and its narrower neighbour side by side); a
+  refinement step that misses beyond three standard errors on a 256-sample probe is not measured
+  in full (it cannot be the answer).
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ Strategy = Literal["exhaustive", "binary", "halving", "predictor"]
 STRATEGIES: tuple[str, ...] = ("exhaustive", "binary", "halving", "predictor")
 #: The predictor's refinement spends at most this many full evaluations (the issue's bar).
 PREDICTOR_FULL_EVALUATIONS = 3
+#: A refinement step is first probed on this many samples; one that misses the goal by more than
+#: `SCREEN_SIGMAS` / 2 times `Goal.sampling_error` (three standard errors) there is not measured in full.
+SCREEN_SAMPLES = 256
+SCREEN_SIGMAS = 3.0
 
 
 @dataclass(frozen=True)
@@ -210,6 +216,14 @@ def predictor(evaluator: FormatEvaluator, candidates: list[NumberFormat], goal: 
             margins.append(goal.max_drop - curve.drop(m.r2, float_top1))
         return min(margins) if margins else math.inf
 
+    def screened_out(fmt: NumberFormat) -> bool:
+        """Whether ``fmt`` misses the goal beyond doubt on `SCREEN_SAMPLES` samples: a step one bit
+        narrower often misses by far, and a full evaluation would only confirm it."""
+        if run.total <= SCREEN_SAMPLES:
+            return False
+        m = run.probe(fmt, SCREEN_SAMPLES)
+        return goal.margin(m) < -SCREEN_SIGMAS / 2 * goal.sampling_error(m, run.total)
+
     def next_step(current: NumberFormat, wider: bool, visited: set[NumberFormat]) -> NumberFormat | None:
         near = [f for f in one_bit_neighbours(current, wider=wider) if f in run.rank and f not in visited]
         return max(near, key=predicted_margin) if near else None
@@ -232,10 +246,11 @@ def predictor(evaluator: FormatEvaluator, candidates: list[NumberFormat], goal: 
         if step not in run.full:
             if len(run.full) >= PREDICTOR_FULL_EVALUATIONS:
                 break
-            run.measure([step])
+            if not screened_out(step):
+                run.measure([step])
         visited.add(step)
         current = step
-        if goal.meets(run.full[step]) != narrower:
+        if (step in run.full and goal.meets(run.full[step])) != narrower:
             break  # narrower: this one misses, the one before is the answer; wider: this one meets
     return run.outcome(predicted=guess)
 

@@ -76,7 +76,7 @@ import onnx_ir as ir
 from qcompiler.errors import QCError
 from qcompiler.ir import SOURCE_KEY, NameAuthority, add_initializer, constant_array, copy_model, to_proto, write_file_atomically
 from qcompiler.op_roles import input_roles
-from qcompiler.quant.weights import BIPOLAR_BITS
+from qcompiler.quant.weights import BIPOLAR_BITS, weight_qrange
 from qcompiler.targets.spec import INTEGER_BITS, TargetSpec
 
 QONNX_DOMAIN = "qonnx.custom_op.general"
@@ -294,7 +294,7 @@ class _Exporter:
         if bits == BIPOLAR_BITS:
             self._bipolar(dq, float_value, q, scale, zp, signed, source)
             return
-        narrow = bool(self.target.weights.narrow_range and signed and is_weight)
+        narrow = bool(signed and is_weight and weight_qrange(self.target.weights, bits)[0] == -(2 ** (bits - 1) - 1))
         qmin, qmax = quant_range(bits, signed, narrow)
         if q.size and (q.min() < qmin or q.max() > qmax):
             raise QCError(f"'{source}' holds integers in [{q.min()}, {q.max()}], outside the {bits}-bit Quant range [{qmin}, {qmax}]", node=dq.name)

@@ -47,6 +47,8 @@ INTEGER_BITS: dict[ir.DataType, tuple[int, bool]] = {IR_TYPES[name]: (bits, sign
 #: symmetric scale (max |x| maps to that value) and zero point 0; no narrower widths.
 FLOAT8_DTYPES = {"float8e4m3fn": 448.0, "float8e5m2": 57344.0}
 GRANULARITIES = ("per-tensor", "per-channel", "per-block")
+#: The code ranges of a weight narrower than its dtype (`TensorRule.low_bit_range`).
+LOW_BIT_RANGES = ("narrow", "full")
 #: A weight "width" of 32 in ``[bits] allowed`` means: leave this layer float.
 FLOAT_WIDTH = 32
 
@@ -59,6 +61,11 @@ class TensorRule:
     symmetric: bool
     granularity: str
     narrow_range: bool = False
+    #: Weights narrower than ``dtype`` (a width from assign-precision, learn-bits or slb, stored
+    #: in ``dtype``): ``"narrow"`` codes [-(2^(b-1) - 1), 2^(b-1) - 1], 2^b - 1 levels (2 bits is
+    #: ternary), or ``"full"`` [-2^(b-1), 2^(b-1) - 1], all 2^b codes. The kernels see int8 either
+    #: way; only the quantizer differs. None: as ``narrow_range``.
+    low_bit_range: str | None = None
     #: Other integer types the backend also runs for these tensors (``qc validate`` accepts them;
     #: compiling emits ``dtype``).
     also_accepted: tuple[str, ...] = ()
@@ -279,7 +286,7 @@ class TargetSpec:
 _SCHEMA: dict[str, dict[str, tuple[type | tuple[type, ...], bool]]] = {
     "": {"name": (str, True), "description": (str, False), "extends": (str, False), "min_opset": (int, True), "pipeline": (str, True), "mixed_pipeline": (str, False), "emit": (list, False)},
     "activations": {"quantize": (bool, False), "dtype": (str, True), "symmetric": (bool, True), "granularity": (str, True), "narrow_range": (bool, False), "also_accepted": (list, False)},
-    "weights": {"dtype": (str, True), "symmetric": (bool, True), "granularity": (str, True), "narrow_range": (bool, False), "also_accepted": (list, False), "block_size": (int, False)},
+    "weights": {"dtype": (str, True), "symmetric": (bool, True), "granularity": (str, True), "narrow_range": (bool, False), "low_bit_range": (str, False), "also_accepted": (list, False), "block_size": (int, False)},
     "bias": {"quantize": (bool, False), "dtype": (str, False)},
     "embeddings": {"dtype": (str, True), "symmetric": (bool, True), "granularity": (str, True), "narrow_range": (bool, False), "block_size": (int, False),
                    "lowering": (str, True), "min_elements": (int, False)},
@@ -408,11 +415,17 @@ def _tensor_rule(data: dict[str, Any], section: str, path: Path) -> TensorRule:
         raise QCError(f"per-block quantization needs {section} with block_size >= 2" if blockable else "only weights and embeddings can be quantized per-block", file=f"{path}:{section}.{where}")
     if block and granularity != "per-block":
         raise QCError(f"block_size applies to granularity = \"per-block\" (this section is {granularity})", file=f"{path}:{section}.block_size")
+    low_bit_range = data[section].get("low_bit_range")
+    if low_bit_range is not None and low_bit_range not in LOW_BIT_RANGES:
+        raise QCError(f"'{low_bit_range}' is not one of: {', '.join(LOW_BIT_RANGES)}", file=f"{path}:{section}.low_bit_range")
+    if low_bit_range is not None and not (data[section].get("symmetric") and INTEGER_DTYPES.get(dtype, (0, 0, 0, False))[3]):
+        raise QCError("low_bit_range applies to symmetric signed integer weights", file=f"{path}:{section}.low_bit_range")
     return TensorRule(
         dtype=dtype,
         symmetric=_require(data, section, "symmetric", path),
         granularity=granularity,
         narrow_range=data[section].get("narrow_range", False),
+        low_bit_range=low_bit_range,
         also_accepted=tuple(also),
         block_size=block,
     )
@@ -714,6 +727,7 @@ def target_to_toml(spec: TargetSpec) -> str:
             lines += [f"[{section}]", "quantize = false", ""]
             continue
         lines += [f"[{section}]", f"dtype = {fmt(rule.dtype)}", f"symmetric = {fmt(rule.symmetric)}", f"granularity = {fmt(rule.granularity)}", f"narrow_range = {fmt(rule.narrow_range)}", f"also_accepted = {fmt(list(rule.also_accepted))}"]
+        lines += [f"low_bit_range = {fmt(rule.low_bit_range)}"] if rule.low_bit_range else []
         lines += [f"block_size = {rule.block_size}"] if rule.block_size else []
         lines += [""]
     lines += ["[bias]", f"quantize = {fmt(spec.bias.quantize)}", f"dtype = {fmt(spec.bias.dtype)}", ""]

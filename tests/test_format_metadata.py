@@ -55,6 +55,22 @@ def test_a_stored_value_outside_the_format_is_a_violation() -> None:
     assert len(found) == 1 and found[0].node == dq.name and "not in qc.format 'int2' (the first: 3)" in found[0].message
 
 
+def test_a_channel_holding_the_negated_format_is_not_a_violation_but_a_wider_one_is() -> None:
+    """fold-batchnorm negates a channel's codes for a negative BatchNormalization scale: int2's
+    -2..1 becomes -1..2 there, the same quantizer times -1. A channel spanning -2..2 is not int2."""
+    model = _compile("ort-cpu", "infer-shapes,fold-constants,adaround{bits=2,iterations=0},calibrate,insert-qdq")
+    dq = _weight_dq(model)
+    codes = dq.inputs[0].const_value.numpy().copy()
+    codes[0] = 0
+    codes[0].reshape(-1)[:2] = (2, -1)  # channel 0 (the DequantizeLinear's axis): -1..2
+    dq.inputs[0].const_value = ir.tensor(codes, name=dq.inputs[0].name)
+    assert [v for v in validate(model, load_target("ort-cpu")) if v.rule == "format"] == []
+    codes[0].reshape(-1)[2] = -2  # now -2..2
+    dq.inputs[0].const_value = ir.tensor(codes, name=dq.inputs[0].name)
+    found = [v for v in validate(model, load_target("ort-cpu")) if v.rule == "format"]
+    assert len(found) == 1 and "not in qc.format 'int2' (the first: 2)" in found[0].message
+
+
 @pytest.mark.parametrize(("name", "message"), [("int<0>", "is not a number format"), ("e4m3fn", "is not stored in int8"), ("int16", "holds values its storage type int8 cannot")])
 def test_a_format_name_that_is_wrong_for_its_tensor_is_a_violation(name: str, message: str) -> None:
     model = _compile("ort-cpu")

@@ -131,3 +131,31 @@ def test_goal_margins_and_sampling_error() -> None:
     # Two binomial standard errors of top-1 on 25 samples (10.5 % disagree): ~12 points.
     assert goal.sampling_error(few, 100) == pytest.approx(200 * np.sqrt(0.105 * 0.895 / 25))
     assert not Goal(20.0, -1.0, lambda n: None).meets(Measurement(float("-inf"), 1.0, None, 0.0, failed=True))
+
+
+def test_a_refinement_step_that_misses_by_far_on_a_screen_is_not_measured_in_full(monkeypatch) -> None:
+    """The predictor probes each refinement step on 256 samples first: a step that misses the
+    goal beyond three standard errors there is dropped without a full evaluation, and the
+    answer is the one found with every step measured in full."""
+    import qcompiler.format_strategies as strategies
+
+    test = lenet.make_npz("test")
+    data = DataSource({"input": test["input"][:800]}, test["labels"][:800])
+    model, _ = upgraded_to(load_model(ROOT / "models" / "mnist_lenet5.onnx"), 21, "test", "int4 and float8")
+    ev = FormatEvaluator(model, data, parse_format("uint8"), model.graph.outputs[0].name, workers=1)
+    try:
+        goal = Goal(0.0, 0.5, ev.float_top1_on)
+        candidates = _by_cost(ev)
+        reference = run_strategy("exhaustive", ev, candidates, goal)
+        # A curve that guesses wide: the refinement walks narrower until a step misses.
+        screened = run_strategy("predictor", ev, candidates, goal, curve=AccuracyPredictor(0.5, -3.0))
+        screen = strategies.SCREEN_SAMPLES
+        monkeypatch.setattr(strategies, "SCREEN_SAMPLES", 10**6)
+        unscreened = run_strategy("predictor", ev, candidates, goal, curve=AccuracyPredictor(0.5, -3.0))
+    finally:
+        ev.close()
+    assert screened.choice == unscreened.choice == reference.choice
+    dropped = [parse_format(t["format"]) for t in screened.trail if not t["full"] and t["samples"] == screen and parse_format(t["format"]) not in screened.measured]
+    assert dropped, "the setting this test needs: a step that misses by far"
+    assert set(screened.measured) == set(unscreened.measured) - set(dropped)
+    assert all(not goal.meets(reference.measured[f]) for f in dropped)

@@ -3,7 +3,8 @@
 ``UhlichQuantizer`` (Uhlich et al., "Mixed Precision DNNs: All you need is a good
 parametrization", ICLR 2020): each layer learns its quantizer's step ``d`` and largest value
 ``q`` (both positive, stored as logarithms), and its width follows from them,
-``b = log2(q / d + 1) + 1`` (a symmetric quantizer with ``q / d`` positive levels). Gradients with
+``b = log2(q / d + 1) + 1`` (a symmetric quantizer with ``q / d`` positive levels; with
+``full_range`` one more negative level, the code ``-2^(b-1)``). Gradients with
 respect to ``d`` and ``q`` are well scaled where those with respect to ``b`` are not, which is
 why this trains where learning ``b`` directly struggles. Weights are divided by a fixed
 per-channel range first (their channel's largest magnitude), so one layer-wide ``d`` and ``q``
@@ -53,14 +54,16 @@ def initial_range(w: np.ndarray, axis: int | None, scale: np.ndarray, bits: int)
 class UhlichQuantizer:
     """A layer's symmetric weight quantizer with learned step and range (see the module doc)."""
 
-    def __init__(self, w: np.ndarray, axis: int | None, initial_bits: int, allowed: Sequence[int], initial_range: float = 1.0) -> None:
+    def __init__(self, w: np.ndarray, axis: int | None, initial_bits: int, allowed: Sequence[int], initial_range: float = 1.0, full_range: bool = False) -> None:
         """``initial_range``: where the range starts, as a fraction of each channel's largest
-        weight (1: min/max; below 4 bits a clipped range loses far less, see `initial_range`)."""
+        weight (1: min/max; below 4 bits a clipped range loses far less, see `initial_range`).
+        ``full_range``: the codes run from ``-(k + 1)`` to ``k`` (all ``2^b`` of a ``b``-bit
+        width, the target's ``low_bit_range = "full"``) instead of ``-k`` to ``k``."""
         import torch
 
         from qcompiler.quant.lsq import broadcast
 
-        self.axis, self.allowed = axis, sorted(allowed)
+        self.axis, self.allowed, self.full_range = axis, sorted(allowed), full_range
         self.range = _channel_range(w, axis)
         self._range_t = broadcast(torch.from_numpy(self.range), np.ndim(w), axis)
         k = 2 ** (initial_bits - 1) - 1
@@ -85,7 +88,7 @@ class UhlichQuantizer:
 
         d, q = self._d_q()
         x = w / self._range_t
-        x = torch.maximum(torch.minimum(x, q), -q)
+        x = torch.maximum(torch.minimum(x, q), -(q + d) if self.full_range else -q)
         return round_ste(x / d) * d * self._range_t
 
     def continuous_bits(self):
@@ -114,9 +117,9 @@ class UhlichQuantizer:
         with torch.no_grad():
             d, q = self._d_q()
             d = torch.maximum(d, q / top)
-            x = torch.maximum(torch.minimum(w / self._range_t, q), -q)
+            x = torch.maximum(torch.minimum(w / self._range_t, q), -(q + d) if self.full_range else -q)
             codes = torch.round(x / d).numpy().astype(np.int64)
-        return np.clip(codes, -top, top), (self.range * float(d)).astype(np.float32), bits
+        return np.clip(codes, -top - 1 if self.full_range else -top, top), (self.range * float(d)).astype(np.float32), bits
 
     def freeze(self, bits: int) -> None:
         """Fix the width at ``bits`` (an allowed one): the step follows the range from now on."""

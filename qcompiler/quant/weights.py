@@ -29,13 +29,17 @@ BIPOLAR_BITS = 1
 
 
 def weight_qrange(rule: TensorRule, bits: int) -> tuple[int, int]:
-    """The integer range of a ``bits``-wide weight under ``rule`` (narrow and symmetric as it says);
+    """The integer range of a ``bits``-wide weight under ``rule`` (narrow and symmetric as it says;
+    below the dtype's width, narrow as ``rule.low_bit_range`` says where it is set);
     at 1 bit (bipolar) [-1, 1], of which only -1 and +1 occur."""
     if bits == BIPOLAR_BITS:
         return -1, 1
     if rule.symmetric or rule.narrow_range:
         top = 2 ** (bits - 1) - 1
-        return (-top if rule.narrow_range else -top - 1), top
+        narrow = rule.narrow_range
+        if rule.low_bit_range is not None and bits < rule.bits:
+            narrow = rule.low_bit_range == "narrow"
+        return (-top if narrow else -top - 1), top
     return 0, 2**bits - 1
 
 

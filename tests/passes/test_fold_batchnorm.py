@@ -160,3 +160,24 @@ def test_resnet20_all_bns_fold_within_1e5(bundled_model, bundled_calib) -> None:
     assert ctx.stats["fold-batchnorm"] == {"folded": 19, "decomposed": 0}
     got = run(result.model, feed)
     assert np.max(np.abs(expected[0] - got[0])) <= TOL * max(1.0, float(np.max(np.abs(expected[0]))))
+
+
+def test_trained_codes_of_a_negated_channel_stay_in_the_storage_type() -> None:
+    """qnn stores int8 weights on [-128, 127]: fold-batchnorm negating a channel that holds -128
+    (bn1's channel 2 has a negative scale) gives 128, which int8 would wrap to -128. insert-qdq
+    moves it one step to 127 and says so; every other code is kept."""
+    import qcompiler
+    from qcompiler.data import DataSource
+    from tests.helpers import run, small_bn_cnn
+
+    x = np.random.default_rng(0).normal(0, 1, (64, 3, 8, 8)).astype(np.float32)
+    w1 = next(n for n in small_bn_cnn().graph if n.name == "conv1").inputs[1].const_value.numpy()
+    assert abs(w1[2].min()) > abs(w1[2].max()), "the setting this test needs: channel 2's largest weight is negative"
+    result = qcompiler.compile(small_bn_cnn(), "qnn", calibration=DataSource({"input": x}), verify=False,
+                               pipeline="infer-shapes,fold-constants,adaround{bits=8,iterations=0},fold-batchnorm,calibrate,insert-qdq")
+    conv1 = next(n for n in result.model.graph if n.name == "conv1")
+    codes = conv1.inputs[1].producer().inputs[0].const_value.numpy().astype(np.int64)
+    assert codes[2].max() == 127 and codes[2].min() > -128  # negated: its largest code is the clipped 128
+    assert any("moved one step" in d["message"] and "conv1" in d["message"] for d in result.report.diagnostics)
+    reference, out = run(small_bn_cnn(), {"input": x})[0], run(result.model, {"input": x})[0]
+    assert 10 * np.log10(np.sum(reference**2) / np.sum((reference - out) ** 2)) > 45

@@ -133,3 +133,27 @@ def test_keep_weights_hands_on_only_the_widths() -> None:
     for node, codes in _stored(lowered.model).items():
         bits = _stats(lowered)["widths"][node]
         assert np.abs(codes).max() <= 2 ** (bits - 1) - 1, node
+
+
+def test_full_low_bit_range_learns_and_stores_the_extra_negative_code(tmp_path) -> None:
+    """On a target with ``low_bit_range = "full"`` the learned quantizer uses all 2^b codes of a
+    width (-2^(b-1) included, mirrored in a channel fold-batchnorm negated); the model validates."""
+    from qcompiler.targets.spec import load_target
+    from qcompiler.validate import validate
+
+    target = tmp_path / "full.toml"
+    target.write_text('extends = "ort-cpu"\n[weights]\nlow_bit_range = "full"\n')
+    pipeline = f"infer-shapes,fold-constants,learn-bits{{budget=bits=3,initial-bits=3,epochs=1,batch-size=32,check-samples=128}},{TAIL}"
+    result = qcompiler.compile(small_bn_cnn(), str(target), calibration=_calib(), pipeline=pipeline, verify=False)
+    stats = _stats(result)
+    stored = _stored(result.model)
+    reached = False
+    for node, bits in stats["widths"].items():
+        top = 2 ** (bits - 1) - 1
+        for c, channel in enumerate(stored[node]):
+            lo, hi = (-top, top + 1) if (node, c) == ("conv1", 2) else (-top - 1, top)  # bn1's channel 2: negative scale
+            assert channel.min() >= lo and channel.max() <= hi, (node, c)
+            reached |= bits < 8 and (channel.min() == -top - 1 or channel.max() == top + 1)
+    assert reached
+    assert abs(stats["top1_torch"] - stats["top1_onnxruntime"]) <= 0.1
+    assert validate(result.model, load_target(str(target))) == []

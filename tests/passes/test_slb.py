@@ -161,3 +161,29 @@ def test_checkpoint_resumes_and_a_foreign_one_is_refused(tmp_path) -> None:
     # A checkpoint of 3-level (2-bit) logits cannot continue a 4-bit search: refused, naming why.
     with pytest.raises(QCError, match=r"was written for .*shape \[3, 8, 3, 3, 3\].*\[15, 8, 3, 3, 3\]"):
         qcompiler.compile(small_bn_cnn(), "ort-cpu", calibration=calib, verify=False, pipeline=f"slb{{bits=4,epochs=2,check-samples=0,resume={ckpt}}}")
+
+
+def test_full_low_bit_range_trains_four_levels_and_qat_keeps_a_negated_channel(tmp_path) -> None:
+    """A target with ``low_bit_range = "full"``: 2-bit codes are -2..1 (four levels, not ternary);
+    a channel whose BatchNormalization scale is negative holds them negated after fold-batchnorm
+    (-1..2), and qat trains it there instead of clipping its 2s to 1."""
+    from qcompiler.quant.weights import weight_qrange
+    from qcompiler.targets.spec import load_target
+
+    target = tmp_path / "full.toml"
+    target.write_text('extends = "ort-cpu"\n[weights]\nlow_bit_range = "full"\n')
+    assert weight_qrange(load_target(str(target)).weights, 2) == (-2, 1)
+    calib = _calib()
+    slb = qcompiler.compile(small_bn_cnn(), str(target), calibration=calib, verify=False,
+                            pipeline=f"infer-shapes,fold-constants,slb{{bits=2,epochs=2,batch-size=32,check-samples=0}},{TAIL}").model
+    after_qat = qcompiler.compile(small_bn_cnn(), str(target), calibration=calib, verify=False,
+                                  pipeline=f"infer-shapes,fold-constants,slb{{bits=2,epochs=2,batch-size=32,check-samples=0}},{TAIL},qat{{epochs=1,batch-size=32,check-samples=0}}").model
+    for model in (slb, after_qat):
+        stored = _weight_codes(model)
+        every = np.concatenate([q.reshape(-1) for q in stored.values()])
+        assert set(np.unique(every)) <= {-2, -1, 0, 1, 2} and -2 in every
+        negated = stored["conv1"][2]  # bn1's channel 2 has a negative scale
+        assert negated.min() >= -1 and negated.max() <= 2
+        for c in set(range(8)) - {2}:
+            assert stored["conv1"][c].min() >= -2 and stored["conv1"][c].max() <= 1
+    assert 2 in _weight_codes(after_qat)["conv1"][2], "qat clipped the negated channel's top code"

@@ -114,3 +114,17 @@ def test_frozen_widths_stay() -> None:
     b.freeze(2)
     (-b.bits()).backward()
     assert b.step() == 0 and b.deployed_bits() == 2
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_uhlich_full_range_adds_the_most_negative_code(bits: int) -> None:
+    w = _w()
+    # A clipped range (half each channel's largest weight): weights below it reach the extra code.
+    q = UhlichQuantizer(w, 0, bits, ALLOWED, 0.5, full_range=True)
+    codes, scale, b = q.codes_and_scale(torch.from_numpy(w))
+    top = 2 ** (bits - 1) - 1
+    assert b == bits and codes.min() == -top - 1 and codes.max() == top
+    np.testing.assert_allclose(q.quantize(torch.from_numpy(w)).detach().numpy(), codes * scale[:, None, None, None], rtol=1e-5, atol=1e-6)
+    # The narrow quantizer of the same step and range never reaches it.
+    narrow, _, _ = UhlichQuantizer(w, 0, bits, ALLOWED, 0.5).codes_and_scale(torch.from_numpy(w))
+    assert narrow.min() == -top

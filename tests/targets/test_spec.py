@@ -687,3 +687,29 @@ def test_speed_keys_extend_and_reload(tmp_path: Path) -> None:
 def test_bad_speed_keys_name_the_key(tmp_path: Path, body: str, key: str) -> None:
     path = write(tmp_path / "bad.toml", f'extends = "ort-cpu"\nname = "bad"\n[speed]\n{body}\n')
     assert_names(load_error(path), path, key)
+
+
+def test_low_bit_range_full_gives_every_code_below_the_dtype_width(tmp_path: Path, ort_cpu: TargetSpec) -> None:
+    from qcompiler.quant.weights import weight_qrange
+
+    path = write(tmp_path / "full.toml", 'extends = "ort-cpu"\n[weights]\nlow_bit_range = "full"\n')
+    spec = load_target(str(path))
+    assert spec.weights.low_bit_range == "full"
+    assert [weight_qrange(spec.weights, b) for b in (1, 2, 3, 4, 7, 8)] == [(-1, 1), (-2, 1), (-4, 3), (-8, 7), (-64, 63), (-127, 127)]
+    # Unset: as narrow_range says, at every width (the built-in ort-cpu).
+    assert ort_cpu.weights.low_bit_range is None
+    assert [weight_qrange(ort_cpu.weights, b) for b in (2, 3, 8)] == [(-1, 1), (-3, 3), (-127, 127)]
+    narrow = load_target(str(write(tmp_path / "narrow.toml", 'extends = "ort-cpu"\n[weights]\nnarrow_range = false\nlow_bit_range = "narrow"\n')))
+    assert [weight_qrange(narrow.weights, b) for b in (2, 8)] == [(-1, 1), (-128, 127)]
+    # Written out and read back equal.
+    again = load_target(str(write(tmp_path / "again.toml", target_to_toml(spec))))
+    assert again.weights == spec.weights
+
+
+@pytest.mark.parametrize(("body", "needle"), [('low_bit_range = "wide"', "'wide' is not one of: narrow, full"),
+                                               ('dtype = "uint8"\nsymmetric = false\nlow_bit_range = "full"', "symmetric signed integer")])
+def test_bad_low_bit_range(tmp_path: Path, body: str, needle: str) -> None:
+    path = write(tmp_path / "t.toml", f'extends = "ort-cpu"\n[weights]\n{body}\n')
+    exc = load_error(path)
+    assert_names(exc, path, "weights.low_bit_range")
+    assert needle in exc.message
