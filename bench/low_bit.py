@@ -35,6 +35,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_ort import RESULTS, SHARED, _tail, cifar, machine, machine_lines, rel, run_measured, shell_line  # noqa: E402
 
+from qcompiler.quant.uniform import channel_ranges  # noqa: E402
 from qcompiler.runtime import session_options  # noqa: E402
 
 MODELS = {"resnet20": "cifar10_resnet20.onnx", "resnet56": "cifar10_resnet56.onnx"}
@@ -110,8 +111,7 @@ def stored_weight_bytes(path: Path) -> tuple[int, float]:
         bipolar = top == 1 and not np.any(codes == 0)
         per_channel = codes.ndim > 1 and dq.input[1] in inits and len(inits[dq.input[1]].dims) == 1 and inits[dq.input[1]].dims[0] > 1
         axis = next((a.i for a in dq.attribute if a.name == "axis"), 1) % codes.ndim
-        rows = np.moveaxis(codes, axis, 0).reshape(codes.shape[axis], -1) if per_channel else codes.reshape(1, -1)
-        lo, hi = rows.min(axis=1), rows.max(axis=1)
+        lo, hi = channel_ranges(codes, axis if per_channel else None)
         lo, hi = np.where(hi > -lo, -hi, lo), np.where(hi > -lo, -lo, hi)
         span = max(-int(lo.min()), int(hi.max()) + 1)
         bits += codes.size * (1 if bipolar or not top else int(np.ceil(np.log2(span))) + 1)

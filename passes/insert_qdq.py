@@ -662,6 +662,7 @@ class _Rewriter:
         # A width chosen by assign-precision, stored in the weight dtype with its values limited
         # to the narrower range: the integer kernels then compute exactly the b-bit quantizer.
         bits = self.weight_bits.get(w_value.name, self.target.bits.default or rule.bits)
+        dtype = self._weight_dtype(bits)
         rounded = self.rounded_weights.get(w_value.name)
         if rounded is not None and rounded.matches(w, ax, bits) and self._saturates(rounded, rule):
             # Codes a training pass chose on a grid this CPU's int16 pair sums overflow on (a fact
@@ -671,11 +672,11 @@ class _Rewriter:
         if rounded is not None and rounded.matches(w, ax, bits):
             # A training pass (adaround) chose each code on this very grid: store its codes.
             q, scale, zp = rounded.codes, rounded.grid.scale, rounded.grid.zero_point
-            lo, hi = INTEGER_DTYPES.get(self._weight_dtype(bits), (-(2**62), 2**62))[:2]
+            lo, hi = INTEGER_DTYPES.get(dtype, (-(2**62), 2**62))[:2]
             if q.size and (q.min() < lo or q.max() > hi):
                 # fold-batchnorm negated a channel holding the type's lowest code (-128 in int8
                 # became 128): one step less, the rest of the trained codes kept.
-                self.notes.add(f"{node.name}: {int(np.sum((q < lo) | (q > hi)))} code(s) of '{w_value.name}' in a channel a BatchNormalization fold negated lie outside {self._weight_dtype(bits)}: moved one step to its range")
+                self.notes.add(f"{node.name}: {int(np.sum((q < lo) | (q > hi)))} code(s) of '{w_value.name}' in a channel a BatchNormalization fold negated lie outside {dtype}: moved one step to its range")
                 q = np.clip(q, lo, hi)
             w = source = rounded.float_weight  # the error bias correction measures is against the float weight
         else:
@@ -697,7 +698,7 @@ class _Rewriter:
                 grown = np.maximum(scale, floor).astype(np.float32)
                 q, scale, zp = quantize_float8(w, rule.dtype, (-grown * top, grown * top), ax)
                 self.notes.add(f"{node.name}: {grown_count} float8 weight scale(s) grown so that the int32 bias holds the bias")
-        dq_out = self._dequantized_constant(w_value, q, scale, zp, self._weight_dtype(bits), ax, block)
+        dq_out = self._dequantized_constant(w_value, q, scale, zp, dtype, ax, block)
         for use in list(w_value.uses()):
             if use.node in self.plan.quantized_nodes and input_roles(use.node).weight == use.idx:
                 use.node.replace_input_with(use.idx, dq_out)

@@ -35,7 +35,7 @@ from qcompiler.pass_manager import Pass, PassContext, PassResult
 from qcompiler.precision import FLOAT_LAYER_INPUTS_FACT, FLOAT_MODEL_FACT, WEIGHT_BITS_FACT
 from qcompiler.quant.adaround import pair_sum_violations
 from qcompiler.quant.lsq import fake_quantize
-from qcompiler.quant.uniform import dequantize, per_channel, sqnr_db
+from qcompiler.quant.uniform import channel_ranges, dequantize, per_channel, sqnr_db
 from qcompiler.registry import register_pass
 from qcompiler.quant.weights import WeightGrid, weight_layout, weight_qrange
 from qcompiler.low_bit_training import torch_vs_onnxruntime, training_split
@@ -194,7 +194,7 @@ class Qat(Pass):
                         # A full low-bit range ([-2^(b-1), 2^(b-1) - 1]) is not its own mirror: a channel
                         # fold-batchnorm negated (a negative BatchNormalization scale) holds [-qmax, -qmin].
                         offsets = np.asarray(zp, np.int64).reshape(-1) if np.size(zp) > 1 else np.asarray(zp, np.int64)
-                        top = np.moveaxis(codes.astype(np.int64), axis, 0).reshape(codes.shape[axis], -1).max(axis=1) - offsets
+                        top = channel_ranges(codes.astype(np.int64), axis)[1] - offsets
                         lo, hi = np.where(top > qmax, -qmax, lo), np.where(top > qmax, -qmin, hi)
                     limit = layout.rule.pair_sum_limit if layout.rule.symmetric and qmax - qmin > (layout.rule.pair_sum_limit or 1 << 30) else None
                     if limit is not None:

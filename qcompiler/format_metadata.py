@@ -24,7 +24,7 @@ from qcompiler.quant.formats import (
     NumberFormat,
     parse_format,
 )
-from qcompiler.quant.uniform import per_channel
+from qcompiler.quant.uniform import channel_ranges, per_channel
 
 #: The metadata key (on the DequantizeLinear node) holding the format's name.
 FORMAT_KEY = "qc.format"
@@ -156,8 +156,7 @@ def _unmirrored(dq: ir.Node, values: np.ndarray, fmt: IntFormat) -> np.ndarray:
     axis = (dq.attributes["axis"].as_int() if "axis" in dq.attributes else 1) % values.ndim
     if values.shape[axis] != np.size(scale):
         return values
-    flat = np.moveaxis(values, axis, 0).reshape(values.shape[axis], -1)
-    top, bottom = flat.max(axis=1), flat.min(axis=1)
+    bottom, top = channel_ranges(values, axis)
     flip = (top > fmt.max_value) & (top <= -fmt.min_value) & (bottom >= -fmt.max_value)
     return values * per_channel(np.where(flip, -1, 1).astype(values.dtype), values.ndim, axis) if flip.any() else values
 
