@@ -21,8 +21,11 @@ the shared probe session, `FormatEvaluator.probe`) it spent:
   probe's SQNR) until one is predicted to meet; that one is measured in full, then refined one bit
   at a time (`one_bit_neighbours`: narrower while it meets, wider while it misses), at most 3 full
   evaluations (with two or more workers the guess and its narrower neighbour side by side); a
-  refinement step that misses beyond three standard errors on a 256-sample probe is not measured
-  in full (it cannot be the answer).
+  refinement step that misses beyond three standard errors on a 256-sample probe (or already on
+  its 10-input one) is not measured in full (it cannot be the answer). Before the first full
+  evaluation the steps two or more bits narrower than the guess are screened so, nearest first:
+  when one may meet, the walk starts at the narrowest that may (with its wider neighbour beside
+  it), not at the guess, so a curve that guesses wide costs screens instead of full evaluations.
 """
 
 from __future__ import annotations
@@ -216,12 +219,23 @@ def predictor(evaluator: FormatEvaluator, candidates: list[NumberFormat], goal: 
             margins.append(goal.max_drop - curve.drop(m.r2, float_top1))
         return min(margins) if margins else math.inf
 
+    screens: dict[NumberFormat, bool] = {}
+
     def screened_out(fmt: NumberFormat) -> bool:
-        """Whether ``fmt`` misses the goal beyond doubt on `SCREEN_SAMPLES` samples: a step one bit
-        narrower often misses by far, and a full evaluation would only confirm it."""
-        if run.total <= SCREEN_SAMPLES:
-            return False
-        m = run.probe(fmt, SCREEN_SAMPLES)
+        """Whether ``fmt`` misses the goal beyond doubt: on its 10-input probe when that already
+        says so (free), else on `SCREEN_SAMPLES` samples. A step one bit narrower often misses by
+        far, and a full evaluation would only confirm it."""
+        if fmt not in screens:
+            m = probes.get(fmt)
+            if m is not None and misses_beyond_doubt(m):
+                screens[fmt] = True
+            elif run.total <= SCREEN_SAMPLES:
+                screens[fmt] = False
+            else:
+                screens[fmt] = misses_beyond_doubt(run.probe(fmt, SCREEN_SAMPLES))
+        return screens[fmt]
+
+    def misses_beyond_doubt(m: Measurement) -> bool:
         return goal.margin(m) < -SCREEN_SIGMAS / 2 * goal.sampling_error(m, run.total)
 
     def next_step(current: NumberFormat, wider: bool, visited: set[NumberFormat]) -> NumberFormat | None:
@@ -233,15 +247,33 @@ def predictor(evaluator: FormatEvaluator, candidates: list[NumberFormat], goal: 
     guess = next((f for f in candidates if predicted_margin(f) >= 0), None)
     if guess is None:
         guess = max(candidates, key=predicted_margin)
-    visited = {guess}
-    # With workers to spare, the guess and the narrower step the refinement takes after a guess that
-    # meets are measured side by side: the same steps, one round fewer when the guess meets.
-    first = [guess]
-    if evaluator.workers > 1 and PREDICTOR_FULL_EVALUATIONS > 1 and (step := next_step(guess, False, visited)) is not None:
-        first.append(step)
+    # The narrower steps the refinement would take from the guess, screened nearest first from
+    # two bits down: the walk starts at the narrowest that may meet (narrower rounds no better,
+    # so the screen stops at the first that misses beyond doubt). A curve that guesses two or
+    # more bits wide then costs screens, not full evaluations of designs that are not the answer.
+    start, partner = guess, None
+    if run.total > SCREEN_SAMPLES:
+        path = [guess]
+        while (step := next_step(path[-1], False, set(path))) is not None:
+            path.append(step)
+        plausible = 1
+        while plausible + 1 < len(path) and not screened_out(path[plausible + 1]):
+            plausible += 1
+        if plausible > 1:
+            start, partner = path[plausible], path[plausible - 1]
+    visited = {start}
+    # With workers to spare, the start and the step the refinement takes after it are measured
+    # side by side: the wider neighbour when the start is screened narrower than the guess (it
+    # is the answer if the start misses), else the narrower one (it is next if the start meets).
+    first = [start]
+    if evaluator.workers > 1 and PREDICTOR_FULL_EVALUATIONS > 1:
+        if partner is None and (step := next_step(start, False, visited)) is not None and not (step in probes and misses_beyond_doubt(probes[step])):
+            partner = step
+        if partner is not None:
+            first.append(partner)
     met = goal.meets(run.measure(first)[0])
-    # One bit at a time: narrower while it still meets (when the guess met), else wider until it meets.
-    narrower, current = met, guess
+    # One bit at a time: narrower while it still meets (when the start met), else wider until it meets.
+    narrower, current = met, start
     while (step := next_step(current, not narrower, visited)) is not None:
         if step not in run.full:
             if len(run.full) >= PREDICTOR_FULL_EVALUATIONS:
