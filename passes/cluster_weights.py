@@ -15,11 +15,14 @@ Methods (see `qcompiler.codebook.clustering`):
   (``centres=weighted``), or left on the grid (``centres=grid``): then the weight is stored as
   ``DequantizeLinear(uint8 indices, step, zero point)``, the standard ONNX form every QDQ tool reads;
 - ``ecsq``: iterative entropy-constrained scalar quantization: Hessian-weighted centres, and an
-  assignment that weighs each weight's error by its layer's scale (``assignment-weight=layer-scale``:
-  1 / the layer's mean squared weight, so every layer's relative error counts alike) and moves it
-  only to one of the two centres around it. Weighing the assignment by the per-weight Hessian
-  (``assignment-weight=hessian``, Choi et al.'s formulation) sends every weight whose estimate is tiny
-  to the most probable centre, and on ResNet-32 that costs 20-60 points against uniform.
+  assignment that weighs every weight's squared error alike (``assignment-weight=unit``, the
+  absolute error uniform quantization bounds) and moves it only to one of the two centres around
+  it. Weighing the assignment by the per-weight Hessian (``assignment-weight=hessian``, Choi et
+  al.'s formulation) sends every weight whose estimate is tiny to the most probable centre, and on
+  ResNet-32 that costs 20-60 points against uniform; weighing it by the layer's scale
+  (``assignment-weight=layer-scale``: 1 / the layer's mean squared weight) starves the layers with
+  the largest weights, the first convolution and the classifier, of resolution (ResNet-32 at 1.5
+  bits: 21 % instead of 62 %; `bench/notes/ecsq_resnet32.md`).
 
 ``scope=network`` clusters all weights together with one codebook, as the paper does; ``layer``
 gives each weight its own. ``target-bits`` (uniform, ecsq) searches the step or lambda that makes
@@ -78,10 +81,10 @@ class ClusterWeights(Pass):
         lambda_: float = 0.0
         #: Average coded bits per (unpruned) weight to hit, for uniform and ecsq (0: off).
         target_bits: float = 0.0
-        #: ecsq only: what weighs each weight's error when it is assigned a centre. layer-scale:
-        #: 1 / its layer's mean squared weight (relative error per layer); hessian: its own Hessian
-        #: diagonal, as in Choi et al.; unit: plain squared error. Centres are Hessian-weighted in all.
-        assignment_weight: Literal["layer-scale", "hessian", "unit"] = "layer-scale"
+        #: ecsq only: what weighs each weight's error when it is assigned a centre. unit: plain
+        #: squared error; layer-scale: 1 / its layer's mean squared weight (relative error per
+        #: layer); hessian: its own Hessian diagonal, as in Choi et al. Centres are Hessian-weighted in all.
+        assignment_weight: Literal["unit", "layer-scale", "hessian"] = "unit"
         iterations: int = 100
         #: uniform only. weighted: each bin's centre at the Hessian-weighted mean of its members
         #: (Choi et al.); grid: centres stay at step x integer, lowered to DequantizeLinear.
@@ -99,7 +102,7 @@ class ClusterWeights(Pass):
                 raise ValueError("option 'target-bits' applies to method=uniform or ecsq (k-means sets its rate by 'clusters')")
             if self.centres == "grid" and self.method != "uniform":
                 raise ValueError("option 'centres=grid' applies to method=uniform only")
-            if self.assignment_weight != "layer-scale" and self.method != "ecsq":
+            if self.assignment_weight != "unit" and self.method != "ecsq":
                 raise ValueError("option 'assignment-weight' applies to method=ecsq only")
 
     def run(self, model: ir.Model, ctx: PassContext) -> PassResult:

@@ -103,8 +103,8 @@ def ecsq(w: np.ndarray, h: np.ndarray, clusters: int, lam: float, *, assign_impo
     two centres around the value. Both guard against what sinks ECSQ on deep networks: with a
     per-weight Hessian estimate as a_i, a weight whose estimate is tiny goes wherever the code is
     cheapest, and those moves all point the same way (towards the most probable centre), so their
-    errors add up instead of cancelling. The pass passes a per-layer a_i (each layer's relative
-    error counts alike) and keeps the Hessian for the centres.
+    errors add up instead of cancelling. The pass passes a_i = 1 by default (every weight's
+    absolute error alike, as uniform quantization bounds it) and keeps the Hessian for the centres.
 
     Each iteration is O(n): the two candidate centres come from a binary search, their costs are
     compared elementwise.

@@ -253,8 +253,8 @@ def test_ecsq_assignment_weight_layer_scale_evens_out_relative_error_across_laye
         effective = _effective_weights(model)
         return {n: float(np.sum((effective[n] - w) ** 2) / np.sum(w**2)) for n, w in floats.items()}
 
-    scaled = relative_errors("cluster-weights{method=ecsq,clusters=32,target-bits=2}")
-    unit = relative_errors("cluster-weights{method=ecsq,clusters=32,target-bits=2,assignment-weight=unit}")
+    scaled = relative_errors("cluster-weights{method=ecsq,clusters=32,target-bits=2,assignment-weight=layer-scale}")
+    unit = relative_errors("cluster-weights{method=ecsq,clusters=32,target-bits=2}")  # the default
     assert max(scaled.values()) / min(scaled.values()) < max(unit.values()) / min(unit.values())
 
 
