@@ -18,7 +18,8 @@ the Fisher-weighted relative MSE, the mean per-layer SQNR and the mean per-layer
 
 Variants: ``uniform`` (equal cells, Fisher-weighted centres: `method=uniform`), ``ecsq-layer``
 (`method=ecsq`, the default `assignment-weight=layer-scale`), ``ecsq-unit`` (`assignment-weight=unit`),
-``ecsq-hessian`` (Choi et al.'s per-weight Hessian in the assignment).
+``ecsq-hessian`` (Choi et al.'s per-weight Hessian in the assignment), ``ecsq-mse`` (cells from
+ECSQ on plain squared error, then each centre moved to its cell's Fisher-weighted mean).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_ort import REPO, RESULTS, SHARED, cifar, machine, machine_lines  # noqa: E402
 
 RESNET32 = SHARED / "models" / "cifar10_resnet32.onnx"
-VARIANTS = ("uniform", "ecsq-layer", "ecsq-unit", "ecsq-hessian")
+VARIANTS = ("uniform", "ecsq-layer", "ecsq-unit", "ecsq-hessian", "ecsq-mse")
 
 
 def prepare(test_path: Path, train_path: Path) -> None:
@@ -61,7 +62,7 @@ def main() -> None:
 
     import onnx_ir as ir
 
-    from qcompiler.codebook.clustering import ecsq, entropy_bits, uniform
+    from qcompiler.codebook.clustering import _weighted_means, ecsq, entropy_bits, uniform
     from qcompiler.data import DataSource
     from qcompiler.hessian import HessianDiagonal, quantizable_weights
     from qcompiler.ir import NameAuthority, add_initializer, load_model, to_proto
@@ -125,6 +126,13 @@ def main() -> None:
     def cluster(variant: str, rate: float) -> tuple[np.ndarray, np.ndarray]:
         if variant == "uniform":
             centres, assignment, _ = _search(lambda step: uniform(w, h, step), rate, lo=1e-6 * np.ptp(w), hi=2 * np.ptp(w), pass_name="uniform")
+        elif variant == "ecsq-mse":
+            def mse_cells(lam: float) -> tuple[np.ndarray, np.ndarray]:
+                ones = np.ones_like(w)
+                centres, assignment = ecsq(w, ones, 64, lam, assign_importance=ones, iterations=100)
+                return _weighted_means(w, h, assignment, centres), assignment
+
+            centres, assignment, _ = _search(mse_cells, rate, lo=0.0, hi=10.0, pass_name="ecsq")
         else:
             assign = {"ecsq-layer": layer_scale, "ecsq-unit": np.ones_like(w), "ecsq-hessian": h}[variant]
             centres, assignment, _ = _search(lambda lam: ecsq(w, h, 64, lam, assign_importance=assign, iterations=100), rate, lo=0.0, hi=10.0, pass_name="ecsq")
