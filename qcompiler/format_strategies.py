@@ -256,11 +256,11 @@ def predictor(evaluator: FormatEvaluator, candidates: list[NumberFormat], goal: 
         path = [guess]
         while (step := next_step(path[-1], False, set(path))) is not None:
             path.append(step)
-        plausible = 1
-        while plausible + 1 < len(path) and not screened_out(path[plausible + 1]):
-            plausible += 1
-        if plausible > 1:
-            start, partner = path[plausible], path[plausible - 1]
+            if len(path) > 2 and screened_out(step):
+                path.pop()
+                break
+        if len(path) > 2:
+            start, partner = path[-1], path[-2]
     visited = {start}
     # With workers to spare, the start and the step the refinement takes after it are measured
     # side by side: the wider neighbour when the start is screened narrower than the guess (it
