@@ -1,7 +1,7 @@
 """ECSQ variants against uniform quantization at equal index entropy on ResNet-32 (no pruning, no
 fine-tuning): what `bench/notes/ecsq_resnet32.md` reports.
 
-    python bench/ecsq_variants.py                                   # rates 1.5, 2, 3; uniform and the pass's two ECSQ assignments
+    python bench/ecsq_variants.py                                   # rates 1.5, 2, 3; uniform, layer-scale and unit ECSQ
     python bench/ecsq_variants.py --rates 1.4,1.45,1.55,1.6 --variants uniform,ecsq-unit
     python bench/ecsq_variants.py --bias-correction                 # each row's Conv/Gemm outputs made unbiased on training images
     python bench/ecsq_variants.py --first 2000 --samples 8000       # a disjoint slice of the test images
@@ -9,15 +9,16 @@ fine-tuning): what `bench/notes/ecsq_resnet32.md` reports.
 One network-wide codebook over every Conv/Gemm weight, BatchNorm left unfolded, as
 `cluster-weights{scope=network}` does; the same clustering functions (`qcompiler/codebook/
 clustering.py`) and the same entropy bisection. The Fisher diagonal (centres' importance) comes
-from 1,000 held-out training images; accuracy is top-1 on the JPEG-decoded CIFAR-10 test images
+from 1,000 of 2,000 seeded training images; accuracy is top-1 on the JPEG-decoded CIFAR-10 test images
 as onnxruntime runs the float graph with the clustered weights (ORT_ENABLE_ALL; the compiled
 model's Gather(codebook, indices) computes the same values). Each row also prints distortions:
-the layer-scaled MSE (each layer's relative error, the pass's default ECSQ assignment weight),
+the layer-scaled MSE (each layer's relative error, what `assignment-weight=layer-scale` weighs),
 the Fisher-weighted relative MSE, the mean per-layer SQNR and the mean per-layer signed shrinkage
 (mean of (w_q - w) sign(w) over mean |w|).
 
 Variants: ``uniform`` (equal cells, Fisher-weighted centres: `method=uniform`), ``ecsq-layer``
-(`method=ecsq`, the default `assignment-weight=layer-scale`), ``ecsq-unit`` (`assignment-weight=unit`),
+(`method=ecsq,assignment-weight=layer-scale`, the default until 2026-12-08), ``ecsq-unit``
+(`method=ecsq`, the default `assignment-weight=unit`),
 ``ecsq-hessian`` (Choi et al.'s per-weight Hessian in the assignment), ``ecsq-mse`` (cells from
 ECSQ on plain squared error, then each centre moved to its cell's Fisher-weighted mean).
 """
