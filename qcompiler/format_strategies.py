@@ -226,8 +226,7 @@ def predictor(evaluator: FormatEvaluator, candidates: list[NumberFormat], goal: 
         says so (free), else on `SCREEN_SAMPLES` samples. A step one bit narrower often misses by
         far, and a full evaluation would only confirm it."""
         if fmt not in screens:
-            m = probes.get(fmt)
-            if m is not None and misses_beyond_doubt(m):
+            if misses_on_its_probe(fmt):
                 screens[fmt] = True
             elif run.total <= SCREEN_SAMPLES:
                 screens[fmt] = False
@@ -237,6 +236,10 @@ def predictor(evaluator: FormatEvaluator, candidates: list[NumberFormat], goal: 
 
     def misses_beyond_doubt(m: Measurement) -> bool:
         return goal.margin(m) < -SCREEN_SIGMAS / 2 * goal.sampling_error(m, run.total)
+
+    def misses_on_its_probe(fmt: NumberFormat) -> bool:
+        """Whether ``fmt``'s 10-input probe, if it was taken, already misses beyond doubt (free)."""
+        return fmt in probes and misses_beyond_doubt(probes[fmt])
 
     def next_step(current: NumberFormat, wider: bool, visited: set[NumberFormat]) -> NumberFormat | None:
         near = [f for f in one_bit_neighbours(current, wider=wider) if f in run.rank and f not in visited]
@@ -267,7 +270,7 @@ def predictor(evaluator: FormatEvaluator, candidates: list[NumberFormat], goal: 
     # is the answer if the start misses), else the narrower one (it is next if the start meets).
     first = [start]
     if evaluator.workers > 1 and PREDICTOR_FULL_EVALUATIONS > 1:
-        if partner is None and (step := next_step(start, False, visited)) is not None and not (step in probes and misses_beyond_doubt(probes[step])):
+        if partner is None and (step := next_step(start, False, visited)) is not None and not misses_on_its_probe(step):
             partner = step
         if partner is not None:
             first.append(partner)
